@@ -1,0 +1,232 @@
+from google.protobuf.internal import containers as _containers
+from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.protobuf import descriptor as _descriptor
+from google.protobuf import message as _message
+from collections.abc import Iterable as _Iterable, Mapping as _Mapping
+from typing import ClassVar as _ClassVar, Optional as _Optional, Union as _Union
+
+DESCRIPTOR: _descriptor.FileDescriptor
+
+class JobState(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    JOB_STATE_UNSPECIFIED: _ClassVar[JobState]
+    JOB_STATE_RECEIVING: _ClassVar[JobState]
+    JOB_STATE_RUNNING: _ClassVar[JobState]
+    JOB_STATE_COMPLETED: _ClassVar[JobState]
+    JOB_STATE_CANCELLED: _ClassVar[JobState]
+JOB_STATE_UNSPECIFIED: JobState
+JOB_STATE_RECEIVING: JobState
+JOB_STATE_RUNNING: JobState
+JOB_STATE_COMPLETED: JobState
+JOB_STATE_CANCELLED: JobState
+
+class Box(_message.Message):
+    __slots__ = ("x0", "y0", "x1", "y1")
+    X0_FIELD_NUMBER: _ClassVar[int]
+    Y0_FIELD_NUMBER: _ClassVar[int]
+    X1_FIELD_NUMBER: _ClassVar[int]
+    Y1_FIELD_NUMBER: _ClassVar[int]
+    x0: float
+    y0: float
+    x1: float
+    y1: float
+    def __init__(self, x0: _Optional[float] = ..., y0: _Optional[float] = ..., x1: _Optional[float] = ..., y1: _Optional[float] = ...) -> None: ...
+
+class Point(_message.Message):
+    __slots__ = ("x", "y")
+    X_FIELD_NUMBER: _ClassVar[int]
+    Y_FIELD_NUMBER: _ClassVar[int]
+    x: float
+    y: float
+    def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
+
+class SearchRequest(_message.Message):
+    __slots__ = ("image", "image_id", "box", "top_k")
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    BOX_FIELD_NUMBER: _ClassVar[int]
+    TOP_K_FIELD_NUMBER: _ClassVar[int]
+    image: bytes
+    image_id: str
+    box: Box
+    top_k: int
+    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+
+class Match(_message.Message):
+    __slots__ = ("image_id", "metadata", "inliers", "score", "verified", "votes", "transform", "corners")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    INLIERS_FIELD_NUMBER: _ClassVar[int]
+    SCORE_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_FIELD_NUMBER: _ClassVar[int]
+    VOTES_FIELD_NUMBER: _ClassVar[int]
+    TRANSFORM_FIELD_NUMBER: _ClassVar[int]
+    CORNERS_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    metadata: _containers.ScalarMap[str, str]
+    inliers: int
+    score: float
+    verified: bool
+    votes: int
+    transform: _containers.RepeatedScalarFieldContainer[float]
+    corners: _containers.RepeatedCompositeFieldContainer[Point]
+    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., inliers: _Optional[int] = ..., score: _Optional[float] = ..., verified: _Optional[bool] = ..., votes: _Optional[int] = ..., transform: _Optional[_Iterable[float]] = ..., corners: _Optional[_Iterable[_Union[Point, _Mapping]]] = ...) -> None: ...
+
+class SearchResponse(_message.Message):
+    __slots__ = ("matches", "query_features", "elapsed_s")
+    MATCHES_FIELD_NUMBER: _ClassVar[int]
+    QUERY_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    matches: _containers.RepeatedCompositeFieldContainer[Match]
+    query_features: int
+    elapsed_s: float
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., query_features: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+
+class AddImageRequest(_message.Message):
+    __slots__ = ("image_id", "image", "metadata")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    image: bytes
+    metadata: _containers.ScalarMap[str, str]
+    def __init__(self, image_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
+
+class ImageInfo(_message.Message):
+    __slots__ = ("image_id", "metadata", "width", "height", "num_features", "pca_id")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    WIDTH_FIELD_NUMBER: _ClassVar[int]
+    HEIGHT_FIELD_NUMBER: _ClassVar[int]
+    NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
+    PCA_ID_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    metadata: _containers.ScalarMap[str, str]
+    width: int
+    height: int
+    num_features: int
+    pca_id: str
+    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_features: _Optional[int] = ..., pca_id: _Optional[str] = ...) -> None: ...
+
+class DeleteImageRequest(_message.Message):
+    __slots__ = ("image_id",)
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    def __init__(self, image_id: _Optional[str] = ...) -> None: ...
+
+class DeleteImageResponse(_message.Message):
+    __slots__ = ("image_id", "descriptors_removed")
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTORS_REMOVED_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    descriptors_removed: int
+    def __init__(self, image_id: _Optional[str] = ..., descriptors_removed: _Optional[int] = ...) -> None: ...
+
+class GetImageRequest(_message.Message):
+    __slots__ = ("image_id",)
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    def __init__(self, image_id: _Optional[str] = ...) -> None: ...
+
+class IngestItem(_message.Message):
+    __slots__ = ("image_id", "metadata", "image", "location")
+    class MetadataEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    METADATA_FIELD_NUMBER: _ClassVar[int]
+    IMAGE_FIELD_NUMBER: _ClassVar[int]
+    LOCATION_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    metadata: _containers.ScalarMap[str, str]
+    image: bytes
+    location: str
+    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., image: _Optional[bytes] = ..., location: _Optional[str] = ...) -> None: ...
+
+class ItemError(_message.Message):
+    __slots__ = ("image_id", "reason")
+    IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    REASON_FIELD_NUMBER: _ClassVar[int]
+    image_id: str
+    reason: str
+    def __init__(self, image_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
+
+class Job(_message.Message):
+    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s")
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    STATE_FIELD_NUMBER: _ClassVar[int]
+    TOTAL_FIELD_NUMBER: _ClassVar[int]
+    DONE_FIELD_NUMBER: _ClassVar[int]
+    FAILED_FIELD_NUMBER: _ClassVar[int]
+    ERRORS_FIELD_NUMBER: _ClassVar[int]
+    CREATED_AT_FIELD_NUMBER: _ClassVar[int]
+    UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
+    RATE_FIELD_NUMBER: _ClassVar[int]
+    ETA_S_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    state: JobState
+    total: int
+    done: int
+    failed: int
+    errors: _containers.RepeatedCompositeFieldContainer[ItemError]
+    created_at: float
+    updated_at: float
+    rate: float
+    eta_s: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ...) -> None: ...
+
+class GetJobRequest(_message.Message):
+    __slots__ = ("job_id",)
+    JOB_ID_FIELD_NUMBER: _ClassVar[int]
+    job_id: str
+    def __init__(self, job_id: _Optional[str] = ...) -> None: ...
+
+class GetStatsRequest(_message.Message):
+    __slots__ = ()
+    def __init__(self) -> None: ...
+
+class GetStatsResponse(_message.Message):
+    __slots__ = ("images", "descriptors", "queue_depths", "model", "pca_id")
+    class QueueDepthsEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: int
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[int] = ...) -> None: ...
+    IMAGES_FIELD_NUMBER: _ClassVar[int]
+    DESCRIPTORS_FIELD_NUMBER: _ClassVar[int]
+    QUEUE_DEPTHS_FIELD_NUMBER: _ClassVar[int]
+    MODEL_FIELD_NUMBER: _ClassVar[int]
+    PCA_ID_FIELD_NUMBER: _ClassVar[int]
+    images: int
+    descriptors: int
+    queue_depths: _containers.ScalarMap[str, int]
+    model: str
+    pca_id: str
+    def __init__(self, images: _Optional[int] = ..., descriptors: _Optional[int] = ..., queue_depths: _Optional[_Mapping[str, int]] = ..., model: _Optional[str] = ..., pca_id: _Optional[str] = ...) -> None: ...
