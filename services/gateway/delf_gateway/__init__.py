@@ -1,0 +1,1 @@
+"""The gRPC gateway service (public API delf.v1.ImageSearch)."""

@@ -1,0 +1,3 @@
+from delf_gateway.server import main
+
+main()

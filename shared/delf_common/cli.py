@@ -1,0 +1,190 @@
+"""`delf`: the command line of the DELF image-retrieval service.
+
+    delf up                                   start the whole system locally
+    delf ingest FOLDER                        index every photo below FOLDER as one job
+    delf job JOB_ID                           a job's state
+    delf search PHOTO [--top-k N] [--box x0,y0,x1,y1]
+    delf add ID PHOTO | delf get ID | delf delete ID | delf stats
+    delf fit-pca ...                          learn the PCA of the descriptors
+
+The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import grpc
+
+from delf_common import config
+
+STATE_NAMES = {0: "UNSPECIFIED", 1: "RECEIVING", 2: "RUNNING", 3: "COMPLETED", 4: "CANCELLED"}
+
+
+def _client(args):
+    from delf_common.client import DelfClient
+
+    return DelfClient(args.gateway, timeout=args.timeout)
+
+
+def _box(text: str) -> tuple[float, float, float, float]:
+    try:
+        x0, y0, x1, y1 = (float(v) for v in text.split(","))
+    except ValueError:
+        raise argparse.ArgumentTypeError("expected four numbers x0,y0,x1,y1") from None
+    return x0, y0, x1, y1
+
+
+def _print_job(job, out=sys.stdout) -> None:
+    print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}", file=out)
+    print(f"  total {job.total}  indexed {job.done}  failed {job.failed}", file=out)
+    if job.rate:
+        print(f"  rate {job.rate:.2f} photos/s" + (f"  eta {job.eta_s:.0f} s" if job.eta_s else ""), file=out)
+    for err in job.errors:
+        print(f"  failed {err.image_id}: {err.reason}", file=out)
+
+
+def cmd_ingest(args) -> int:
+    from tqdm import tqdm
+
+    from delf_common.client import photos_in
+
+    folder = Path(args.path)
+    if not folder.is_dir():
+        print(f"delf ingest: {folder} is not a folder", file=sys.stderr)
+        return 2
+    n = len(photos_in(folder))
+    if n == 0:
+        print(f"delf ingest: no photos (jpg, png, webp, bmp, tif, gif) below {folder}", file=sys.stderr)
+        return 2
+    client = _client(args)
+    with tqdm(total=n, desc="upload", unit="photo", disable=args.quiet) as bar:
+        job = client.ingest_folder(folder, on_sent=lambda i, total: bar.update(1))
+    print(f"job {job.job_id}")
+    if not args.wait:
+        return 0
+    with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
+        for job in client.watch_job(job.job_id):
+            bar.update(job.done + job.failed - bar.n)
+    _print_job(job)
+    return 0 if job.failed == 0 else 1
+
+
+def cmd_job(args) -> int:
+    _print_job(_client(args).get_job(args.job_id))
+    return 0
+
+
+def cmd_search(args) -> int:
+    response = _client(args).search(Path(args.photo), top_k=args.top_k, box=args.box)
+    print(f"{len(response.matches)} matches ({response.query_features} query features, "
+          f"{response.elapsed_s:.2f} s)")
+    print(f"{'rank':>4}  {'image id':<32} {'inliers':>7} {'score':>8}  {'verified':<8} region corners (TL TR BR BL)")
+    for rank, m in enumerate(response.matches, 1):
+        corners = " ".join(f"({p.x:.0f},{p.y:.0f})" for p in m.corners) or "-"
+        print(f"{rank:>4}  {m.image_id:<32} {m.inliers:>7} {m.score:>8.2f}  {'yes' if m.verified else 'no':<8} {corners}")
+    return 0
+
+
+def cmd_add(args) -> int:
+    meta = dict(kv.split("=", 1) for kv in args.meta)
+    info = _client(args).add_image(args.image_id, Path(args.photo), meta)
+    print(f"added {info.image_id}: {info.width}x{info.height}, {info.num_features} features")
+    return 0
+
+
+def cmd_get(args) -> int:
+    info = _client(args).get_image(args.image_id)
+    print(f"{info.image_id}: {info.width}x{info.height}, {info.num_features} features, pca {info.pca_id}")
+    for k, v in sorted(info.metadata.items()):
+        print(f"  {k} = {v}")
+    return 0
+
+
+def cmd_delete(args) -> int:
+    reply = _client(args).delete_image(args.image_id)
+    print(f"deleted {reply.image_id} ({reply.descriptors_removed} descriptors)")
+    return 0
+
+
+def cmd_stats(args) -> int:
+    s = _client(args).stats()
+    print(f"images {s.images}  descriptors {s.descriptors}  model {s.model}  pca {s.pca_id}")
+    for queue, depth in sorted(s.queue_depths.items()):
+        print(f"  queue {queue}: {depth} waiting")
+    return 0
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="delf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--gateway", default=None, help="gateway address (default: $DELF_GATEWAY or 127.0.0.1:50051)")
+    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    sub.add_parser("up", help="start the whole system on this machine (see `delf up --help`)", add_help=False)
+    sub.add_parser("fit-pca", help="learn the descriptor PCA (see `delf fit-pca --help`)", add_help=False)
+
+    s = sub.add_parser("ingest", help="index every photo below a folder as one asynchronous job")
+    s.add_argument("path")
+    s.add_argument("--no-wait", dest="wait", action="store_false", help="return once the photos are sent")
+    s.add_argument("--quiet", action="store_true", help="no progress bars")
+    s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("job", help="a job's state and errors")
+    s.add_argument("job_id")
+    s.set_defaults(func=cmd_job)
+
+    s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
+    s.add_argument("photo")
+    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1: search only this region of PHOTO")
+    s.set_defaults(func=cmd_search)
+
+    s = sub.add_parser("add", help="index one photo under an id (replaces an existing one)")
+    s.add_argument("image_id")
+    s.add_argument("photo")
+    s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    s.set_defaults(func=cmd_add)
+
+    s = sub.add_parser("get", help="what the index holds for an id")
+    s.add_argument("image_id")
+    s.set_defaults(func=cmd_get)
+
+    s = sub.add_parser("delete", help="remove an id from the index")
+    s.add_argument("image_id")
+    s.set_defaults(func=cmd_delete)
+
+    s = sub.add_parser("stats", help="index size and queue depths")
+    s.set_defaults(func=cmd_stats)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Subcommands implemented by other modules take their own arguments.
+    if argv and argv[0] == "up":
+        from delf_common import launcher
+
+        return launcher.main(argv[1:]) or 0
+    if argv and argv[0] == "fit-pca":
+        from delf_extractor import pca
+
+        return pca.main(argv[1:]) or 0
+    args = parser().parse_args(argv)
+    if args.gateway is None:
+        args.gateway = config.get("DELF_GATEWAY")
+    try:
+        return args.func(args)
+    except grpc.RpcError as exc:
+        print(f"delf {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
+        if exc.code() == grpc.StatusCode.UNAVAILABLE:
+            print(f"  is the gateway running at {args.gateway}? (`make up` or `delf up` starts it)", file=sys.stderr)
+        return 1
+    except FileNotFoundError as exc:
+        print(f"delf {args.command}: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

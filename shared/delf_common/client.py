@@ -1,0 +1,132 @@
+"""A small Python client for the DELF gateway.
+
+    from delf_common.client import DelfClient
+    client = DelfClient("127.0.0.1:50051")
+    for match in client.search("query.jpg").matches: print(match.image_id, match.inliers)
+
+Methods return the protobuf messages of `delf.v1` (see protos/delf/v1/delf.proto);
+errors raise `grpc.RpcError` with the server's status code and message.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Iterable, Iterator, Mapping
+
+import grpc
+
+from delf_common import config
+from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
+
+PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
+ImageLike = bytes | str | os.PathLike
+
+
+def _image_bytes(image: ImageLike) -> bytes:
+    if isinstance(image, bytes):
+        return image
+    return Path(image).read_bytes()
+
+
+def photos_in(folder: str | os.PathLike) -> list[tuple[str, Path]]:
+    """(image_id, path) for every photo below `folder`, sorted.
+
+    The id is the path relative to the folder without its extension: the file name
+    alone for photos directly in the folder (`a/b.jpg` -> `a/b`).
+    """
+    root = Path(folder)
+    found = []
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.suffix.lower() in PHOTO_SUFFIXES:
+            found.append((path.relative_to(root).with_suffix("").as_posix(), path))
+    return found
+
+
+class DelfClient:
+    def __init__(self, target: str | None = None, timeout: float | None = 300.0,
+                 channel: grpc.Channel | None = None):
+        self.target = target or config.get("DELF_GATEWAY")
+        max_message = config.get("DELF_MAX_MESSAGE_BYTES")
+        self.channel = channel or grpc.insecure_channel(
+            self.target,
+            options=[("grpc.max_send_message_length", max_message),
+                     ("grpc.max_receive_message_length", max_message)],
+        )
+        self.stub = delf_pb2_grpc.ImageSearchStub(self.channel)
+        self.timeout = timeout
+
+    def close(self) -> None:
+        self.channel.close()
+
+    def __enter__(self) -> "DelfClient":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def wait_ready(self, timeout: float = 30.0) -> None:
+        grpc.channel_ready_future(self.channel).result(timeout=timeout)
+
+    # -- search and images ----------------------------------------------------
+
+    def search(self, image: ImageLike | None = None, *, image_id: str | None = None, top_k: int = 10,
+               box: tuple[float, float, float, float] | None = None,
+               timeout: float | None = None) -> delf_pb2.SearchResponse:
+        request = delf_pb2.SearchRequest(top_k=top_k)
+        if image is not None:
+            request.image = _image_bytes(image)
+        elif image_id is not None:
+            request.image_id = image_id
+        else:
+            raise ValueError("give a photo (bytes or path) or an image_id")
+        if box is not None:
+            x0, y0, x1, y1 = box
+            request.box.CopyFrom(delf_pb2.Box(x0=x0, y0=y0, x1=x1, y1=y1))
+        return self.stub.Search(request, timeout=timeout or self.timeout)
+
+    def add_image(self, image_id: str, image: ImageLike, metadata: Mapping[str, str] | None = None,
+                  timeout: float | None = None) -> delf_pb2.ImageInfo:
+        request = delf_pb2.AddImageRequest(image_id=image_id, image=_image_bytes(image), metadata=metadata or {})
+        return self.stub.AddImage(request, timeout=timeout or self.timeout)
+
+    def get_image(self, image_id: str) -> delf_pb2.ImageInfo:
+        return self.stub.GetImage(delf_pb2.GetImageRequest(image_id=image_id), timeout=self.timeout)
+
+    def delete_image(self, image_id: str) -> delf_pb2.DeleteImageResponse:
+        return self.stub.DeleteImage(delf_pb2.DeleteImageRequest(image_id=image_id), timeout=self.timeout)
+
+    def stats(self) -> delf_pb2.GetStatsResponse:
+        return self.stub.GetStats(delf_pb2.GetStatsRequest(), timeout=self.timeout)
+
+    # -- bulk ingestion -------------------------------------------------------
+
+    def start_ingest_job(self, items: Iterable[delf_pb2.IngestItem]) -> delf_pb2.Job:
+        """Streams the items to the gateway; returns once the stream is sent."""
+        return self.stub.StartIngestJob(iter(items), timeout=None)
+
+    def ingest_folder(self, folder: str | os.PathLike, metadata: Mapping[str, str] | None = None,
+                      on_sent=None) -> delf_pb2.Job:
+        """One job with every photo below `folder` (ids as in `photos_in`)."""
+        photos = photos_in(folder)
+
+        def items() -> Iterator[delf_pb2.IngestItem]:
+            for n, (image_id, path) in enumerate(photos, 1):
+                meta = {"path": str(path.relative_to(folder)), **(metadata or {})}
+                yield delf_pb2.IngestItem(image_id=image_id, metadata=meta, image=path.read_bytes())
+                if on_sent:
+                    on_sent(n, len(photos))
+
+        return self.start_ingest_job(items())
+
+    def get_job(self, job_id: str) -> delf_pb2.Job:
+        return self.stub.GetJob(delf_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout)
+
+    def watch_job(self, job_id: str) -> Iterator[delf_pb2.Job]:
+        """Progress updates until the job completes or is cancelled."""
+        return self.stub.WatchJob(delf_pb2.GetJobRequest(job_id=job_id))
+
+    def wait_job(self, job_id: str) -> delf_pb2.Job:
+        last = self.get_job(job_id)
+        for last in self.watch_job(job_id):
+            pass
+        return last

@@ -1,0 +1,127 @@
+"""Shared fixtures: a real running system (gateway, Celery workers, Redis, Milvus Lite).
+
+`system` starts the whole system as `make up` does (`python -m delf_common.launcher`),
+in its own processes, on the machine's Redis (a database and queue prefix of
+its own, so it never touches other data) and a Milvus Lite file in a temp folder.
+"""
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import redis
+
+sys.path.insert(0, str(Path(__file__).parent))
+
+TEST_REDIS_URL = os.environ.get("DELF_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+STARTUP_TIMEOUT_S = 240
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def redis_available(url: str) -> bool:
+    try:
+        return bool(redis.Redis.from_url(url, socket_connect_timeout=1).ping())
+    except redis.RedisError:
+        return False
+
+
+class RunningSystem:
+    """The launcher process and what a test needs to talk to it."""
+
+    def __init__(self, root: Path, env: dict[str, str]):
+        self.root = root
+        self.env = env
+        self.address = env["DELF_GRPC_ADDR"]
+        self.log_path = root / "launcher.log"
+        self.ready_file = root / "ready"
+        self.proc: subprocess.Popen | None = None
+
+    def start(self) -> None:
+        self.log = open(self.log_path, "wb")
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "delf_common.launcher", "--data-dir", self.env["DELF_DATA_DIR"],
+             "--grpc-addr", self.address, "--ready-file", str(self.ready_file)],
+            env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
+        )
+        deadline = time.monotonic() + STARTUP_TIMEOUT_S
+        while not self.ready_file.exists():
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the system exited while starting:\n{self.tail()}")
+            if time.monotonic() > deadline:
+                self.stop()
+                raise RuntimeError(f"the system was not ready in {STARTUP_TIMEOUT_S} s:\n{self.tail()}")
+            time.sleep(0.5)
+
+    def tail(self, n: int = 60) -> str:
+        try:
+            return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-n:])
+        except OSError:
+            return ""
+
+    def client(self, timeout: float = 120.0):
+        from delf_common.client import DelfClient
+
+        return DelfClient(self.address, timeout=timeout)
+
+    def stop(self) -> int | None:
+        if self.proc is None or self.proc.poll() is not None:
+            return self.proc.returncode if self.proc else None
+        self.proc.send_signal(signal.SIGINT)
+        try:
+            self.proc.wait(timeout=60)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.log.close()
+        return self.proc.returncode
+
+
+def system_env(root: Path, **extra: str) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
+    env.update(
+        DELF_REDIS_URL=TEST_REDIS_URL,
+        DELF_QUEUE_PREFIX=f"delftest-{uuid.uuid4().hex[:8]}",
+        DELF_DATA_DIR=str(root / "data"),
+        DELF_GRPC_ADDR=f"127.0.0.1:{free_port()}",
+        DELF_COLLECTION="delftest",
+        PYTHONUNBUFFERED="1",
+    )
+    env.update(extra)
+    return env
+
+
+@pytest.fixture(scope="session")
+def system(tmp_path_factory):
+    """The whole system, started once for the test session."""
+    if not redis_available(TEST_REDIS_URL):
+        pytest.fail(f"no Redis at {TEST_REDIS_URL}: start one (`.ci/run` does) or set DELF_TEST_REDIS_URL")
+    root = tmp_path_factory.mktemp("system")
+    running = RunningSystem(root, system_env(root, DELF_MAX_IMAGE_BYTES=str(8 * 1024 * 1024),
+                                             DELF_INGEST_ROOTS=str(root / "photos")))
+    (root / "photos").mkdir()
+    running.start()
+    yield running
+    code = running.stop()
+    if code not in (0, None):
+        print(f"launcher exited with {code}:\n{running.tail()}")
+    shutil.rmtree(root / "data", ignore_errors=True)
+
+
+@pytest.fixture(scope="session")
+def client(system):
+    c = system.client()
+    yield c
+    c.close()
