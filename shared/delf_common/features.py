@@ -39,7 +39,9 @@ class DelfFeatures:
         self.locations = np.asarray(self.locations, np.float32).reshape(n, 2)
         self.scales = np.asarray(self.scales, np.float32).reshape(n)
         self.scores = np.asarray(self.scores, np.float32).reshape(n)
-        self.descriptors = np.asarray(self.descriptors, np.float32).reshape(n, -1)
+        descriptors = np.asarray(self.descriptors, np.float32)
+        dim = descriptors.shape[-1] if descriptors.ndim == 2 else (descriptors.size // n if n else 0)
+        self.descriptors = descriptors.reshape(n, dim)
         self.image_size = (int(self.image_size[0]), int(self.image_size[1]))
 
     def __len__(self) -> int:
