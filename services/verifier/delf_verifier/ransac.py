@@ -1,0 +1,147 @@
+"""Geometric verification: fit a query -> database transform to the correspondences.
+
+OpenCV's USAC-MAGSAC++ homography (maxIters 1000 like the reference's RANSAC,
+confidence 0.999, OpenCV's RNG seeded per call so results are deterministic), with
+a fall back to a RANSAC affine fit (``cv2.estimateAffine2D``) when there are fewer
+than 8 correspondences (a homography from 4-7 points is too easily fitted to
+noise) or when the homography is degenerate: ill-conditioned, mirroring (negative
+determinant of its linear part), extreme scale change, or mapping the query box
+to a non-convex / folded quadrilateral.
+
+The score is the inlier count; ``verified = inliers >= min_inliers``.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+import cv2
+import numpy as np
+
+MIN_HOMOGRAPHY_POINTS = 8
+MAX_ITERS = 1000
+CONFIDENCE = 0.999
+SEED = 1234
+MAX_SCALE_CHANGE = 20.0  # larger zoom between query and database is treated as degenerate
+
+
+@dataclasses.dataclass
+class Verification:
+    inliers: int
+    verified: bool
+    transform: list[float]            # 9 floats, row-major; [] when unverified
+    corners: list[list[float]]        # [[x, y]] x 4 (TL, TR, BR, BL); [] when unverified
+    model: str = ""                   # "homography" | "affine" | ""
+
+
+def box_corners(image_size, box=None) -> np.ndarray:
+    """(4, 2) corners TL, TR, BR, BL of the box (x0, y0, x1, y1) or of the whole image."""
+    if box is None:
+        w, h = image_size
+        x0, y0, x1, y1 = 0.0, 0.0, float(w), float(h)
+    else:
+        x0, y0, x1, y1 = (float(v) for v in box)
+    return np.array([[x0, y0], [x1, y0], [x1, y1], [x0, y1]], np.float64)
+
+
+def project(h: np.ndarray, pts: np.ndarray) -> np.ndarray:
+    pts = np.asarray(pts, np.float64).reshape(-1, 2)
+    p = np.hstack([pts, np.ones((len(pts), 1))]) @ np.asarray(h, np.float64).T
+    return p[:, :2] / p[:, 2:3]
+
+
+def _is_convex_quad(q: np.ndarray) -> bool:
+    cross = []
+    for i in range(4):
+        a, b, c = q[i], q[(i + 1) % 4], q[(i + 2) % 4]
+        ab, bc = b - a, c - b
+        cross.append(ab[0] * bc[1] - ab[1] * bc[0])
+    cross = np.array(cross)
+    return bool(np.all(cross > 0) or np.all(cross < 0))
+
+
+def homography_ok(h: np.ndarray | None, corners: np.ndarray) -> bool:
+    """A plausible query -> database homography: finite, orientation-preserving,
+    well conditioned, bounded zoom, and the mapped box a convex quadrilateral in
+    the same winding (no point of the box sent to infinity)."""
+    if h is None or h.shape != (3, 3) or not np.all(np.isfinite(h)) or abs(h[2, 2]) < 1e-12:
+        return False
+    h = h / h[2, 2]
+    a = h[:2, :2]
+    det = float(np.linalg.det(a))
+    if det <= 0:
+        return False
+    sv = np.linalg.svd(a, compute_uv=False)
+    if sv[-1] <= 0 or sv[0] / sv[-1] > 10.0:
+        return False
+    if not (1.0 / MAX_SCALE_CHANGE ** 2 < det < MAX_SCALE_CHANGE ** 2):
+        return False
+    w = np.hstack([corners, np.ones((4, 1))]) @ h[2]
+    if np.any(w <= 1e-6):  # the box crosses the line sent to infinity
+        return False
+    q = project(h, corners)
+    if not np.all(np.isfinite(q)) or not _is_convex_quad(q):
+        return False
+    # Same winding as the box (orientation kept).
+    return _signed_area(q) * _signed_area(corners) > 0
+
+
+def _signed_area(q: np.ndarray) -> float:
+    x, y = q[:, 0], q[:, 1]
+    return 0.5 * float(np.dot(x, np.roll(y, -1)) - np.dot(y, np.roll(x, -1)))
+
+
+def affine_ok(m: np.ndarray | None) -> bool:
+    if m is None or not np.all(np.isfinite(m)):
+        return False
+    a = m[:2, :2]
+    det = float(np.linalg.det(a))
+    if det <= 0 or not (1.0 / MAX_SCALE_CHANGE ** 2 < det < MAX_SCALE_CHANGE ** 2):
+        return False
+    sv = np.linalg.svd(a, compute_uv=False)
+    return sv[-1] > 0 and sv[0] / sv[-1] <= 10.0
+
+
+def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
+           min_inliers: int = 12, ransac_px: float = 16.0) -> Verification:
+    """Fit query -> database on corresponding points (both (M, 2))."""
+    src = np.ascontiguousarray(query_xy, np.float32).reshape(-1, 2)
+    dst = np.ascontiguousarray(db_xy, np.float32).reshape(-1, 2)
+    n = len(src)
+    none = Verification(0, False, [], [])
+    if n < 3:
+        return none
+    corners = box_corners(image_size, box)
+    cv2.setRNGSeed(SEED)
+    h, model, mask = None, "", None
+    if n >= MIN_HOMOGRAPHY_POINTS:
+        hh, m = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, ransac_px,
+                                   maxIters=MAX_ITERS, confidence=CONFIDENCE)
+        if hh is not None and m is not None and homography_ok(hh, corners):
+            h, model, mask = hh / hh[2, 2], "homography", m
+    if h is None:
+        cv2.setRNGSeed(SEED)
+        aa, m = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px,
+                                     maxIters=MAX_ITERS, confidence=CONFIDENCE, refineIters=10)
+        if aa is not None and m is not None and affine_ok(aa):
+            h, model, mask = np.vstack([aa, [0.0, 0.0, 1.0]]), "affine", m
+    if h is None:
+        return none
+    inliers = int(np.count_nonzero(mask))
+    if inliers < min_inliers:
+        return Verification(inliers, False, [], [], model)
+    return Verification(
+        inliers, True,
+        [float(v) for v in h.reshape(9)],
+        [[float(x), float(y)] for x, y in project(h, corners)],
+        model,
+    )
+
+
+def rank(matches: list[dict]) -> list[dict]:
+    """Verified first by inliers (ties: votes), then unverified by votes (ties: inliers)."""
+    return sorted(matches, key=lambda m: (
+        0 if m["verified"] else 1,
+        -m["inliers"] if m["verified"] else -m["votes"],
+        -m["votes"] if m["verified"] else -m["inliers"],
+        m["image_id"],
+    ))

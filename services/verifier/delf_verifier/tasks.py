@@ -1,0 +1,63 @@
+"""Celery task ``delf.verify`` (docs/CONTRACTS.md).
+
+Worker: ``celery -A delf_verifier.tasks worker -Q <DELF_QUEUE_PREFIX>.verify``
+(prefork or threads; OpenCV releases the GIL inside RANSAC).
+The gateway splits a shortlist across several calls to verify them in parallel.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+from delf_common import config
+from delf_common.celery_app import VERIFY, app
+from delf_common.features import decode_array
+
+from delf_verifier.ransac import rank, verify
+
+INVALID_ARGUMENT = "INVALID_ARGUMENT"
+
+
+def _error(message: str) -> dict:
+    return {"ok": False, "error": {"code": INVALID_ARGUMENT, "message": message}}
+
+
+def verify_candidates(query: dict, candidates: list[dict], options: dict | None = None) -> dict:
+    options = options or {}
+    min_inliers = options.get("min_inliers") or config.get("DELF_MIN_INLIERS")
+    ransac_px = options.get("ransac_px") or config.get("DELF_RANSAC_PX")
+    try:
+        locations = decode_array(query["locations"]).astype(np.float32).reshape(-1, 2)
+        image_size = tuple(int(v) for v in query["image_size"])
+        box = query.get("box")
+        if box is not None:
+            box = [float(v) for v in box]
+            if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
+                return _error(f"box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {box}")
+    except (KeyError, TypeError, ValueError) as exc:
+        return _error(f"malformed query: {exc}")
+    matches = []
+    for cand in candidates or []:
+        try:
+            qidx = decode_array(cand["query_idx"]).astype(np.int64).reshape(-1)
+            db_xy = decode_array(cand["db_xy"]).astype(np.float32).reshape(-1, 2)
+        except (KeyError, TypeError, ValueError) as exc:
+            return _error(f"malformed candidate: {exc}")
+        if len(qidx) != len(db_xy) or (len(qidx) and (qidx.min() < 0 or qidx.max() >= len(locations))):
+            return _error(f"candidate {cand.get('image_id')!r}: query_idx out of range or "
+                          f"not matching db_xy")
+        v = verify(locations[qidx], db_xy, image_size, box,
+                   min_inliers=int(min_inliers), ransac_px=float(ransac_px))
+        matches.append({
+            "image_id": cand["image_id"],
+            "votes": int(cand.get("votes", 0)),
+            "inliers": v.inliers,
+            "verified": v.verified,
+            "transform": v.transform,
+            "corners": v.corners,
+        })
+    return {"ok": True, "matches": rank(matches)}
+
+
+@app.task(name=VERIFY)
+def verify_task(query, candidates, options=None) -> dict:
+    return verify_candidates(query, candidates, options)

@@ -1,0 +1,198 @@
+"""DescriptorStore and the indexer tasks against a real Milvus Lite file in tmp_path."""
+import os
+import uuid
+
+import numpy as np
+import pytest
+
+from delf_common.features import DelfFeatures, decode_array
+from delf_indexer.store import DescriptorStore, quote
+
+DIM = 40
+
+
+def feats(n, seed, pca="pca-a", size=(640, 480), dim=DIM):
+    rng = np.random.default_rng(seed)
+    d = rng.standard_normal((n, dim)).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return DelfFeatures(
+        locations=rng.uniform(0, min(size), (n, 2)), scales=rng.uniform(1, 4, n),
+        scores=rng.random(n), descriptors=d, image_size=size, model="test", pca_id=pca)
+
+
+def noisy(f, sigma, seed):
+    rng = np.random.default_rng(seed)
+    d = f.descriptors + sigma * rng.standard_normal(f.descriptors.shape).astype(np.float32)
+    d /= np.linalg.norm(d, axis=1, keepdims=True)
+    return DelfFeatures(f.locations * 0.5 + 3, f.scales, f.scores, d, (320, 240), f.model, f.pca_id)
+
+
+def rows(store, image_id):
+    return store._count(store.features_name, f"image_id == {quote(image_id)}")
+
+
+@pytest.fixture
+def store(tmp_path):
+    s = DescriptorStore(str(tmp_path / "milvus.db"), collection="t")
+    yield s
+    s.close()
+
+
+def test_add_get_stats_delete(store):
+    assert store.stats() == {"images": 0, "descriptors": 0, "pca_id": ""}
+    a, b = feats(120, 1), feats(80, 2)
+    info = store.add("a", a, {"title": "A", "n": "1"})
+    assert info == {"image_id": "a", "metadata": {"n": "1", "title": "A"}, "width": 640,
+                    "height": 480, "num_features": 120, "pca_id": "pca-a"}
+    store.add("b", b, {})
+    assert store.stats() == {"images": 2, "descriptors": 200, "pca_id": "pca-a"}
+    assert store.get("a") == info
+    got_info, got = store.get_features("b")
+    assert got_info["num_features"] == 80 and got.image_size == (640, 480) and got.pca_id == "pca-a"
+    np.testing.assert_allclose(got.descriptors, b.descriptors, atol=1e-6)
+    np.testing.assert_allclose(got.locations, b.locations, atol=1e-3)
+    np.testing.assert_allclose(got.scales, b.scales, atol=1e-6)
+    assert store.delete("a") == 120
+    assert rows(store, "a") == 0
+    assert store.stats() == {"images": 1, "descriptors": 80, "pca_id": "pca-a"}
+    with pytest.raises(KeyError):
+        store.get("a")
+    with pytest.raises(KeyError):
+        store.delete("a")
+    with pytest.raises(KeyError):
+        store.get_features("missing")
+
+
+def test_search_votes_and_correspondences(store):
+    images = {f"img{i}": feats(200, 10 + i) for i in range(6)}
+    for k, f in images.items():
+        store.add(k, f, {"k": k})
+    q = noisy(images["img3"], 0.03, 99)
+    cands = store.search(q, shortlist=3)
+    assert len(cands) == 3
+    top = cands[0]
+    assert top["image_id"] == "img3" and top["metadata"] == {"k": "img3"}
+    assert top["votes"] > 0.9 * len(q) and all(top["votes"] > c["votes"] for c in cands[1:])
+    assert (top["width"], top["height"]) == (640, 480)
+    qidx, xy = decode_array(top["query_idx"]), decode_array(top["db_xy"])
+    assert qidx.dtype == np.int32 and xy.dtype == np.float32 and xy.shape == (len(qidx), 2)
+    assert len(qidx) >= 0.95 * len(q)
+    # the nearest descriptor of query i in img3 is descriptor i: its location
+    right = np.all(np.abs(xy - images["img3"].locations[qidx]) < 1e-3, axis=1)
+    assert right.mean() > 0.95
+    # exclusion and shortlist
+    ex = store.search(q, shortlist=2, exclude=["img3"])
+    assert len(ex) == 2 and "img3" not in [c["image_id"] for c in ex]
+    assert store.search(q, shortlist=0) == []
+
+
+def test_replace_keeps_one_image_and_new_rows(store):
+    store.add("x", feats(150, 1), {"v": "1"})
+    store.add("y", feats(60, 2))
+    new = feats(90, 3)
+    store.add("x", new, {"v": "2"})
+    assert store.stats()["images"] == 2
+    assert rows(store, "x") == 90 == store.get("x")["num_features"]
+    assert rows(store, "y") == 60
+    assert store.get("x")["metadata"] == {"v": "2"}
+    top = store.search(noisy(new, 0.02, 5), shortlist=1)[0]
+    assert top["image_id"] == "x"
+    _, got = store.get_features("x")
+    np.testing.assert_allclose(got.descriptors, new.descriptors, atol=1e-6)
+
+
+def test_awkward_ids_cannot_inject(store):
+    ids = ['quo"te', "apo'strophe", "back\\slash", 'tail\\', "sp ace ünï 日本", "new\nline",
+           'x" or image_id != "', "x') or ('1"]
+    for i, image_id in enumerate(ids):
+        store.add(image_id, feats(30 + i, 100 + i), {"id": image_id})
+    for i, image_id in enumerate(ids):
+        assert store.get(image_id)["metadata"] == {"id": image_id}
+        assert rows(store, image_id) == 30 + i
+    assert store.stats()["descriptors"] == sum(30 + i for i in range(len(ids)))
+    # deleting the injection-shaped id removes only its own rows
+    assert store.delete('x" or image_id != "') == 36
+    assert store.stats()["images"] == len(ids) - 1
+    with pytest.raises(KeyError):
+        store.get('x" or image_id == "')
+    c = store.search(noisy(feats(30 + 4, 104), 0.02, 1), shortlist=1, exclude=['quo"te'])
+    assert c[0]["image_id"] == "sp ace ünï 日本"
+
+
+def test_mixed_pca_refused(store):
+    store.add("a", feats(50, 1, pca="pca-a"))
+    with pytest.raises(ValueError, match="pca_id"):
+        store.add("b", feats(50, 2, pca="pca-b"))
+    with pytest.raises(ValueError, match="dimensions"):
+        store.add("c", feats(50, 3, dim=64))
+    assert store.stats() == {"images": 1, "descriptors": 50, "pca_id": "pca-a"}
+    # the only image may be replaced under a new projection
+    store.add("a", feats(40, 4, pca="pca-b"))
+    assert store.stats()["pca_id"] == "pca-b"
+
+
+def test_persists_across_stores(tmp_path):
+    path = str(tmp_path / "p.db")
+    f = feats(70, 7)
+    with DescriptorStore(path, collection="t") as s:
+        s.add("keep", f, {"a": "b"})
+    with DescriptorStore(path, collection="t") as s:
+        assert s.stats() == {"images": 1, "descriptors": 70, "pca_id": "pca-a"}
+        assert s.get("keep")["metadata"] == {"a": "b"}
+        assert s.search(noisy(f, 0.02, 1), shortlist=1)[0]["image_id"] == "keep"
+
+
+# ----------------------------------------------------------------- tasks
+@pytest.fixture
+def tasks(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELF_MILVUS_URI", str(tmp_path / "tasks.db"))
+    monkeypatch.setenv("DELF_COLLECTION", "tk")
+    monkeypatch.setenv("DELF_REDIS_URL", "redis://127.0.0.1:6379/12")
+    monkeypatch.setenv("DELF_QUEUE_PREFIX", f"test-indexer-{uuid.uuid4().hex[:8]}")
+    from delf_indexer import tasks as t
+    t.reset_store()
+    yield t
+    t.reset_store()
+
+
+def test_tasks_contract(tasks):
+    f = feats(60, 1)
+    r = tasks.index_add("a", f.to_wire(), {"m": "1"})
+    assert r["ok"] and r["image"]["num_features"] == 60
+    assert tasks.index_get("a")["image"]["metadata"] == {"m": "1"}
+    assert tasks.index_get("nope")["error"]["code"] == "NOT_FOUND"
+    assert tasks.index_delete("nope")["error"]["code"] == "NOT_FOUND"
+    assert tasks.index_features("nope")["error"]["code"] == "NOT_FOUND"
+    wire = tasks.index_features("a")
+    assert wire["ok"] and DelfFeatures.from_wire(wire["features"]).descriptors.shape == (60, DIM)
+    bad = tasks.index_add("b", feats(10, 2, pca="other").to_wire(), {})
+    assert bad == {"ok": False, "error": {"code": "FAILED_PRECONDITION", "message": bad["error"]["message"]}}
+    s = tasks.index_search(noisy(f, 0.02, 3).to_wire(), {"shortlist": 5, "exclude": []})
+    assert s["ok"] and s["candidates"][0]["image_id"] == "a"
+    assert tasks.index_stats() == {"ok": True, "images": 1, "descriptors": 60, "pca_id": "pca-a"}
+    assert tasks.index_delete("a") == {"ok": True, "descriptors_removed": 60}
+
+
+def test_ingest_index_marks_job(tasks):
+    from delf_common.jobs import COMPLETED, JobStore
+
+    jobs = JobStore()
+    job = jobs.create()
+    ok = {"ok": True, "image_id": "i1", "metadata": {"a": "1"}, "features": feats(20, 1).to_wire()}
+    failed = {"ok": False, "image_id": "i2", "error": {"code": "INVALID_ARGUMENT", "message": "bad photo"}}
+    wrong_pca = {"ok": True, "image_id": "i3", "metadata": {}, "features": feats(20, 3, pca="zz").to_wire()}
+    assert tasks.ingest_index(ok, job)["ok"]
+    assert not tasks.ingest_index(failed, job)["ok"]
+    assert tasks.ingest_index(wrong_pca, job)["error"]["code"] == "FAILED_PRECONDITION"
+    jobs.set_total(job, 3)
+    st = jobs.get(job)
+    assert (st.done, st.failed, st.state) == (1, 2, COMPLETED)
+    assert dict(st.errors)["i2"] == "bad photo"
+    assert tasks.index_get("i1")["ok"] and not tasks.index_get("i3")["ok"]
+
+    job2 = jobs.create()
+    jobs.cancel(job2)
+    r = tasks.ingest_index({"ok": True, "image_id": "i4", "metadata": {}, "features": feats(20, 4).to_wire()}, job2)
+    assert not r["ok"]
+    assert dict(jobs.get(job2).errors) == {"i4": "job cancelled"}
+    assert not tasks.index_get("i4")["ok"]

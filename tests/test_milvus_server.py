@@ -1,0 +1,80 @@
+"""DescriptorStore against a real Milvus server (PyPI package `milvus`, server 2.3.5).
+
+The server keeps state in its base dir; a restart on the same folder crashed before,
+so every run gets a fresh tmp folder. Ports are picked free by the package.
+"""
+import time
+
+import numpy as np
+import pytest
+
+from delf_common.features import decode_array
+
+from test_indexer import feats, noisy, rows
+
+milvus = pytest.importorskip("milvus", reason="the `milvus` server package is not installed")
+
+
+@pytest.fixture(scope="module")
+def server_uri(tmp_path_factory):
+    from milvus import MilvusServer
+
+    server = MilvusServer()
+    server.set_base_dir(str(tmp_path_factory.mktemp("milvus_server")))
+    try:
+        server.start()
+    except Exception as exc:  # pragma: no cover - environment-specific
+        server.stop()
+        pytest.skip(f"the Milvus server did not start: {exc}")
+    try:
+        yield f"http://127.0.0.1:{server.listen_port}"
+    finally:
+        server.stop()
+
+
+@pytest.mark.timeout(180)
+def test_store_on_server(server_uri):
+    from delf_indexer.store import DescriptorStore
+
+    s = DescriptorStore(server_uri, token="root:Milvus", collection=f"srv{int(time.time())}")
+    try:
+        assert not s.lite and s.index.index_type == "HNSW"
+        version = s.client.get_server_version()
+        assert "2.3" in version
+        images = {f"img{i}": feats(150, 20 + i) for i in range(4)}
+        for k, f in images.items():
+            s.add(k, f, {"k": k})
+        odd = 'we"ird \\ ïd'
+        s.add(odd, feats(40, 50), {})
+        assert s.stats() == {"images": 5, "descriptors": 640, "pca_id": "pca-a"}
+        assert rows(s, odd) == 40
+
+        # the server reports squared L2: the store takes the square root
+        q = images["img1"].descriptors[:1]
+        hit = s.client.search(s.features_name, data=q + 0.01, limit=1, anns_field="desc",
+                              search_params={"metric_type": "L2", "params": {"ef": 64}})[0][0]
+        true_d = float(np.linalg.norm(q + 0.01 - q))
+        assert abs(hit["distance"] - true_d ** 2) < 1e-4 and s.index.squared_l2
+
+        query = noisy(images["img1"], 0.03, 1)
+        cands = s.search(query, shortlist=2)
+        assert cands[0]["image_id"] == "img1" and cands[0]["votes"] > 0.9 * len(query)
+        qidx, xy = decode_array(cands[0]["query_idx"]), decode_array(cands[0]["db_xy"])
+        assert np.mean(np.all(np.abs(xy - images["img1"].locations[qidx]) < 1e-3, axis=1)) > 0.95
+
+        # replace: same image count, exactly the new rows
+        s.add("img1", feats(70, 99), {"k": "new"})
+        assert s.stats()["images"] == 5 and rows(s, "img1") == 70
+        assert s.get("img1")["metadata"] == {"k": "new"}
+        assert s.delete(odd) == 40 and rows(s, odd) == 0
+        with pytest.raises(KeyError):
+            s.get(odd)
+        with pytest.raises(ValueError, match="pca_id"):
+            s.add("z", feats(10, 1, pca="pca-b"))
+        info, f = s.get_features("img2")
+        np.testing.assert_allclose(f.descriptors, images["img2"].descriptors, atol=1e-6)
+    finally:
+        for name in (s.features_name, s.images_name):
+            if s.client.has_collection(name):
+                s.client.drop_collection(name)
+        s.close()
