@@ -1,0 +1,149 @@
+"""`delf up` end to end: the launcher starts the embedded system, reports ready,
+and stops everything cleanly on Ctrl-C."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import grpc
+import pytest
+import redis
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+READY_TIMEOUT_S = 180
+STOP_TIMEOUT_S = 30
+
+
+def _free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _descendants(pid: int) -> set[int]:
+    """Every process below `pid`, from /proc."""
+    children: dict[int, list[int]] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+        except OSError:
+            continue
+        ppid = int(stat.rsplit(")", 1)[1].split()[1])
+        children.setdefault(ppid, []).append(int(entry.name))
+    found: set[int] = set()
+    todo = [pid]
+    while todo:
+        for child in children.get(todo.pop(), []):
+            if child not in found:
+                found.add(child)
+                todo.append(child)
+    return found
+
+
+def _running(pid: int) -> bool:
+    """True while the process exists and is not a zombie."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return False
+    return stat.rsplit(")", 1)[1].split()[0] != "Z"
+
+
+@pytest.fixture
+def launcher_env() -> dict[str, str]:
+    """The environment of `make up` on a fresh machine: no external broker or Milvus."""
+    env = dict(os.environ)
+    for name in ("DELF_REDIS_URL", "DELF_MILVUS_URI", "DELF_MILVUS_TOKEN", "DELF_GRPC_ADDR",
+                 "DELF_DATA_DIR"):
+        env.pop(name, None)
+    env["PYTHONUNBUFFERED"] = "1"
+    return env
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 60)
+def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: dict[str, str]):
+    if not sys.platform.startswith("linux"):
+        pytest.skip("checks processes through /proc")
+    grpc_port, redis_port = _free_port(), _free_port()
+    data_dir = tmp_path / "data"
+    ready_file = tmp_path / "ready.json"
+    output = tmp_path / "launcher.out"
+    with open(output, "wb") as out:
+        proc = subprocess.Popen(
+            [sys.executable, "-m", "delf_common.launcher",
+             "--data-dir", str(data_dir),
+             "--grpc-addr", f"127.0.0.1:{grpc_port}",
+             "--redis-port", str(redis_port),
+             "--ready-file", str(ready_file),
+             "--log-dir"],
+            env=launcher_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C of pytest must not reach it directly
+        )
+
+    def report() -> str:
+        text = f"launcher output:\n{output.read_text(errors='replace')}"
+        logs = data_dir / "logs"
+        for log in sorted(logs.glob("*.log")) if logs.is_dir() else []:
+            tail = log.read_text(errors="replace").splitlines()[-30:]
+            text += f"\n--- {log.name} (last lines) ---\n" + "\n".join(tail)
+        return text
+
+    try:
+        deadline = time.monotonic() + READY_TIMEOUT_S
+        while not ready_file.exists():
+            assert proc.poll() is None, f"launcher exited with {proc.returncode}\n{report()}"
+            assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s\n{report()}"
+            time.sleep(0.5)
+
+        info = json.loads(ready_file.read_text())
+        assert info["gateway"] == f"127.0.0.1:{grpc_port}"
+        assert "DELF is up: gateway" in output.read_text()
+
+        with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=10)
+        assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        broker = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5)
+        try:
+            assert broker.ping()
+            # The embedded broker keeps its jobs on disk, in the data dir.
+            assert broker.config_get("appendonly")["appendonly"] == "yes"
+            assert Path(broker.config_get("dir")["dir"]) == (data_dir / "redis").resolve()
+        finally:
+            broker.close()
+
+        children = _descendants(proc.pid)
+        assert len(children) >= 5, f"expected redis, 3 workers and the gateway: {children}"
+
+        proc.send_signal(signal.SIGINT)
+        try:
+            code = proc.wait(timeout=STOP_TIMEOUT_S)
+        except subprocess.TimeoutExpired:
+            pytest.fail(f"launcher still running {STOP_TIMEOUT_S} s after SIGINT\n{report()}")
+        assert code == 0, report()
+        survivors = [pid for pid in children if _running(pid)]
+        assert not survivors, f"still running after the launcher exited: {survivors}\n{report()}"
+        assert not ready_file.exists()
+        with socket.socket() as s:
+            assert s.connect_ex(("127.0.0.1", redis_port)) != 0, "embedded Redis still listens"
+    finally:
+        if proc.poll() is None:  # the test failed half-way: leave nothing behind
+            for pid in _descendants(proc.pid):
+                for kill in (os.killpg, os.kill):  # its process group, else itself
+                    try:
+                        kill(pid, signal.SIGKILL)
+                        break
+                    except OSError:
+                        pass
+            proc.kill()
+            proc.wait()
