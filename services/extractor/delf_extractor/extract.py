@@ -1,0 +1,223 @@
+"""DELF local feature extraction: image pyramid -> dense features -> keypoint selection -> PCA.
+
+Pipeline for one photo (DELF-NOTES.md, "Extraction"):
+
+1. If the config has ``max_image_side``, the photo is downscaled so its longer side
+   fits (never upscaled); this is the *working* image.
+2. For every pyramid scale s the working image is resized (bilinear, antialiased)
+   and run through the network; a level whose smaller side is under 4 feature
+   strides is skipped (the network's theoretical receptive field, 267-339 px, is
+   larger than a whole 0.25 level of a 1024 px photo, which DELF nevertheless
+   keeps, so it is no useful cut-off).
+3. Every feature-map cell is a candidate keypoint at its receptive-field centre
+   ``stride * i - padding + (rf - 1) / 2`` (geometry walked from the network for
+   that level's size, `DelfNet.geometry`), mapped back to the submitted photo's
+   pixels with the pixel-centre convention of the resize:
+   ``x = (x_level + 0.5) * W / w_level - 0.5`` (i.e. divided by the scale).
+4. Cells whose centre lies within ``border_px`` of the working image's border are
+   dropped (zero-padding artefacts; the notes measured mAP 0.820 -> 0.852), the
+   threshold on the score applies, and the ``max_features`` best-scoring cells over
+   all levels are kept.
+5. Descriptors: L2-normalise, PCA, L2-normalise.
+
+``DelfFeatures.scales`` holds 1 / (the level's scale relative to the submitted
+photo), so ``rf * scales`` is a feature's receptive field in the photo's own
+pixels, consistent with the locations; without a ``max_image_side`` downscale it
+equals DELF's 1 / pyramid scale.
+
+Default CPU settings (effnet-lite0): max side 1024, scales 0.25 .. 1.41 (DELF's
+pyramid without its 2.0 level). scripts/bench_extractor.py on landmarks-dev
+(115 photos; 2-core CPU shared with other jobs, so times are noisy; kNN-vote mAP;
+PCA fitted on skimage samples with the 0.25-1.0 pyramid unless noted):
+
+    setting                     s/photo (median wall)   mAP
+    1024, 0.25-2.0 (DELF, 7)    2.15 (mean 3.4)         0.905
+    1024, 0.25-1.41 (6)         0.59                    0.908   <- default (0.64 s, 0.899 with
+                                                                   the shipped, refitted PCA)
+    1024, 0.35-1.41 (5)         0.49                    0.905
+    1024, 0.25-1.0  (5)         0.19                    0.889
+    1024, 0.5-1.0   (3)         0.22                    0.901
+    768,  0.25-1.41 (6)         0.26                    0.904
+    768,  0.35-1.41 (5)         0.26                    0.898 (shipped PCA)
+    512,  0.25-2.0  (7)         0.27                    0.892
+
+The 2.0 level alone costs about 3/4 of the full pyramid (its early activations no
+longer fit in cache) and did not help; mAP differences of +-0.01 are within the
+noise of 115 photos.
+"""
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from delf_common.features import DelfFeatures
+from delf_extractor import models, pca as pca_mod
+
+log = logging.getLogger(__name__)
+
+# A pyramid level must give at least this many feature cells along its smaller side.
+MIN_LEVEL_CELLS = 4
+
+_DEFAULT = "default"
+
+
+class DelfExtractor:
+    """Extracts DELF features with one model configuration.
+
+    model_name: a key of `models.MODEL_CONFIGS` (default: DELF_MODEL).
+    device: "auto", "cpu", "cuda", "cuda:1" (default: DELF_DEVICE).
+    pca: "default" (the config's shipped artifact), a path to an artifact, a loaded
+        `pca.Pca`, or None for raw (L2-normalised, not reduced) descriptors.
+    config: overrides the preset (e.g. ``dataclasses.replace(cfg, scales=...)``).
+    """
+
+    def __init__(self, model_name: str | None = None, device: str | None = None,
+                 pca=_DEFAULT, config: models.ModelConfig | None = None, pretrained: bool = True):
+        self.cfg = config or models.get_config(model_name)
+        self.device = models.resolve_device(device)
+        self.net = models.build_model(self.cfg, pretrained=pretrained).to(self.device)
+        self.cuda = self.device.type == "cuda"
+        if self.cuda:
+            self.net = self.net.to(memory_format=torch.channels_last)
+        if isinstance(pca, str) and pca == _DEFAULT:
+            pca = pca_mod.default_path(self.cfg)
+        if isinstance(pca, (str, Path)):
+            pca = pca_mod.load_pca(pca)
+        if pca is not None:
+            pca.check_model(self.cfg.name)
+            if pca.input_dim != self.cfg.channels:
+                raise ValueError(f"PCA {pca.pca_id} expects {pca.input_dim}-dim features; "
+                                 f"{self.cfg.name} gives {self.cfg.channels}")
+        self.pca = pca
+        self._pca_mean = self._pca_w = None
+        if pca is not None:
+            self._pca_mean = torch.from_numpy(pca.mean).to(self.device)
+            self._pca_w = torch.from_numpy(pca.components).to(self.device)
+
+    @property
+    def model_name(self) -> str:
+        return self.cfg.name
+
+    @property
+    def pca_id(self) -> str:
+        return self.pca.pca_id if self.pca is not None else ""
+
+    @property
+    def dim(self) -> int:
+        return self.pca.dim if self.pca is not None else self.cfg.channels
+
+    def extract(self, rgb: np.ndarray) -> DelfFeatures:
+        return self.extract_batch([rgb])[0]
+
+    @torch.inference_mode()
+    def extract_batch(self, images: list[np.ndarray]) -> list[DelfFeatures]:
+        """Features of each photo; photos of equal size share each level's forward pass."""
+        for rgb in images:
+            if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
+                raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
+        for i, rgb in enumerate(images):
+            by_size[rgb.shape[:2]].append(i)
+        out: list[DelfFeatures | None] = [None] * len(images)
+        for (h, w), idx in by_size.items():
+            batch = torch.from_numpy(np.stack([images[i] for i in idx])).to(self.device)
+            for i, feats in zip(idx, self._extract_same_size(batch, h, w)):
+                out[i] = feats
+        return out  # type: ignore[return-value]
+
+    # ------------------------------------------------------------------ internals
+
+    def _levels(self, h: int, w: int) -> list[tuple[float, int, int]]:
+        """(scale relative to the photo, level height, level width) of each pyramid level."""
+        base = 1.0
+        if self.cfg.max_image_side:
+            base = min(1.0, self.cfg.max_image_side / max(h, w))
+        levels = []
+        for s in self.cfg.scales:
+            lh, lw = max(1, round(h * base * s)), max(1, round(w * base * s))
+            stride = self.net.geometry(lh, lw)[0].stride
+            if min(lh, lw) >= MIN_LEVEL_CELLS * stride:
+                levels.append((base * s, lh, lw))
+        return levels
+
+    def _extract_same_size(self, batch_u8: torch.Tensor, h: int, w: int) -> list[DelfFeatures]:
+        cfg = self.cfg
+        n = batch_u8.shape[0]
+        x = batch_u8.permute(0, 3, 1, 2).float()
+        base = min(1.0, cfg.max_image_side / max(h, w)) if cfg.max_image_side else 1.0
+        # Border margin in working-image pixels, at most 1/8 of a side so small photos keep features.
+        work_h, work_w = h * base, w * base
+        margin_y = min(cfg.border_px, work_h / 8)
+        margin_x = min(cfg.border_px, work_w / 8)
+
+        if base < 1.0:  # one antialiased downscale to the working size; levels resize from it
+            x = F.interpolate(x, size=(max(1, round(h * base)), max(1, round(w * base))),
+                              mode="bilinear", align_corners=False, antialias=True)
+
+        per_image: list[list[tuple]] = [[] for _ in range(n)]
+        for scale, lh, lw in self._levels(h, w):
+            level = x if (lh, lw) == tuple(x.shape[-2:]) else F.interpolate(
+                x, size=(lh, lw), mode="bilinear", align_corners=False, antialias=True)
+            level = level.clamp_(0, 255)
+            if self.cuda:
+                level = level.contiguous(memory_format=torch.channels_last)
+                with torch.autocast("cuda", dtype=torch.bfloat16):
+                    feats, scores = self.net(level)
+            else:
+                feats, scores = self.net(level)
+            feats, scores = feats.float(), scores.float()
+            gy, gx = self.net.geometry(lh, lw)
+            fh, fw = scores.shape[-2:]
+            cy = gy.centre(torch.arange(fh, device=self.device, dtype=torch.float32))
+            cx = gx.centre(torch.arange(fw, device=self.device, dtype=torch.float32))
+            # level pixels -> submitted-photo pixels (pixel-centre convention of the resize)
+            py = (cy + 0.5) * (h / lh) - 0.5
+            px = (cx + 0.5) * (w / lw) - 0.5
+            keep_y = (py * base >= margin_y) & (py * base <= work_h - 1 - margin_y)
+            keep_x = (px * base >= margin_x) & (px * base <= work_w - 1 - margin_x)
+            keep = (keep_y[:, None] & keep_x[None, :]).flatten()
+            if not keep.any():
+                continue
+            yy, xx = torch.meshgrid(py, px, indexing="ij")
+            loc = torch.stack([xx.flatten(), yy.flatten()], 1)[keep]
+            desc = feats.flatten(2).transpose(1, 2)[:, keep]  # (n, cells, C)
+            sc = scores.flatten(1)[:, keep]
+            for b in range(n):
+                per_image[b].append((loc, sc[b], desc[b], 1.0 / scale))
+        return [self._select(parts, (w, h)) for parts in per_image]
+
+    def _select(self, parts: list[tuple], size: tuple[int, int]) -> DelfFeatures:
+        cfg = self.cfg
+        if not parts:
+            return self._empty(size)
+        loc = torch.cat([p[0] for p in parts])
+        sc = torch.cat([p[1] for p in parts])
+        desc = torch.cat([p[2] for p in parts])
+        scl = torch.cat([torch.full((len(p[1]),), p[3], device=self.device) for p in parts])
+        if cfg.score_threshold is not None:
+            ok = sc >= cfg.score_threshold
+            loc, sc, desc, scl = loc[ok], sc[ok], desc[ok], scl[ok]
+        if len(sc) == 0:
+            return self._empty(size)
+        top = torch.topk(sc, min(cfg.max_features, len(sc))).indices
+        desc = F.normalize(desc[top], dim=1)
+        if self.pca is not None:
+            desc = F.normalize((desc - self._pca_mean) @ self._pca_w.T, dim=1)
+        return DelfFeatures(
+            locations=loc[top].cpu().numpy(),
+            scales=scl[top].cpu().numpy(),
+            scores=sc[top].cpu().numpy(),
+            descriptors=desc.cpu().numpy(),
+            image_size=size,
+            model=cfg.name,
+            pca_id=self.pca_id,
+        )
+
+    def _empty(self, size: tuple[int, int]) -> DelfFeatures:
+        return DelfFeatures(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros((0, self.dim)),
+                            size, model=self.cfg.name, pca_id=self.pca_id)
