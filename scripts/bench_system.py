@@ -1,0 +1,145 @@
+#!/usr/bin/env python
+"""End-to-end figures of the running system, as `make up` starts it.
+
+Starts the launcher (embedded Redis, one worker per service, Milvus Lite) in a
+temporary folder, ingests landmarks-dev (../shared/data/landmarks-dev, or
+--photos) as one bulk job through the gateway, then measures:
+  - ingest rate (photos/s, the whole job, upload to indexed);
+  - search latency (median and p95 of --queries searches with photo bytes, the
+    full path: extraction, voting, RANSAC);
+  - retrieval quality: every photo whose group has another is a query (by its
+    indexed id, which leaves itself out); top-1 accuracy, mAP over the top 100.
+Prints a table; --append adds it to BENCHMARKS.md with the machine's description.
+
+    .venv/bin/python scripts/bench_system.py [--photos DIR] [--queries 20] [--append]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-dev"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def manifest(root: Path) -> dict[str, str]:
+    lines = (root / "MANIFEST.tsv").read_text().splitlines()
+    header = lines[0].split("\t")
+    ip, ig = header.index("path"), header.index("group")
+    return {r.split("\t")[ip].rsplit(".", 1)[0]: r.split("\t")[ig] for r in lines[1:] if r.strip()}
+
+
+def memory_gib() -> int:
+    with open("/proc/meminfo") as f:
+        return round(int(f.readline().split()[1]) / 2**20)
+
+
+def average_precision(ranked: list[str], positives: set[str]) -> float:
+    hits, total = 0, 0.0
+    for rank, image_id in enumerate(ranked, 1):
+        if image_id in positives:
+            hits += 1
+            total += hits / rank
+    return total / len(positives) if positives else 0.0
+
+
+def start_system(tmp: Path) -> tuple[subprocess.Popen, str]:
+    address = f"127.0.0.1:{free_port()}"
+    env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
+    ready = tmp / "ready"
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "delf_common.launcher", "--data-dir", str(tmp / "data"), "--grpc-addr", address,
+         "--redis-port", "0", "--ready-file", str(ready), "--log-dir", str(tmp / "logs")],
+        env=env, start_new_session=True,
+    )
+    deadline = time.monotonic() + 600
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            raise SystemExit(f"the system did not start; see {tmp / 'logs'}")
+        time.sleep(0.5)
+    return proc, address
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder with MANIFEST.tsv (path, group)")
+    p.add_argument("--queries", type=int, default=20, help="searches with photo bytes for the latency figure")
+    p.add_argument("--append", action="store_true", help="append the table to BENCHMARKS.md")
+    args = p.parse_args()
+    if not (args.photos / "MANIFEST.tsv").is_file():
+        raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
+
+    from delf_common.client import DelfClient
+
+    groups = manifest(args.photos)
+    sizes = Counter(groups.values())
+    with tempfile.TemporaryDirectory(prefix="delf-bench-") as tmp:
+        proc, address = start_system(Path(tmp))
+        try:
+            client = DelfClient(address, timeout=600)
+            t = time.monotonic()
+            job = client.wait_job(client.ingest_folder(args.photos).job_id)
+            ingest_s = time.monotonic() - t
+            ids = sorted(groups)
+            paths = {i: next(args.photos.glob(i + ".*")) for i in ids}
+            latencies = []
+            for image_id in ids[:: max(1, len(ids) // args.queries)][: args.queries]:
+                data = paths[image_id].read_bytes()
+                t = time.monotonic()
+                client.search(data, top_k=10)
+                latencies.append(time.monotonic() - t)
+            queries = [i for i in ids if sizes[groups[i]] >= 2]
+            top1, aps, by_id = [], [], []
+            for image_id in queries:
+                positives = {i for i in ids if groups[i] == groups[image_id] and i != image_id}
+                t = time.monotonic()
+                ranked = [m.image_id for m in client.search(image_id=image_id, top_k=100).matches]
+                by_id.append(time.monotonic() - t)
+                top1.append(bool(ranked) and ranked[0] in positives)
+                aps.append(average_precision(ranked, positives))
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+
+    latencies.sort()
+    rows = {
+        "photos indexed / failed": f"{job.done} / {job.failed}",
+        "ingest rate (photos/s, 1 extractor)": f"{len(ids) / ingest_s:.2f}",
+        f"search latency, photo bytes, median of {len(latencies)} (s)": f"{statistics.median(latencies):.2f}",
+        "search latency, photo bytes, p95 (s)": f"{latencies[int(0.95 * (len(latencies) - 1))]:.2f}",
+        "search latency, by indexed id, median (s)": f"{statistics.median(by_id):.2f}",
+        f"top-1 accuracy ({len(queries)} queries)": f"{sum(top1) / len(top1):.3f}",
+        "mAP (top 100)": f"{sum(aps) / len(aps):.3f}",
+    }
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}), {memory_gib()} GiB, no GPU"
+    table = [f"### System end to end ({time.strftime('%Y-%m-%d')}, {machine})", "",
+             f"`scripts/bench_system.py --photos {args.photos.name}`, embedded default (`make up` settings)", "",
+             "| figure | value |", "|---|---|"] + [f"| {k} | {v} |" for k, v in rows.items()]
+    text = "\n".join(table)
+    print(text)
+    print(json.dumps(rows))
+    if args.append:
+        with open(REPO / "BENCHMARKS.md", "a") as f:
+            f.write("\n" + text + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
