@@ -82,7 +82,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_RATIO", 0.9, float,
                 "Ratio test: a neighbour votes when its distance is below this times the "
                 "distance of the next-after-last neighbour.", "indexer"),
-        Setting("DELF_MIN_INLIERS", 12, int,
+        Setting("DELF_MIN_INLIERS", 20, int,
                 "RANSAC inliers a candidate needs to count as verified.", "gateway (sent to the verifier)"),
         Setting("DELF_RANSAC_PX", 16.0, float,
                 "RANSAC reprojection threshold in query pixels.", "gateway (sent to the verifier)"),

@@ -27,6 +27,7 @@ from delf_common.features import DelfFeatures, encode_array
 from delf_common.images import ImageRejected, probe_image
 from delf_common.jobs import JobStore, JobStatus
 from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
+from delf_common.ranking import rank_matches
 
 log = logging.getLogger("delf.gateway")
 
@@ -91,11 +92,6 @@ def check_photo(data: bytes) -> tuple[int, int]:
     except ImageRejected as exc:
         raise RequestError(_status(exc.code), exc.message) from None
     return width, height
-
-
-def rank_key(match: dict) -> tuple:
-    """Verified matches first, by inliers; then the rest by votes."""
-    return (bool(match["verified"]), int(match["inliers"]) if match["verified"] else 0, int(match["votes"]))
 
 
 class Gateway(delf_pb2_grpc.ImageSearchServicer):
@@ -179,8 +175,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         candidates = reply["candidates"]
         metadata = {c["image_id"]: c.get("metadata") or {} for c in candidates}
         matches = self._verify(features, (width, height), box, candidates, context)
-        matches.sort(key=rank_key, reverse=True)
-        for m in matches[:top_k]:
+        for m in rank_matches(matches)[:top_k]:
             response.matches.append(self._match_proto(m, metadata.get(m["image_id"], {}), len(features)))
         response.elapsed_s = time.monotonic() - started
         return response

@@ -17,6 +17,8 @@ import dataclasses
 import cv2
 import numpy as np
 
+from delf_common.ranking import rank_matches
+
 MIN_HOMOGRAPHY_POINTS = 8
 MAX_ITERS = 1000
 CONFIDENCE = 0.999
@@ -102,7 +104,7 @@ def affine_ok(m: np.ndarray | None) -> bool:
 
 
 def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
-           min_inliers: int = 12, ransac_px: float = 16.0) -> Verification:
+           min_inliers: int = 20, ransac_px: float = 16.0) -> Verification:
     """Fit query -> database on corresponding points (both (M, 2))."""
     src = np.ascontiguousarray(query_xy, np.float32).reshape(-1, 2)
     dst = np.ascontiguousarray(db_xy, np.float32).reshape(-1, 2)
@@ -137,11 +139,5 @@ def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
     )
 
 
-def rank(matches: list[dict]) -> list[dict]:
-    """Verified first by inliers (ties: votes), then unverified by votes (ties: inliers)."""
-    return sorted(matches, key=lambda m: (
-        0 if m["verified"] else 1,
-        -m["inliers"] if m["verified"] else -m["votes"],
-        -m["votes"] if m["verified"] else -m["inliers"],
-        m["image_id"],
-    ))
+# The result order is shared with the gateway, which merges the verifiers' chunks.
+rank = rank_matches
