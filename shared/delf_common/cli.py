@@ -7,7 +7,9 @@
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
     delf fit-pca ...                          learn the PCA of the descriptors
 
-The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051).
+The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051);
+a bearer token from --token or DELF_TOKEN; --tls-ca or DELF_TLS_CA (a PEM file of the
+CA to trust) switches to TLS.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ STATE_NAMES = {0: "UNSPECIFIED", 1: "RECEIVING", 2: "RUNNING", 3: "COMPLETED", 4
 def _client(args):
     from delf_common.client import DelfClient
 
-    return DelfClient(args.gateway, timeout=args.timeout)
+    return DelfClient(args.gateway, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca)
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -120,6 +122,11 @@ def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="delf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--gateway", default=None, help="gateway address (default: $DELF_GATEWAY or 127.0.0.1:50051)")
     p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
+    p.add_argument("--token", default=None,
+                   help="bearer token for a gateway with DELF_AUTH_TOKENS (default: $DELF_TOKEN; "
+                        "prefer the variable: command lines are visible to other users)")
+    p.add_argument("--tls-ca", default=None, metavar="PEM",
+                   help="connect with TLS, trusting this CA or self-signed certificate (default: $DELF_TLS_CA)")
     sub = p.add_subparsers(dest="command", required=True)
 
     sub.add_parser("up", help="start the whole system on this machine (see `delf up --help`)", add_help=False)
@@ -179,8 +186,14 @@ def main(argv: list[str] | None = None) -> int:
     except grpc.RpcError as exc:
         print(f"delf {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
         if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            print(f"  is the gateway running at {args.gateway}? (`make up` or `delf up` starts it)", file=sys.stderr)
+            print(f"  is the gateway running at {args.gateway}? (`make up` or `delf up` starts it; "
+                  "a gateway with TLS needs --tls-ca or DELF_TLS_CA)", file=sys.stderr)
+        elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
+            print("  the gateway requires a token: --token or DELF_TOKEN", file=sys.stderr)
         return 1
+    except config.ConfigError as exc:
+        print(f"delf {args.command}: {exc}", file=sys.stderr)
+        return 2
     except FileNotFoundError as exc:
         print(f"delf {args.command}: {exc}", file=sys.stderr)
         return 2

@@ -6,12 +6,17 @@
 
 Methods return the protobuf messages of `delf.v1` (see protos/delf/v1/delf.proto);
 errors raise `grpc.RpcError` with the server's status code and message.
+
+Security: `token` (default `DELF_TOKEN`) is sent on every call as the metadata
+`authorization: Bearer <token>`; `tls_ca` (default `DELF_TLS_CA`), a PEM file of the
+CA or self-signed certificate to trust, makes the client connect with TLS.
 """
 from __future__ import annotations
 
+import collections
 import os
 from pathlib import Path
-from typing import Iterable, Iterator, Mapping
+from typing import Iterable, Iterator, Mapping, Sequence
 
 import grpc
 
@@ -42,17 +47,62 @@ def photos_in(folder: str | os.PathLike) -> list[tuple[str, Path]]:
     return found
 
 
+def open_channel(target: str, tls_ca: str | None = None, options: Sequence[tuple] = (),
+                 env: str = "DELF_TLS_CA") -> grpc.Channel:
+    """A TLS channel trusting the PEM file `tls_ca` when given, else a plaintext one."""
+    if tls_ca:
+        roots = config.read_pem(env, tls_ca)
+        return grpc.secure_channel(target, grpc.ssl_channel_credentials(root_certificates=roots),
+                                   options=list(options))
+    return grpc.insecure_channel(target, options=list(options))
+
+
+class _CallDetails(collections.namedtuple(
+        "_CallDetails", ("method", "timeout", "metadata", "credentials", "wait_for_ready", "compression")),
+        grpc.ClientCallDetails):
+    pass
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor,
+                  grpc.StreamUnaryClientInterceptor, grpc.StreamStreamClientInterceptor):
+    """Adds `authorization: Bearer <token>` to every call (on plaintext and TLS channels alike)."""
+
+    def __init__(self, token: str):
+        self.header = ("authorization", f"Bearer {token}")
+
+    def _details(self, d):
+        metadata = [m for m in (d.metadata or ()) if m[0] != "authorization"] + [self.header]
+        return _CallDetails(d.method, d.timeout, metadata, d.credentials,
+                            getattr(d, "wait_for_ready", None), getattr(d, "compression", None))
+
+    def intercept_unary_unary(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation, client_call_details, request):
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(self, continuation, client_call_details, request_iterator):
+        return continuation(self._details(client_call_details), request_iterator)
+
+
 class DelfClient:
     def __init__(self, target: str | None = None, timeout: float | None = 300.0,
-                 channel: grpc.Channel | None = None):
+                 channel: grpc.Channel | None = None, *, token: str | None = None,
+                 tls_ca: str | None = None):
         self.target = target or config.get("DELF_GATEWAY")
+        self.token = token if token is not None else config.get("DELF_TOKEN")
+        self.tls_ca = tls_ca if tls_ca is not None else config.get("DELF_TLS_CA")
         max_message = config.get("DELF_MAX_MESSAGE_BYTES")
-        self.channel = channel or grpc.insecure_channel(
-            self.target,
+        self.channel = channel or open_channel(
+            self.target, self.tls_ca,
             options=[("grpc.max_send_message_length", max_message),
                      ("grpc.max_receive_message_length", max_message)],
         )
-        self.stub = delf_pb2_grpc.ImageSearchStub(self.channel)
+        calls = grpc.intercept_channel(self.channel, BearerToken(self.token)) if self.token else self.channel
+        self.stub = delf_pb2_grpc.ImageSearchStub(calls)
         self.timeout = timeout
 
     def close(self) -> None:

@@ -36,6 +36,10 @@ def _paths(text: str) -> tuple[str, ...]:
     return tuple(p for p in text.split(os.pathsep) if p)
 
 
+def _csv(text: str) -> tuple[str, ...]:
+    return tuple(v.strip() for v in text.split(",") if v.strip())
+
+
 SETTINGS: dict[str, Setting] = {
     s.env: s
     for s in [
@@ -48,6 +52,20 @@ SETTINGS: dict[str, Setting] = {
                 "Address the gateway listens on (use 0.0.0.0:50051 in a container).", "gateway"),
         Setting("DELF_GATEWAY", "127.0.0.1:50051", str,
                 "Gateway address the `delf` CLI and client library connect to.", "client"),
+        Setting("DELF_AUTH_TOKENS", (), _csv,
+                "Bearer tokens the gateway accepts, separated by commas; every `delf.v1` call must "
+                "send `authorization: Bearer <token>` (health and reflection stay open). "
+                "Empty: no authentication (the local default).", "gateway"),
+        Setting("DELF_TLS_CERT", "", str,
+                "PEM certificate (chain) the gateway serves TLS with; set together with `DELF_TLS_KEY`. "
+                "Empty (both): plaintext.", "gateway, gateway healthcheck, up"),
+        Setting("DELF_TLS_KEY", "", str,
+                "PEM private key of `DELF_TLS_CERT`.", "gateway"),
+        Setting("DELF_TOKEN", "", str,
+                "Bearer token the `delf` CLI and client library send (`--token`).", "client"),
+        Setting("DELF_TLS_CA", "", str,
+                "PEM of the CA (or self-signed certificate) to trust for the gateway; when set, clients "
+                "connect with TLS (`--tls-ca`). Empty: plaintext.", "client, gateway healthcheck, up"),
         Setting("DELF_DATA_DIR", "./data", str,
                 "Folder for local state: the Milvus Lite file and the embedded Redis.", "indexer, up"),
         Setting("DELF_MILVUS_URI", "", str,
@@ -112,6 +130,18 @@ def get(env: str) -> Any:
         return setting.parse(raw)
     except ValueError as exc:
         raise ConfigError(f"{env}={raw!r}: {exc}") from None
+
+
+def read_pem(env: str, path: str | None = None) -> bytes:
+    """The bytes of the PEM file a setting names (or `path`), with a clear error when unreadable."""
+    path = path if path is not None else get(env)
+    try:
+        data = Path(path).expanduser().read_bytes()
+    except OSError as exc:
+        raise ConfigError(f"{env}={path!r}: cannot read the PEM file: {exc.strerror or exc}") from None
+    if b"-----BEGIN" not in data:
+        raise ConfigError(f"{env}={path!r}: not a PEM file (no -----BEGIN line)")
+    return data
 
 
 def data_dir() -> Path:

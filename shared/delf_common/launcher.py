@@ -521,13 +521,26 @@ class Launcher:
 
         from delf_common.celery_app import make_app
 
-        app = make_app("delf-up")  # reads the DELF_REDIS_URL set above
         # Short reconnect backoff: the gateway is expected to come up any moment.
-        channel = grpc.insecure_channel(_dial_addr(self.grpc_addr), options=[
+        options = [
             ("grpc.initial_reconnect_backoff_ms", 200),
             ("grpc.min_reconnect_backoff_ms", 200),
             ("grpc.max_reconnect_backoff_ms", 1000),
-        ])
+        ]
+        # The health service needs no token; with TLS on the gateway (DELF_TLS_CERT), trust
+        # DELF_TLS_CA, else the gateway's own (self-signed) certificate.
+        tls_roots = config.get("DELF_TLS_CA") or config.get("DELF_TLS_CERT")
+        if config.get("DELF_TLS_CERT"):
+            env = "DELF_TLS_CA" if config.get("DELF_TLS_CA") else "DELF_TLS_CERT"
+            try:
+                roots = config.read_pem(env, tls_roots)
+            except config.ConfigError as exc:
+                raise LaunchError(str(exc)) from None
+            channel = grpc.secure_channel(_dial_addr(self.grpc_addr),
+                                          grpc.ssl_channel_credentials(root_certificates=roots), options=options)
+        else:
+            channel = grpc.insecure_channel(_dial_addr(self.grpc_addr), options=options)
+        app = make_app("delf-up")  # reads the DELF_REDIS_URL set above
         health = health_pb2_grpc.HealthStub(channel)
         waiting_nodes = {c.spec.node for c in self.children if c.spec.node}
         gateway_ready = False

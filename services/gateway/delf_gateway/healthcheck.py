@@ -1,11 +1,18 @@
 """Container healthcheck: exit 0 when the gateway's gRPC health service says SERVING.
 
     python -m delf_gateway.healthcheck [host:port] [--service NAME] [--timeout S]
+                                       [--tls-ca PEM] [--server-name NAME]
 
 Without an address it asks the gateway of this container: 127.0.0.1 on the port of
 ``DELF_GRPC_ADDR``. It calls ``grpc.health.v1.Health/Check`` for the overall server
 (service name ``""``) unless ``--service`` names another. Exit codes: 0 SERVING,
 1 anything else (NOT_SERVING, unreachable, timeout).
+
+The health service needs no token, even when the gateway requires one. When the gateway
+serves TLS (``DELF_TLS_CERT`` is set, as in the gateway's own container) the check does
+too, trusting ``--tls-ca``, else ``DELF_TLS_CA``, else the gateway's own certificate
+``DELF_TLS_CERT`` (right for a self-signed one). ``--server-name`` overrides the name the
+certificate must carry when it names neither 127.0.0.1 nor the address dialled.
 """
 from __future__ import annotations
 
@@ -33,8 +40,35 @@ def local_target(addr: str | None = None) -> str:
     return f"{host}:{port}"
 
 
-def check(target: str, service: str = "", timeout: float = 3.0) -> int:
-    with grpc.insecure_channel(target) as channel:
+def tls_roots(tls_ca: str | None = None) -> tuple[str, str] | None:
+    """(setting, PEM path) to trust when the check must use TLS; None for plaintext."""
+    if tls_ca:
+        return "--tls-ca", tls_ca
+    if config.get("DELF_TLS_CA"):
+        return "DELF_TLS_CA", config.get("DELF_TLS_CA")
+    if config.get("DELF_TLS_CERT"):
+        return "DELF_TLS_CERT", config.get("DELF_TLS_CERT")
+    return None
+
+
+def _channel(target: str, roots: tuple[str, str] | None, server_name: str | None) -> grpc.Channel:
+    if roots is None:
+        return grpc.insecure_channel(target)
+    credentials = grpc.ssl_channel_credentials(root_certificates=config.read_pem(*roots))
+    options = [("grpc.ssl_target_name_override", server_name)] if server_name else []
+    return grpc.secure_channel(target, credentials, options=options)
+
+
+def check(target: str, service: str = "", timeout: float = 3.0, tls_ca: str | None = None,
+          server_name: str | None = None, tls: bool | None = None) -> int:
+    """`tls`: None decides from the settings (see the module doc), False forces plaintext."""
+    try:
+        roots = tls_roots(tls_ca) if tls is not False else None
+        channel = _channel(target, roots, server_name)
+    except config.ConfigError as exc:
+        print(f"unhealthy: {target}: {exc}", file=sys.stderr)
+        return 1
+    with channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
             reply = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
@@ -54,8 +88,14 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("target", nargs="?", help="host:port (default: this container's gateway)")
     parser.add_argument("--service", default="", help="service name to check (default: the server)")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
+    parser.add_argument("--tls-ca", default=None, metavar="PEM",
+                        help="use TLS trusting this PEM (default: $DELF_TLS_CA, else $DELF_TLS_CERT; "
+                             "plaintext when neither is set)")
+    parser.add_argument("--server-name", default=None,
+                        help="host name the gateway's certificate must carry (default: the target's)")
     args = parser.parse_args(argv)
-    return check(args.target or local_target(), args.service, args.timeout)
+    return check(args.target or local_target(), args.service, args.timeout,
+                 tls_ca=args.tls_ca, server_name=args.server_name)
 
 
 if __name__ == "__main__":

@@ -8,8 +8,10 @@ RESOURCE_EXHAUSTED and a message a person can act on.
 """
 from __future__ import annotations
 
+import hmac
 import logging
 import signal
+import sys
 import threading
 import time
 from concurrent import futures
@@ -408,6 +410,77 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+AUTH_PREFIX = "/delf.v1."  # methods that need a token; health and reflection stay open
+_AUTH_HELP = "send the metadata `authorization: Bearer <token>` (delf CLI: --token or DELF_TOKEN)"
+
+
+class _AuthInterceptor(grpc.ServerInterceptor):
+    """Requires `authorization: Bearer <token>` with one of `tokens` on every delf.v1 method."""
+
+    def __init__(self, tokens):
+        self.tokens = [t.encode() for t in tokens if t]
+
+    def _refusal(self, metadata) -> str | None:
+        values = [v for k, v in metadata or () if k == "authorization"]
+        if not values:
+            return f"missing credentials: {_AUTH_HELP}"
+        if len(values) > 1:
+            return "malformed credentials: more than one authorization header"
+        value = values[0]
+        if isinstance(value, bytes):
+            value = value.decode("latin-1")
+        scheme, _, token = value.strip().partition(" ")
+        token = token.strip()
+        if scheme.lower() != "bearer" or not token:
+            return "malformed credentials: the authorization header must be `Bearer <token>`"
+        given = token.encode()
+        ok = False
+        for accepted in self.tokens:  # no early exit: constant time over the list
+            ok |= hmac.compare_digest(given, accepted)
+        return None if ok else "invalid credentials: the bearer token is not accepted"
+
+    def intercept_service(self, continuation, handler_call_details):
+        method = handler_call_details.method or ""
+        if not method.startswith(AUTH_PREFIX):
+            return continuation(handler_call_details)
+        refusal = self._refusal(handler_call_details.invocation_metadata)
+        if refusal is None:
+            return continuation(handler_call_details)
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None  # UNIMPLEMENTED, as without auth
+        log.warning("%s: UNAUTHENTICATED (%s)", method, refusal.split(":")[0])
+
+        def deny(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+
+        def deny_stream(request_or_iterator, context):
+            context.abort(grpc.StatusCode.UNAUTHENTICATED, refusal)
+            yield  # pragma: no cover - makes this a generator
+
+        args = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(deny, *args)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(deny, *args)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(deny_stream, *args)
+        return grpc.stream_stream_rpc_method_handler(deny_stream, *args)
+
+
+def tls_credentials() -> grpc.ServerCredentials | None:
+    """Server credentials from DELF_TLS_CERT and DELF_TLS_KEY; None when neither is set."""
+    cert, key = config.get("DELF_TLS_CERT"), config.get("DELF_TLS_KEY")
+    if not cert and not key:
+        return None
+    if not (cert and key):
+        missing, given = ("DELF_TLS_KEY", "DELF_TLS_CERT") if cert else ("DELF_TLS_CERT", "DELF_TLS_KEY")
+        raise config.ConfigError(f"{given} is set but {missing} is not: TLS needs both (or neither)")
+    chain = config.read_pem("DELF_TLS_CERT")
+    private_key = config.read_pem("DELF_TLS_KEY")
+    return grpc.ssl_server_credentials([(private_key, chain)])
+
+
 def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Redis, stop: threading.Event) -> None:
     """SERVING while the broker answers, NOT_SERVING otherwise."""
     last = None
@@ -429,9 +502,14 @@ def build_server(address: str | None = None, max_workers: int = 32):
     """A started-ready (not yet started) server, its bound port and a stop event."""
     address = address or config.get("DELF_GRPC_ADDR")
     max_message = config.get("DELF_MAX_MESSAGE_BYTES")
+    credentials = tls_credentials()  # before anything starts: a bad setting fails fast
+    tokens = config.get("DELF_AUTH_TOKENS")
+    interceptors: list[grpc.ServerInterceptor] = [_ErrorInterceptor()]
+    if tokens:
+        interceptors.insert(0, _AuthInterceptor(tokens))
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
-        interceptors=[_ErrorInterceptor()],
+        interceptors=interceptors,
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
@@ -446,7 +524,10 @@ def build_server(address: str | None = None, max_workers: int = 32):
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    port = server.add_insecure_port(address)
+    if credentials is not None:
+        port = server.add_secure_port(address, credentials)
+    else:
+        port = server.add_insecure_port(address)
     if port == 0:
         raise RuntimeError(f"cannot listen on {address}")
     stop = threading.Event()
@@ -461,10 +542,20 @@ def main() -> None:
         level=config.get("DELF_LOG_LEVEL"),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    server, port, stop, watcher = build_server()
+    try:
+        server, port, stop, watcher = build_server()
+    except config.ConfigError as exc:
+        log.error("cannot start the gateway: %s", exc)
+        sys.exit(2)
     server.start()
     watcher.start()
-    log.info("gateway listening on %s", config.get("DELF_GRPC_ADDR"))
+    tls = bool(config.get("DELF_TLS_CERT"))
+    auth = bool(config.get("DELF_AUTH_TOKENS"))
+    log.info("gateway listening on %s (TLS %s, token auth %s)", config.get("DELF_GRPC_ADDR"),
+             "on" if tls else "off", "on" if auth else "off")
+    if auth and not tls:
+        log.warning("DELF_AUTH_TOKENS is set without TLS: tokens travel in plaintext "
+                    "(set DELF_TLS_CERT and DELF_TLS_KEY unless a TLS proxy is in front)")
 
     def shutdown(signum, frame):
         log.info("signal %d: stopping", signum)
