@@ -1,5 +1,6 @@
-"""`delf up` end to end: the launcher starts the embedded system, reports ready,
-and stops everything cleanly on Ctrl-C."""
+"""`delf up` end to end: the launcher starts the embedded system (its own Redis,
+workers, gateway, Milvus Lite), reports ready, serves the user's story (ingest,
+search), and stops everything cleanly on Ctrl-C."""
 from __future__ import annotations
 
 import json
@@ -12,9 +13,13 @@ import time
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 import redis
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+
+from delf_common.client import DelfClient
+from photos import jpeg, map_points, sample_photo, warped_query
 
 READY_TIMEOUT_S = 180
 STOP_TIMEOUT_S = 30
@@ -112,6 +117,21 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
             reply = health_pb2_grpc.HealthStub(channel).Check(
                 health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
+
+        # The user's story on this embedded default: ingest a folder, search a warped copy.
+        photos = tmp_path / "photos"
+        photos.mkdir()
+        for name in ("astronaut", "coffee", "rocket"):
+            (photos / f"{name}.jpg").write_bytes(jpeg(sample_photo(name)))
+        with DelfClient(f"127.0.0.1:{grpc_port}", timeout=120) as client:
+            job = client.wait_job(client.ingest_folder(photos).job_id)
+            assert (job.done, job.failed) == (3, 0), job
+            query, H = warped_query(sample_photo("rocket"), seed=7)
+            best = client.search(jpeg(query), top_k=3).matches[0]
+            assert best.image_id == "rocket" and best.verified
+            h, w = query.shape[:2]
+            truth = map_points(H, [[0, 0], [w, 0], [w, h], [0, h]])
+            assert np.abs(np.array([[p.x, p.y] for p in best.corners]) - truth).max() <= 10.0
 
         broker = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5)
         try:
