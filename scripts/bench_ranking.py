@@ -21,19 +21,13 @@ from pathlib import Path
 
 import numpy as np
 
+from delf_common.evaluation import average_precision, read_manifest
 from delf_common.images import decode_image
 from delf_verifier.ransac import verify
 
 REPO = Path(__file__).resolve().parents[1]
 K, RATIO, SHORTLIST, RANSAC_PX = 11, 0.9, 50, 16.0
 GATES = (8, 12, 16, 20, 25, 30, 40)
-
-
-def manifest(root: Path) -> list[tuple[str, str]]:
-    lines = (root / "MANIFEST.tsv").read_text().splitlines()
-    header = lines[0].split("\t")
-    ip, ig = header.index("path"), header.index("group")
-    return [(r.split("\t")[ip], r.split("\t")[ig]) for r in lines[1:] if r.strip()]
 
 
 def features(root: Path, rows, cache: Path):
@@ -51,21 +45,12 @@ def features(root: Path, rows, cache: Path):
     return z["L"], z["D"], z["I"], z["S"]
 
 
-def average_precision(ranked, positives) -> float:
-    hits, total = 0, 0.0
-    for rank, i in enumerate(ranked, 1):
-        if i in positives:
-            hits += 1
-            total += hits / rank
-    return total / len(positives)
-
-
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "landmarks-dev")
     p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-ranking.npz"))
     args = p.parse_args()
-    rows = manifest(args.photos)
+    rows = read_manifest(args.photos / "MANIFEST.tsv")
     L, D, I, S = features(args.photos, rows, args.cache)
     groups = [g for _, g in rows]
     sizes = Counter(groups)

@@ -26,7 +26,6 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections import Counter
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -39,25 +38,9 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-def manifest(root: Path) -> dict[str, str]:
-    lines = (root / "MANIFEST.tsv").read_text().splitlines()
-    header = lines[0].split("\t")
-    ip, ig = header.index("path"), header.index("group")
-    return {r.split("\t")[ip].rsplit(".", 1)[0]: r.split("\t")[ig] for r in lines[1:] if r.strip()}
-
-
 def memory_gib() -> int:
     with open("/proc/meminfo") as f:
         return round(int(f.readline().split()[1]) / 2**20)
-
-
-def average_precision(ranked: list[str], positives: set[str]) -> float:
-    hits, total = 0, 0.0
-    for rank, image_id in enumerate(ranked, 1):
-        if image_id in positives:
-            hits += 1
-            total += hits / rank
-    return total / len(positives) if positives else 0.0
 
 
 def start_system(tmp: Path) -> tuple[subprocess.Popen, str]:
@@ -87,9 +70,10 @@ def main() -> int:
         raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
 
     from delf_common.client import DelfClient
+    from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
 
-    groups = manifest(args.photos)
-    sizes = Counter(groups.values())
+    groups = {path.rsplit(".", 1)[0]: group for path, group in read_manifest(args.photos / "MANIFEST.tsv")}
+    queries = queries_and_positives(groups)
     with tempfile.TemporaryDirectory(prefix="delf-bench-") as tmp:
         proc, address = start_system(Path(tmp))
         try:
@@ -105,10 +89,8 @@ def main() -> int:
                 t = time.monotonic()
                 client.search(data, top_k=10)
                 latencies.append(time.monotonic() - t)
-            queries = [i for i in ids if sizes[groups[i]] >= 2]
             top1, aps, by_id = [], [], []
-            for image_id in queries:
-                positives = {i for i in ids if groups[i] == groups[image_id] and i != image_id}
+            for image_id, positives in queries.items():
                 t = time.monotonic()
                 ranked = [m.image_id for m in client.search(image_id=image_id, top_k=100).matches]
                 by_id.append(time.monotonic() - t)

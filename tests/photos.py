@@ -78,11 +78,3 @@ def landmarks_dir() -> Path | None:
         if (path / "MANIFEST.tsv").is_file():
             return path
     return None
-
-
-def landmarks_manifest(root: Path) -> list[tuple[str, str]]:
-    """(relative path, group) rows of MANIFEST.tsv."""
-    lines = (root / "MANIFEST.tsv").read_text().splitlines()
-    header = lines[0].split("\t")
-    ip, ig = header.index("path"), header.index("group")
-    return [(row.split("\t")[ip], row.split("\t")[ig]) for row in lines[1:] if row.strip()]

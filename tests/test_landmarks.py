@@ -9,33 +9,23 @@ from __future__ import annotations
 
 import statistics
 import time
-from collections import Counter
 
 import pytest
 
+from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
 from delf_common.proto.delf.v1 import delf_pb2
-from photos import landmarks_dir, landmarks_manifest
+from photos import landmarks_dir
 
 pytestmark = [pytest.mark.slow, pytest.mark.landmarks]
 
 ROOT = landmarks_dir()
 
 
-def average_precision(ranked: list[str], positives: set[str]) -> float:
-    """AP over the returned ranking; positives never returned count as misses."""
-    hits, total = 0, 0.0
-    for rank, image_id in enumerate(ranked, 1):
-        if image_id in positives:
-            hits += 1
-            total += hits / rank
-    return total / len(positives) if positives else 0.0
-
-
 @pytest.mark.skipif(ROOT is None, reason="../shared/data/landmarks-dev is not present")
 def test_landmarks_dev_top1_and_map(client):
-    rows = landmarks_manifest(ROOT)
+    rows = read_manifest(ROOT / "MANIFEST.tsv")
     group_of = {path.rsplit(".", 1)[0]: group for path, group in rows}
-    sizes = Counter(group_of.values())
+    queries = queries_and_positives(group_of)
 
     started = time.monotonic()
     job = client.wait_job(client.ingest_folder(ROOT).job_id)
@@ -43,10 +33,8 @@ def test_landmarks_dev_top1_and_map(client):
     assert job.state == delf_pb2.JOB_STATE_COMPLETED
     assert job.done == len(rows), [(e.image_id, e.reason) for e in job.errors]
 
-    queries = sorted(i for i, g in group_of.items() if sizes[g] >= 2)
     top1, aps, latencies, lines = [], [], [], []
-    for image_id in queries:
-        positives = {i for i, g in group_of.items() if g == group_of[image_id] and i != image_id}
+    for image_id, positives in queries.items():
         t = time.monotonic()
         response = client.search(image_id=image_id, top_k=100)
         latencies.append(time.monotonic() - t)

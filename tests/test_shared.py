@@ -134,3 +134,15 @@ def test_job_counts_each_item_once_and_completes(jobs):
     status = jobs.get(job)
     assert (status.state, status.done, status.failed, status.errors) == (COMPLETED, 2, 1, [("b", "not a photo")])
     assert jobs.get("missing") is None
+
+
+def test_average_precision_and_queries_follow_the_protocol(tmp_path):
+    from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
+
+    assert average_precision(["a", "x", "b"], {"a", "b"}) == pytest.approx((1 / 1 + 2 / 3) / 2)
+    assert average_precision(["x", "a"], {"a", "b"}) == pytest.approx((1 / 2) / 2)  # b never returned
+    manifest = tmp_path / "MANIFEST.tsv"
+    manifest.write_text("path\tgroup\twidth\ng1/a.jpg\tg1\t1\ng1/b.jpg\tg1\t1\nlone/c.jpg\tlone\t1\n")
+    rows = read_manifest(manifest)
+    assert rows == [("g1/a.jpg", "g1"), ("g1/b.jpg", "g1"), ("lone/c.jpg", "lone")]
+    assert queries_and_positives({p: g for p, g in rows}) == {"g1/a.jpg": {"g1/b.jpg"}, "g1/b.jpg": {"g1/a.jpg"}}

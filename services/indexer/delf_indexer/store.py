@@ -38,7 +38,7 @@ import logging
 import os
 import threading
 import time
-from typing import Any, Iterable
+from typing import Iterable
 
 import numpy as np
 
