@@ -57,6 +57,17 @@ def test_pure_outliers_unverified():
     assert v.transform == [] and v.corners == []
 
 
+def test_few_inliers_among_many_correspondences_are_not_verified():
+    # 60 true matches drowned in 570 random ones: enough inliers in absolute terms,
+    # too small a share to trust (what chance inliers of an unrelated photo look like).
+    q, d, out = _pairs(n=630, outlier_frac=570 / 630, seed=5)
+    lenient = verify(q, d, (W, H), min_inliers=20, ransac_px=8.0)
+    strict = verify(q, d, (W, H), min_inliers=20, ransac_px=8.0, min_inlier_ratio=0.15)
+    assert lenient.inliers >= 20 and lenient.verified
+    assert strict.inliers == lenient.inliers and not strict.verified
+    assert strict.transform == [] and strict.corners == []
+
+
 def test_affine_fallback_with_few_points():
     a = np.array([[1.1, 0.1, 30.0], [-0.1, 0.95, 12.0], [0, 0, 1]])
     q, d, _ = _pairs(n=6, outlier_frac=0.0, noise=0.5, seed=4, h=a)

@@ -100,9 +100,12 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_RATIO", 0.9, float,
                 "Ratio test: a neighbour votes when its distance is below this times the "
                 "distance of the next-after-last neighbour.", "indexer"),
-        Setting("DELF_MIN_INLIERS", 20, int,
+        Setting("DELF_MIN_INLIERS", 25, int,
                 "RANSAC inliers a candidate needs to count as verified.", "gateway (sent to the verifier)"),
-        Setting("DELF_RANSAC_PX", 16.0, float,
+        Setting("DELF_MIN_INLIER_RATIO", 0.15, float,
+                "Share of a candidate's correspondences that must be RANSAC inliers for it to count "
+                "as verified.", "gateway (sent to the verifier)"),
+        Setting("DELF_RANSAC_PX", 8.0, float,
                 "RANSAC reprojection threshold in query pixels.", "gateway (sent to the verifier)"),
         Setting("DELF_TASK_TIMEOUT_S", 120.0, float,
                 "Longest a gateway call waits for workers when the client set no deadline.", "gateway"),
@@ -111,6 +114,11 @@ SETTINGS: dict[str, Setting] = {
                 "empty: locations are refused.", "extractor"),
         Setting("DELF_WORKER_BATCH", 8, int,
                 "Most photos an extractor worker takes from its queue at once.", "extractor"),
+        Setting("DELF_VISIBILITY_TIMEOUT_S", 3600.0, float,
+                "Seconds before a task taken by a worker that died without acknowledging it "
+                "(killed, out of memory, host lost) is handed to another worker; keep it above the "
+                "longest task, retries included. A warm shutdown (SIGTERM) hands tasks back at once.",
+                "extractor, indexer, verifier"),
         Setting("DELF_LOG_LEVEL", "INFO", str, "Log level of every service.", "all"),
     ]
 }

@@ -204,7 +204,11 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             "image_size": list(size),
             "box": list(box) if box else None,
         }
-        options = {"min_inliers": config.get("DELF_MIN_INLIERS"), "ransac_px": config.get("DELF_RANSAC_PX")}
+        options = {
+            "min_inliers": config.get("DELF_MIN_INLIERS"),
+            "min_inlier_ratio": config.get("DELF_MIN_INLIER_RATIO"),
+            "ransac_px": config.get("DELF_RANSAC_PX"),
+        }
         pending = [
             self._send(tasks.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options)
             for i in range(0, len(candidates), VERIFY_CHUNK)

@@ -8,7 +8,8 @@ noise) or when the homography is degenerate: ill-conditioned, mirroring (negativ
 determinant of its linear part), extreme scale change, or mapping the query box
 to a non-convex / folded quadrilateral.
 
-The score is the inlier count; ``verified = inliers >= min_inliers``.
+The score is the inlier count; verified = enough inliers, absolutely and as a share
+of the correspondences (see ``verify``).
 """
 from __future__ import annotations
 
@@ -104,8 +105,13 @@ def affine_ok(m: np.ndarray | None) -> bool:
 
 
 def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
-           min_inliers: int = 20, ransac_px: float = 16.0) -> Verification:
-    """Fit query -> database on corresponding points (both (M, 2))."""
+           min_inliers: int = 25, ransac_px: float = 8.0, min_inlier_ratio: float = 0.0) -> Verification:
+    """Fit query -> database on corresponding points (both (M, 2)).
+
+    Verified when the inliers reach both ``min_inliers`` and ``min_inlier_ratio``
+    times the number of correspondences: unrelated photos collect a few dozen chance
+    inliers among hundreds of tentative matches, true pairs a larger share.
+    """
     src = np.ascontiguousarray(query_xy, np.float32).reshape(-1, 2)
     dst = np.ascontiguousarray(db_xy, np.float32).reshape(-1, 2)
     n = len(src)
@@ -129,7 +135,7 @@ def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
     if h is None:
         return none
     inliers = int(np.count_nonzero(mask))
-    if inliers < min_inliers:
+    if inliers < min_inliers or inliers < min_inlier_ratio * n:
         return Verification(inliers, False, [], [], model)
     return Verification(
         inliers, True,

@@ -25,6 +25,8 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
     options = options or {}
     min_inliers = options.get("min_inliers") or config.get("DELF_MIN_INLIERS")
     ransac_px = options.get("ransac_px") or config.get("DELF_RANSAC_PX")
+    min_ratio = options.get("min_inlier_ratio")
+    min_ratio = config.get("DELF_MIN_INLIER_RATIO") if min_ratio is None else min_ratio
     try:
         locations = decode_array(query["locations"]).astype(np.float32).reshape(-1, 2)
         image_size = tuple(int(v) for v in query["image_size"])
@@ -46,7 +48,8 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
             return _error(f"candidate {cand.get('image_id')!r}: query_idx out of range or "
                           f"not matching db_xy")
         v = verify(locations[qidx], db_xy, image_size, box,
-                   min_inliers=int(min_inliers), ransac_px=float(ransac_px))
+                   min_inliers=int(min_inliers), ransac_px=float(ransac_px),
+                   min_inlier_ratio=float(min_ratio))
         matches.append({
             "image_id": cand["image_id"],
             "votes": int(cand.get("votes", 0)),
