@@ -1,10 +1,9 @@
 """The order of search results, shared by the verifier (per chunk) and the gateway (merged).
 
-Verified matches (RANSAC inliers >= DELF_MIN_INLIERS) come first, by inliers (ties:
-votes); then the unverified ones by nearest-neighbour votes (ties: inliers). On
-landmarks-dev this gate beat ranking by inliers alone, which lets chance inliers of
-unrelated photos (often 10-35 with 1000 features) outrank true pairs, and beat
-votes alone; see BENCHMARKS.md.
+Verified matches (enough RANSAC inliers: DELF_MIN_INLIERS and DELF_MIN_INLIER_RATIO)
+come first, by inliers (ties: votes); then the unverified ones by nearest-neighbour
+votes (ties: inliers). Ranking by inliers alone lets chance inliers of unrelated
+photos (often 10-35 with 1000 features) outrank true pairs; see BENCHMARKS.md.
 """
 from __future__ import annotations
 
