@@ -22,10 +22,12 @@ import time
 from celery.signals import worker_process_init
 
 from delf_common import config
-from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app
+from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
 from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected, decode_image
 
 log = logging.getLogger(__name__)
+
+configure_worker(app)  # publish retries that ride out a Redis restart
 
 _extractor = None
 _lock = threading.Lock()
@@ -157,7 +159,10 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
     return {"ok": True, "features": _features_wire(rgb)}
 
 
-@app.task(name=INGEST_EXTRACT)
+# The result goes to delf.ingest.index as the next step of the chain and is never read
+# from the result backend: do not store it there (it holds a photo's features, and a
+# Redis restart at that moment would fail the task after the work was done).
+@app.task(name=INGEST_EXTRACT, ignore_result=True)
 def ingest_extract(item: dict, job_id: str) -> dict:
     """One bulk-ingest item -> ``{"ok": True, "image_id", "metadata", "features"}`` for delf.ingest.index."""
     image_id = item.get("image_id")

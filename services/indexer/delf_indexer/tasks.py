@@ -12,16 +12,22 @@ workers, with any pool, may share the server.
 from __future__ import annotations
 
 import logging
+import random
 import threading
 
+import redis
+from celery.signals import worker_shutdown
+
 from delf_common import celery_app as names
-from delf_common.celery_app import app
+from delf_common.celery_app import app, configure_worker
 from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
 
 from delf_indexer.store import DescriptorStore
 
 log = logging.getLogger(__name__)
+
+configure_worker(app)  # publish retries that ride out a Redis restart
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 NOT_FOUND = "NOT_FOUND"
@@ -47,6 +53,39 @@ def reset_store() -> None:
         if _store is not None:
             _store.close()
             _store = None
+
+
+@worker_shutdown.connect
+def _close_store(**_kwargs) -> None:
+    """Warm shutdown: flush Milvus Lite and release its file for the next indexer."""
+    try:
+        reset_store()
+    except Exception:  # noqa: BLE001 - shutting down anyway
+        log.exception("closing the descriptor store failed")
+
+
+def _transient_errors() -> tuple[type[BaseException], ...]:
+    """Failures worth retrying: Redis (job store) or a Milvus server unreachable for a while.
+    Never bad input: that is answered with an error dict and never raises."""
+    errors: list[type[BaseException]] = [redis.ConnectionError, redis.TimeoutError]
+    try:
+        from pymilvus.exceptions import MilvusUnavailableException
+
+        errors.append(MilvusUnavailableException)
+    except ImportError:  # pragma: no cover
+        pass
+    return tuple(errors)
+
+
+TRANSIENT_ERRORS = _transient_errors()
+RETRY_BASE_S = 1.0       # first retry after ~1 s, doubling ...
+RETRY_MAX_S = 30.0       # ... up to 30 s apart
+MAX_RETRIES = 12         # ~4-5 minutes in all, then the item is marked failed
+
+
+def retry_delay(retries: int) -> float:
+    """Exponential backoff (1, 2, 4 .. 30 s) with jitter (x0.5-1) for the `retries`-th retry (0-based)."""
+    return random.uniform(0.5, 1.0) * min(RETRY_MAX_S, RETRY_BASE_S * 2 ** retries)
 
 
 def _error(code: str, message: str) -> dict:
@@ -88,10 +127,48 @@ def index_add(image_id, features, metadata=None) -> dict:
     return _add(image_id, features, metadata)
 
 
-@app.task(name=names.INGEST_INDEX)
-def ingest_index(extracted, job_id) -> dict:
-    jobs = JobStore()
+def _remove_orphans(image_id: str) -> None:
+    """Descriptor rows left by an add of a *new* image that died between inserting them
+    and writing the images row (worker killed, Milvus lost): the store's next add of
+    that id only replaces other generations when the images row exists, so they would
+    stay forever, counted in the stats. Only called for a task seen before (redelivered
+    or retried): a filter delete scans the collection."""
+    store = get_store()
+    try:
+        store.get(image_id)
+        return  # the images row exists: add() replaces every other generation
+    except KeyError:
+        pass
+    try:
+        store.delete(image_id)  # removes the orphans, then raises KeyError (no images row)
+    except KeyError:
+        pass
+
+
+# Ingest results are never read (the job store records progress): not stored in
+# the result backend, where each would hold a photo's features for an hour.
+@app.task(name=names.INGEST_INDEX, bind=True, ignore_result=True)
+def ingest_index(self, extracted, job_id) -> dict:
     image_id = (extracted or {}).get("image_id") or ""
+    try:
+        return _ingest_index(self, extracted, job_id, image_id)
+    except TRANSIENT_ERRORS as exc:
+        retries = self.request.retries or 0
+        if retries >= MAX_RETRIES:
+            log.error("job %s: item %s failed after %d retries: %s", job_id, image_id, retries, exc)
+            try:
+                JobStore().mark_failed(job_id, image_id, f"indexer unavailable: {type(exc).__name__}: {exc}")
+            except redis.RedisError:
+                pass  # still down: the task fails; the job cannot record it
+            raise
+        delay = retry_delay(retries)
+        log.warning("job %s: item %s: %s: %s; retry %d in %.1f s", job_id, image_id,
+                    type(exc).__name__, exc, retries + 1, delay)
+        raise self.retry(exc=exc, countdown=delay, max_retries=MAX_RETRIES) from exc
+
+
+def _ingest_index(task, extracted, job_id, image_id) -> dict:
+    jobs = JobStore()
     if jobs.is_cancelled(job_id):
         jobs.mark_failed(job_id, image_id, "job cancelled")
         return _error(FAILED_PRECONDITION, "job cancelled")
@@ -100,6 +177,9 @@ def ingest_index(extracted, job_id) -> dict:
         jobs.mark_failed(job_id, image_id, err.get("message") or err.get("code") or "extraction failed")
         return {"ok": False, "error": {"code": err.get("code", INVALID_ARGUMENT),
                                        "message": err.get("message", "extraction failed")}}
+    request = task.request
+    if (request.retries or (request.delivery_info or {}).get("redelivered")) and _bad_id(image_id) is None:
+        _remove_orphans(image_id)
     result = _add(image_id, extracted.get("features"), extracted.get("metadata"))
     if result["ok"]:
         jobs.mark_done(job_id, image_id)
