@@ -6,6 +6,7 @@
     delf search PHOTO [--top-k N] [--box x0,y0,x1,y1]
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
     delf fit-pca ...                          learn the PCA of the descriptors
+    delf eval MANIFEST ...                    mAP etc. of the running system against two baselines
 
 The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051);
 a bearer token from --token or DELF_TOKEN; --tls-ca or DELF_TLS_CA (a PEM file of the
@@ -131,6 +132,8 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("up", help="start the whole system on this machine (see `delf up --help`)", add_help=False)
     sub.add_parser("fit-pca", help="learn the descriptor PCA (see `delf fit-pca --help`)", add_help=False)
+    sub.add_parser("eval", help="retrieval quality against two baselines on a manifest "
+                                "(ingests into the running index; see `delf eval --help`)", add_help=False)
 
     s = sub.add_parser("ingest", help="index every photo below a folder as one asynchronous job")
     s.add_argument("path")
@@ -178,7 +181,19 @@ def main(argv: list[str] | None = None) -> int:
         from delf_extractor import pca
 
         return pca.main(argv[1:]) or 0
-    args = parser().parse_args(argv)
+    if argv and argv[0] == "eval":
+        from delf_common import eval_command as evaluate
+
+        return evaluate.main(argv[1:]) or 0
+    p = parser()
+    args, rest = p.parse_known_args(argv)
+    if args.command == "eval":  # global options first: `delf --gateway ADDR eval MANIFEST ...`
+        from delf_common import eval_command as evaluate
+
+        return evaluate.main(rest, gateway=args.gateway, token=args.token, tls_ca=args.tls_ca,
+                             timeout=args.timeout) or 0
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
     if args.gateway is None:
         args.gateway = config.get("DELF_GATEWAY")
     try:
