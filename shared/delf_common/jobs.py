@@ -54,7 +54,12 @@ class JobStatus:
 
 class JobStore:
     def __init__(self, client: redis.Redis | None = None):
-        self.redis = client or redis.Redis.from_url(config.get("DELF_REDIS_URL"))
+        # Timeouts: a Redis host that vanishes without closing connections must turn
+        # into an error (UNAVAILABLE at the gateway), not a hung call.
+        self.redis = client or redis.Redis.from_url(
+            config.get("DELF_REDIS_URL"), socket_connect_timeout=5, socket_timeout=10,
+            health_check_interval=30,
+        )
         self.prefix = f"{config.get('DELF_QUEUE_PREFIX')}:job:"
 
     def _keys(self, job_id: str) -> tuple[str, str, str]:
