@@ -119,6 +119,13 @@ SETTINGS: dict[str, Setting] = {
                 "(killed, out of memory, host lost) is handed to another worker; keep it above the "
                 "longest task, retries included. A warm shutdown (SIGTERM) hands tasks back at once.",
                 "extractor, indexer, verifier"),
+        Setting("DELF_MAX_QUEUE", 1000, int,
+                "Most tasks waiting in one service's queue: beyond it the gateway answers searches and "
+                "`AddImage` with RESOURCE_EXHAUSTED, refuses new ingest jobs and slows running ones "
+                "(it waits, within the caller's deadline, before sending the next photo).", "gateway"),
+        Setting("DELF_METRICS_PORT", 0, int,
+                "Port of the Prometheus `/metrics` HTTP endpoint of each service (gateway and workers). "
+                "0: off (the local default).", "gateway, extractor, indexer, verifier"),
         Setting("DELF_LOG_LEVEL", "INFO", str, "Log level of every service.", "all"),
     ]
 }

@@ -23,11 +23,13 @@ from celery.signals import worker_process_init
 
 from delf_common import config
 from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
+from delf_common.metrics import install_worker_hooks
 from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected, decode_image
 
 log = logging.getLogger(__name__)
 
 configure_worker(app)  # publish retries that ride out a Redis restart
+install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 
 _extractor = None
 _lock = threading.Lock()

@@ -25,6 +25,7 @@ from grpc_reflection.v1alpha import reflection
 
 from delf_common import celery_app as tasks
 from delf_common import config
+from delf_common import metrics
 from delf_common.features import DelfFeatures, encode_array
 from delf_common.images import ImageRejected, probe_image
 from delf_common.jobs import JobStore, JobStatus
@@ -41,6 +42,8 @@ MAX_METADATA_BYTES = 16 * 1024
 VERIFY_CHUNK = 10  # candidates per verify task; chunks run in parallel on the verifier workers
 # Time kept back from the caller's deadline to build and send the answer.
 DEADLINE_MARGIN_S = 0.2
+# How often a stream that waits for room in a full queue looks again.
+QUEUE_POLL_S = 0.2
 
 _JOB_STATES = {
     "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
@@ -101,6 +104,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         self.app = app or tasks.app
         self.jobs = jobs or JobStore()
         self.default_timeout = config.get("DELF_TASK_TIMEOUT_S")
+        self.max_queue = config.get("DELF_MAX_QUEUE")
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -137,6 +141,56 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         except redis.RedisError:
             return {}
 
+    # -- backpressure -------------------------------------------------------------
+
+    def _full_queue(self, services) -> tuple[str, int] | None:
+        """The first of `services` whose queue holds DELF_MAX_QUEUE tasks or more, and its depth."""
+        if self.max_queue <= 0:
+            return None
+        client = self.jobs.redis
+        for service in services:
+            depth = int(client.llen(tasks.queue_name(service)))
+            metrics.QUEUE_DEPTH.labels(service).set(depth)
+            if depth >= self.max_queue:
+                return service, depth
+        return None
+
+    def _refusal(self, service: str, depth: int) -> RequestError:
+        metrics.BACKPRESSURE_REFUSALS.labels(service, "refused").inc()
+        return RequestError(
+            grpc.StatusCode.RESOURCE_EXHAUSTED,
+            f"the {service} queue holds {depth} tasks (limit DELF_MAX_QUEUE={self.max_queue}); "
+            f"the system is overloaded, retry later",
+        )
+
+    def _admit(self, *services: str) -> None:
+        """RESOURCE_EXHAUSTED at once when a queue this call needs is full."""
+        full = self._full_queue(services)
+        if full is not None:
+            raise self._refusal(*full)
+
+    def _wait_for_room(self, context, *services: str) -> None:
+        """Block (polling) until every queue in `services` has room, within the caller's deadline
+        (else DELF_TASK_TIMEOUT_S). Slows a client stream down instead of filling Redis."""
+        full = self._full_queue(services)
+        if full is None:
+            return
+        metrics.BACKPRESSURE_REFUSALS.labels(full[0], "waited").inc()
+        give_up = time.monotonic() + self._budget(context)
+        while full is not None:
+            if context is not None and not context.is_active():
+                raise RequestError(grpc.StatusCode.CANCELLED, "the client went away")
+            if time.monotonic() >= give_up:
+                service, depth = full
+                raise RequestError(
+                    grpc.StatusCode.RESOURCE_EXHAUSTED,
+                    f"the {service} queue still holds {depth} tasks (limit DELF_MAX_QUEUE="
+                    f"{self.max_queue}) after waiting for the workers; the items sent so far were "
+                    f"kept, retry the rest later",
+                )
+            time.sleep(QUEUE_POLL_S)
+            full = self._full_queue(services)
+
     # -- search -----------------------------------------------------------------
 
     def Search(self, request, context):
@@ -148,10 +202,12 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         exclude: list[str] = []
         if which == "image":
             width, height = check_photo(request.image)
+            self._admit("extract", "index", "verify")
             reply = self._call(tasks.EXTRACT, request.image, {}, context=context, what="extractor")
             features = DelfFeatures.from_wire(reply["features"])
         elif which == "image_id":
             image_id = check_image_id(request.image_id)
+            self._admit("index", "verify")
             reply = self._call(tasks.INDEX_FEATURES, image_id, context=context, what="indexer")
             features = DelfFeatures.from_wire(reply["features"])
             width, height = features.image_size
@@ -241,6 +297,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         image_id = check_image_id(request.image_id)
         metadata = check_metadata(request.metadata)
         check_photo(request.image)
+        self._admit("extract", "index")
         reply = self._call(tasks.EXTRACT, request.image, {}, context=context, what="extractor")
         reply = self._call(tasks.INDEX_ADD, image_id, reply["features"], metadata, context=context, what="indexer")
         return image_info_proto(reply["image"])
@@ -267,13 +324,14 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
     # -- bulk ingestion ---------------------------------------------------------
 
     def StartIngestJob(self, request_iterator, context):
+        self._admit("extract")  # before a job exists: a full system takes no new job
         job_id = self.jobs.create()
         seen: set[str] = set()
         total = 0
         try:
             for n, item in enumerate(request_iterator):
                 total += 1
-                self._dispatch_item(job_id, n, item, seen)
+                self._dispatch_item(job_id, n, item, seen, context)
         except Exception:
             # The client went away mid-stream: keep what was dispatched, end the job.
             self.jobs.set_total(job_id, total)
@@ -283,7 +341,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         log.info("job %s: %d items received", job_id, total)
         return job_proto(self.jobs.get(job_id))
 
-    def _dispatch_item(self, job_id: str, n: int, item, seen: set[str]) -> None:
+    def _dispatch_item(self, job_id: str, n: int, item, seen: set[str], context=None) -> None:
         image_id = item.image_id
         try:
             check_image_id(image_id)
@@ -299,6 +357,9 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             key = image_id if image_id and image_id not in seen and len(image_id) <= MAX_ID_LENGTH else f"#{n}: {image_id[:64]!r}"
             self.jobs.mark_failed(job_id, key, exc.message)
             return
+        # A full queue slows the stream down (the client's sends block on gRPC flow
+        # control) rather than piling photos up in Redis.
+        self._wait_for_room(context, "extract")
         seen.add(image_id)
         payload = {
             "image_id": image_id,
@@ -414,6 +475,57 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
+class _MetricsInterceptor(grpc.ServerInterceptor):
+    """Counts every call by method and status code and times it (delf_common.metrics)."""
+
+    def intercept_service(self, continuation, handler_call_details):
+        handler = continuation(handler_call_details)
+        if handler is None:
+            return None
+        method = (handler_call_details.method or "").rsplit("/", 1)[-1] or "unknown"
+
+        def record(context, started: float, failed: bool) -> None:
+            code = context.code()
+            if code is None:
+                name = "UNKNOWN" if failed else "OK"
+            else:
+                name = getattr(code, "name", str(code))
+            metrics.GATEWAY_REQUESTS.labels(method, name).inc()
+            metrics.GATEWAY_LATENCY.labels(method).observe(time.monotonic() - started)
+
+        def wrap_unary(fn):
+            def call(request_or_iterator, context):
+                started, failed = time.monotonic(), True
+                try:
+                    reply = fn(request_or_iterator, context)
+                    failed = False
+                    return reply
+                finally:
+                    record(context, started, failed)
+            return call
+
+        def wrap_stream(fn):
+            def call(request_or_iterator, context):
+                started, failed = time.monotonic(), True
+                try:
+                    yield from fn(request_or_iterator, context)
+                    failed = False
+                finally:
+                    record(context, started, failed)
+            return call
+
+        args = (handler.request_deserializer, handler.response_serializer)
+        if handler.unary_unary:
+            return grpc.unary_unary_rpc_method_handler(wrap_unary(handler.unary_unary), *args)
+        if handler.stream_unary:
+            return grpc.stream_unary_rpc_method_handler(wrap_unary(handler.stream_unary), *args)
+        if handler.unary_stream:
+            return grpc.unary_stream_rpc_method_handler(wrap_stream(handler.unary_stream), *args)
+        if handler.stream_stream:
+            return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), *args)
+        return handler
+
+
 AUTH_PREFIX = "/delf.v1."  # methods that need a token; health and reflection stay open
 _AUTH_HELP = "send the metadata `authorization: Bearer <token>` (delf CLI: --token or DELF_TOKEN)"
 
@@ -486,11 +598,13 @@ def tls_credentials() -> grpc.ServerCredentials | None:
 
 
 def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Redis, stop: threading.Event) -> None:
-    """SERVING while the broker answers, NOT_SERVING otherwise."""
+    """SERVING while the broker answers, NOT_SERVING otherwise; samples the queue depths."""
     last = None
     while not stop.is_set():
         try:
             client.ping()
+            for service in tasks.SERVICES:
+                metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(tasks.queue_name(service))))
             status = health_pb2.HealthCheckResponse.SERVING
         except redis.RedisError:
             status = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -511,6 +625,7 @@ def build_server(address: str | None = None, max_workers: int = 32):
     interceptors: list[grpc.ServerInterceptor] = [_ErrorInterceptor()]
     if tokens:
         interceptors.insert(0, _AuthInterceptor(tokens))
+    interceptors.insert(0, _MetricsInterceptor())  # outermost: counts refusals by auth too
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -551,6 +666,11 @@ def main() -> None:
     except config.ConfigError as exc:
         log.error("cannot start the gateway: %s", exc)
         sys.exit(2)
+    try:
+        metrics.start_server()
+    except OSError as exc:  # the port is taken: serve gRPC anyway, without /metrics
+        log.error("cannot serve metrics on DELF_METRICS_PORT=%s: %s (continuing without /metrics)",
+                  config.get("DELF_METRICS_PORT"), exc)
     server.start()
     watcher.start()
     tls = bool(config.get("DELF_TLS_CERT"))

@@ -22,12 +22,14 @@ from delf_common import celery_app as names
 from delf_common.celery_app import app, configure_worker
 from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
+from delf_common.metrics import DESCRIPTORS_INDEXED, install_worker_hooks
 
 from delf_indexer.store import DescriptorStore
 
 log = logging.getLogger(__name__)
 
 configure_worker(app)  # publish retries that ride out a Redis restart
+install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 NOT_FOUND = "NOT_FOUND"
@@ -119,6 +121,7 @@ def _add(image_id, wire, metadata) -> dict:
         info = get_store().add(image_id, features, metadata or {})
     except ValueError as exc:
         return _error(FAILED_PRECONDITION, str(exc))
+    DESCRIPTORS_INDEXED.inc(int(info.get("num_features", len(features))))
     return {"ok": True, "image": info}
 
 

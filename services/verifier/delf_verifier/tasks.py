@@ -11,10 +11,13 @@ import numpy as np
 from delf_common import config
 from delf_common.celery_app import VERIFY, app
 from delf_common.features import decode_array
+from delf_common.metrics import install_worker_hooks
 
 from delf_verifier.ransac import rank, verify
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
+
+install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 
 
 def _error(message: str) -> dict:
