@@ -101,7 +101,7 @@ def main(argv=None) -> int:
     names = [n for n in SETTINGS if not args.settings or any(n.startswith(s) for s in args.settings)]
     print(f"{len(photos)} photos, {len(set(groups))} groups, torch threads {torch.get_num_threads()}, "
           f"model {base.name}", flush=True)
-    print(f"| setting | wall s/photo (median) | wall s/photo (mean) | CPU s/photo (mean) | features/photo | mAP |\n|---|---|---|---|---|---|", flush=True)
+    print("| setting | wall s/photo (median) | wall s/photo (mean) | CPU s/photo (mean) | features/photo | mAP |\n|---|---|---|---|---|---|", flush=True)
     for name in names:
         side, scales = SETTINGS[name]
         cfg = dataclasses.replace(base, max_image_side=side, scales=tuple(scales))

@@ -393,7 +393,7 @@ def test_healthchecks(services):
         hc = services[name].get("healthcheck")
         assert hc and hc.get("test") and not hc.get("disable"), f"{name}: needs a healthcheck"
     redis_test = " ".join(map(str, services["redis"]["healthcheck"]["test"]))
-    assert "redis-cli" in redis_test and "ping" in redis_test, f"redis: healthcheck should be `redis-cli ping`"
+    assert "redis-cli" in redis_test and "ping" in redis_test, "redis: healthcheck should be `redis-cli ping`"
     gw_test = " ".join(map(str, services["gateway"]["healthcheck"]["test"]))
     assert "delf_gateway.healthcheck" in gw_test, "gateway: healthcheck should run `python -m delf_gateway.healthcheck`"
     for name, service in services.items():

@@ -1,5 +1,4 @@
 """DescriptorStore and the indexer tasks against a real Milvus Lite file in tmp_path."""
-import os
 import uuid
 
 import numpy as np

@@ -1,8 +1,7 @@
 """RANSAC verification on synthetic correspondences with a known transform."""
 import numpy as np
-import pytest
 
-from delf_common.features import decode_array, encode_array
+from delf_common.features import encode_array
 from delf_verifier.ransac import box_corners, project, rank, verify
 from delf_verifier.tasks import verify_candidates
 
