@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+import time
 
 import grpc
 import numpy as np
@@ -115,6 +116,9 @@ def test_job_with_locations_and_bad_items_reports_each_failure(system, indexed, 
     assert all(reasons.values())
     assert client.get_image("loc-coffee").num_features > 0
     client.delete_image("loc-coffee")
+    with pytest.raises(grpc.RpcError) as err:
+        client.cancel_job(job.job_id)  # a completed job has nothing left to cancel
+    assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION
 
 
 def test_cli_search_prints_a_ranked_table(system, indexed, tmp_path):
@@ -128,3 +132,31 @@ def test_cli_search_prints_a_ranked_table(system, indexed, tmp_path):
     rows = [line.split() for line in out.splitlines()[2:]]
     assert rows and rows[0][0] == "1" and rows[0][1] == "astronaut", out
     assert int(rows[0][2]) >= 20
+
+
+def test_cancelled_job_skips_what_is_left_and_keeps_what_is_indexed(system, indexed, client):
+    photos = [sample_photo(n) for n in ("astronaut", "coffee", "rocket", "motorcycle")]
+    items = [delf_pb2.IngestItem(image_id=f"cancel-{k}", image=jpeg(p[k % 3 * 20:, k % 4 * 20:].copy()))
+             for k, p in enumerate(photos * 3)]
+    job = client.start_ingest_job(items)
+    cancelled = client.cancel_job(job.job_id)
+    assert cancelled.state == delf_pb2.JOB_STATE_CANCELLED
+    # Tasks already queued drain: each one is either indexed or skipped as cancelled.
+    deadline = time.monotonic() + 120
+    while (job := client.get_job(job.job_id)).done + job.failed < job.total:
+        assert time.monotonic() < deadline, job
+        time.sleep(0.3)
+    assert job.state == delf_pb2.JOB_STATE_CANCELLED and job.total == len(items)
+    assert job.failed > 0 and {e.reason for e in job.errors} == {"job cancelled"}
+    indexed_ids = []
+    for item in items:
+        try:
+            indexed_ids.append(client.get_image(item.image_id).image_id)
+        except grpc.RpcError as err:
+            assert err.code() == grpc.StatusCode.NOT_FOUND
+    assert len(indexed_ids) == job.done
+    for image_id in indexed_ids:
+        client.delete_image(image_id)
+    with pytest.raises(grpc.RpcError) as err:
+        client.cancel_job("no-such-job")
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND

@@ -3,6 +3,7 @@
     delf up                                   start the whole system locally
     delf ingest FOLDER                        index every photo below FOLDER as one job
     delf job JOB_ID                           a job's state
+    delf cancel JOB_ID                        stop a job
     delf search PHOTO [--top-k N] [--box x0,y0,x1,y1]
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
     delf fit-pca ...                          learn the PCA of the descriptors
@@ -79,6 +80,11 @@ def cmd_job(args) -> int:
     return 0
 
 
+def cmd_cancel(args) -> int:
+    _print_job(_client(args).cancel_job(args.job_id))
+    return 0
+
+
 def cmd_search(args) -> int:
     response = _client(args).search(Path(args.photo), top_k=args.top_k, box=args.box)
     print(f"{len(response.matches)} matches ({response.query_features} query features, "
@@ -144,6 +150,10 @@ def parser() -> argparse.ArgumentParser:
     s = sub.add_parser("job", help="a job's state and errors")
     s.add_argument("job_id")
     s.set_defaults(func=cmd_job)
+
+    s = sub.add_parser("cancel", help="stop a job (photos not yet processed are skipped)")
+    s.add_argument("job_id")
+    s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
     s.add_argument("photo")

@@ -171,6 +171,10 @@ class DelfClient:
     def get_job(self, job_id: str) -> delf_pb2.Job:
         return self.stub.GetJob(delf_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout)
 
+    def cancel_job(self, job_id: str) -> delf_pb2.Job:
+        """Stops a job: photos not yet processed are skipped; indexed ones stay."""
+        return self.stub.CancelJob(delf_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout)
+
     def watch_job(self, job_id: str) -> Iterator[delf_pb2.Job]:
         """Progress updates until the job completes or is cancelled."""
         return self.stub.WatchJob(delf_pb2.GetJobRequest(job_id=job_id))

@@ -80,7 +80,10 @@ class JobStore:
     def set_total(self, job_id: str, total: int) -> None:
         """The client finished streaming: the job now knows its size."""
         key, _, _ = self._keys(job_id)
-        self.redis.hset(key, mapping={"total": total, "state": RUNNING, "updated_at": time.time()})
+        mapping = {"total": total, "updated_at": time.time()}
+        if not self.is_cancelled(job_id):  # a job cancelled mid-stream stays cancelled
+            mapping["state"] = RUNNING
+        self.redis.hset(key, mapping=mapping)
         self._maybe_complete(job_id)
 
     def mark_done(self, job_id: str, item_id: str) -> None:

@@ -23,8 +23,9 @@ from celery.signals import worker_process_init
 
 from delf_common import config
 from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
-from delf_common.metrics import install_worker_hooks
 from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected, decode_image
+from delf_common.jobs import JobStore
+from delf_common.metrics import install_worker_hooks
 
 log = logging.getLogger(__name__)
 
@@ -49,6 +50,16 @@ def get_extractor():
                          ex.model_name, ex.pca_id, ex.device, time.perf_counter() - t)
                 _extractor = ex
     return _extractor
+
+
+_jobs: JobStore | None = None
+
+
+def _job_store() -> JobStore:
+    global _jobs
+    if _jobs is None:
+        _jobs = JobStore()
+    return _jobs
 
 
 @worker_process_init.connect
@@ -168,6 +179,8 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
 def ingest_extract(item: dict, job_id: str) -> dict:
     """One bulk-ingest item -> ``{"ok": True, "image_id", "metadata", "features"}`` for delf.ingest.index."""
     image_id = item.get("image_id")
+    if _job_store().is_cancelled(job_id):  # skip the work; the index step records the item
+        return {"ok": False, "image_id": image_id, "error": {"code": "CANCELLED", "message": "job cancelled"}}
     try:
         rgb = decode_image(_item_bytes(item))
     except ImageRejected as exc:

@@ -353,6 +353,8 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
                 check_photo(item.image)
             elif source != "location":
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the item has neither image bytes nor a location")
+            if self.jobs.is_cancelled(job_id):
+                raise RequestError(grpc.StatusCode.CANCELLED, "job cancelled")
         except RequestError as exc:
             key = image_id if image_id and image_id not in seen and len(image_id) <= MAX_ID_LENGTH else f"#{n}: {image_id[:64]!r}"
             self.jobs.mark_failed(job_id, key, exc.message)
@@ -376,6 +378,15 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         (extract | index).apply_async()
 
     def GetJob(self, request, context):
+        return job_proto(self._job(request.job_id))
+
+    def CancelJob(self, request, context):
+        status = self._job(request.job_id)
+        if status.state == "COMPLETED":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {request.job_id} has already completed; nothing to cancel")
+        self.jobs.cancel(request.job_id)
+        log.info("job %s: cancelled (%d of %d items finished)", request.job_id, status.finished, status.total)
         return job_proto(self._job(request.job_id))
 
     def WatchJob(self, request, context):

@@ -69,6 +69,11 @@ class ImageSearchStub:
                 request_serializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=delf_dot_v1_dot_delf__pb2.Job.FromString,
                 _registered_method=True)
+        self.CancelJob = channel.unary_unary(
+                '/delf.v1.ImageSearch/CancelJob',
+                request_serializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=delf_dot_v1_dot_delf__pb2.Job.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/delf.v1.ImageSearch/GetStats',
                 request_serializer=delf_dot_v1_dot_delf__pb2.GetStatsRequest.SerializeToString,
@@ -123,6 +128,14 @@ class ImageSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def CancelJob(self, request, context):
+        """Stops a job: items not yet processed are skipped (reported failed with
+        "job cancelled"); items already indexed stay indexed.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -164,6 +177,11 @@ def add_ImageSearchServicer_to_server(servicer, server):
             ),
             'WatchJob': grpc.unary_stream_rpc_method_handler(
                     servicer.WatchJob,
+                    request_deserializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.FromString,
+                    response_serializer=delf_dot_v1_dot_delf__pb2.Job.SerializeToString,
+            ),
+            'CancelJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.CancelJob,
                     request_deserializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.FromString,
                     response_serializer=delf_dot_v1_dot_delf__pb2.Job.SerializeToString,
             ),
@@ -360,6 +378,33 @@ class ImageSearch:
             request,
             target,
             '/delf.v1.ImageSearch/WatchJob',
+            delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
+            delf_dot_v1_dot_delf__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def CancelJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/delf.v1.ImageSearch/CancelJob',
             delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
             delf_dot_v1_dot_delf__pb2.Job.FromString,
             options,
