@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
+from delf_common.eval_command import ExactVoter, LocalFeatures
 from delf_common.evaluation import average_precision, read_manifest
 from delf_common.images import decode_image
 from delf_verifier.ransac import verify
@@ -56,39 +57,27 @@ def main() -> None:
     args = p.parse_args()
     rows = read_manifest(args.photos / "MANIFEST.tsv")
     L, D, I, S = features(args.photos, rows, args.cache)
+    ids = [str(k) for k in range(len(rows))]
+    voter = ExactVoter({i: LocalFeatures(L[I == int(i)], D[I == int(i)], tuple(S[int(i)])) for i in ids})
     groups = [g for _, g in rows]
     sizes = Counter(groups)
     per_query = []
     for q in (q for q in range(len(rows)) if sizes[groups[q]] >= 2):
-        mine = I == q
-        qd, ql = D[mine], L[mine]
-        dd, dl, di = D[~mine], L[~mine], I[~mine]
-        dist = np.sqrt(np.maximum(2 - 2 * qd @ dd.T, 0))
-        nn = np.argpartition(dist, K, axis=1)[:, :K]
-        nd = np.take_along_axis(dist, nn, 1)
-        order = np.argsort(nd, 1)
-        nn, nd = np.take_along_axis(nn, order, 1), np.take_along_axis(nd, order, 1)
-        votes, corr = Counter(), {"all": {}, "vote": {}}
-        for a in range(len(qd)):
-            bar, voted = RATIO * nd[a, -1], set()
-            for j in range(K):
-                img = di[nn[a, j]]
-                corr["all"].setdefault(img, {}).setdefault(a, dl[nn[a, j]])
-                if j < K - 1 and nd[a, j] < bar and img not in voted:
-                    voted.add(img)
-                    votes[img] += 1
-                    corr["vote"].setdefault(img, {}).setdefault(a, dl[nn[a, j]])
-        shortlist = [i for i, _ in votes.most_common(SHORTLIST)]
+        ql, qd = L[I == q], D[I == q]
+        corr = {rule: {c["image_id"]: c for c in voter.search(qd, SHORTLIST, K - 1, RATIO, exclude=str(q),
+                                                             voting_only=(rule == "vote"))}
+                for rule in ("all", "vote")}
+        shortlist = list(corr["all"])
+        votes = {i: c["votes"] for i, c in corr["all"].items()}
         inliers = {}  # (rule, px, image) -> (inliers, correspondences)
         for rule, by_image in corr.items():
             for img in shortlist:
-                c = by_image.get(img, {})
-                idx = np.array(sorted(c), int)
+                c = by_image[img]
                 for px in THRESHOLDS_PX:
-                    inliers[rule, px, img] = (0 if len(idx) < 3 else verify(
-                        ql[idx], np.array([c[i] for i in idx]), S[q], None, min_inliers=0, ransac_px=px).inliers,
-                        len(idx))
-        positives = {i for i in range(len(rows)) if groups[i] == groups[q] and i != q}
+                    inliers[rule, px, img] = (0 if len(c["query_idx"]) < 3 else verify(
+                        ql[c["query_idx"]], c["db_xy"], S[q], None, min_inliers=0, ransac_px=px).inliers,
+                        len(c["query_idx"]))
+        positives = {str(i) for i in range(len(rows)) if groups[i] == groups[q] and i != q}
         per_query.append((shortlist, votes, inliers, positives))
 
     def evaluate(rule: str | None, px: float = 0, gate: int = 0, share: float = 0) -> tuple[float, float, int]:

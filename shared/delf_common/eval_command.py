@@ -313,14 +313,12 @@ class GemExtractor:
             return F.normalize(acc, dim=0).cpu().numpy().astype(np.float32)
 
 
-def _quote(value: str) -> str:
-    return json.dumps(value, ensure_ascii=False)
-
-
 def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int = TOP_K,
                    log: Callable[[str], None] = print, extractor: GemExtractor | None = None) -> MethodRun:
     """Global GeM vectors in a temporary Milvus Lite collection (FLAT, inner product)."""
     from pymilvus import DataType, MilvusClient
+
+    from delf_indexer.store import quote
 
     t = time.monotonic()
     gem = extractor or GemExtractor()
@@ -354,7 +352,7 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
                     rankings[q] = []
                     continue
                 t = time.monotonic()
-                hits = client.search("gem", data=[vectors[q]], limit=top_k, filter=f"image_id != {_quote(q)}",
+                hits = client.search("gem", data=[vectors[q]], limit=top_k, filter=f"image_id != {quote(q)}",
                                      anns_field="vec", output_fields=["image_id"],
                                      search_params={"metric_type": "IP"})[0]
                 latencies.append(time.monotonic() - t)
@@ -430,8 +428,13 @@ class ExactVoter:
         return np.concatenate(dist_out), np.concatenate(idx_out)
 
     def search(self, q: np.ndarray, shortlist: int, neighbours: int, ratio: float,
-               exclude: str | None = None) -> list[dict]:
-        """Candidates best votes first: {image_id, votes, query_idx (M,), db_xy (M, 2)}."""
+               exclude: str | None = None, voting_only: bool = False) -> list[dict]:
+        """Candidates best votes first: {image_id, votes, query_idx (M,), db_xy (M, 2)}.
+
+        Correspondences as the indexer returns them (each query descriptor's nearest
+        fetched neighbour in that image), or with ``voting_only`` only from neighbours
+        that passed the ratio test (an experiment of scripts/bench_ranking.py).
+        """
         if len(q) == 0 or shortlist <= 0:
             return []
         k = neighbours + 1
@@ -445,10 +448,12 @@ class ExactVoter:
             voted = set()
             for j in range(len(d_row)):
                 img, d, r = int(self.owner[r_row[j]]), float(d_row[j]), int(r_row[j])
-                near = nearest.setdefault(img, {})
-                if qi not in near or d < near[qi][0]:
-                    near[qi] = (d, r)
-                if j < neighbours and d < bar and img not in voted:
+                votes_here = j < neighbours and d < bar and img not in voted
+                if votes_here or not voting_only:
+                    near = nearest.setdefault(img, {})
+                    if qi not in near or d < near[qi][0]:
+                        near[qi] = (d, r)
+                if votes_here:
                     voted.add(img)
                     votes[img] = votes.get(img, 0) + 1
                     vote_dist[img] = vote_dist.get(img, 0.0) + d
