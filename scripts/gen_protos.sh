@@ -5,6 +5,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
 out=shared/delf_common/proto
+"$PY" -c "import grpc_tools.protoc" || { echo "grpc_tools missing: run make install first" >&2; exit 1; }
 rm -rf "$out" && mkdir -p "$out"
 "$PY" -m grpc_tools.protoc -I protos --python_out="$out" --pyi_out="$out" --grpc_python_out="$out" protos/delf/v1/delf.proto
 # Make the generated imports absolute inside our package (no top-level 'delf' package).

@@ -41,16 +41,25 @@ class Point(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "image_id", "box", "top_k")
+    __slots__ = ("image", "image_id", "box", "top_k", "filter")
+    class FilterEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     IMAGE_FIELD_NUMBER: _ClassVar[int]
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
     BOX_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
+    FILTER_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     image_id: str
     box: Box
     top_k: int
-    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., top_k: _Optional[int] = ...) -> None: ...
+    filter: _containers.ScalarMap[str, str]
+    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class Match(_message.Message):
     __slots__ = ("image_id", "metadata", "inliers", "score", "verified", "votes", "transform", "corners")

@@ -74,6 +74,11 @@ class ImageSearchStub:
                 request_serializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
                 response_deserializer=delf_dot_v1_dot_delf__pb2.Job.FromString,
                 _registered_method=True)
+        self.ResumeJob = channel.unary_unary(
+                '/delf.v1.ImageSearch/ResumeJob',
+                request_serializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
+                response_deserializer=delf_dot_v1_dot_delf__pb2.Job.FromString,
+                _registered_method=True)
         self.GetStats = channel.unary_unary(
                 '/delf.v1.ImageSearch/GetStats',
                 request_serializer=delf_dot_v1_dot_delf__pb2.GetStatsRequest.SerializeToString,
@@ -136,6 +141,14 @@ class ImageSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResumeJob(self, request, context):
+        """Resumes an interrupted job: items that are neither indexed nor failed are
+        sent to the workers again; finished items are not redone.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
     def GetStats(self, request, context):
         """Missing associated documentation comment in .proto file."""
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
@@ -182,6 +195,11 @@ def add_ImageSearchServicer_to_server(servicer, server):
             ),
             'CancelJob': grpc.unary_unary_rpc_method_handler(
                     servicer.CancelJob,
+                    request_deserializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.FromString,
+                    response_serializer=delf_dot_v1_dot_delf__pb2.Job.SerializeToString,
+            ),
+            'ResumeJob': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResumeJob,
                     request_deserializer=delf_dot_v1_dot_delf__pb2.GetJobRequest.FromString,
                     response_serializer=delf_dot_v1_dot_delf__pb2.Job.SerializeToString,
             ),
@@ -405,6 +423,33 @@ class ImageSearch:
             request,
             target,
             '/delf.v1.ImageSearch/CancelJob',
+            delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
+            delf_dot_v1_dot_delf__pb2.Job.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResumeJob(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/delf.v1.ImageSearch/ResumeJob',
             delf_dot_v1_dot_delf__pb2.GetJobRequest.SerializeToString,
             delf_dot_v1_dot_delf__pb2.Job.FromString,
             options,
