@@ -52,7 +52,7 @@ def _photo(seed: int) -> bytes:
 
 
 class Gateway:
-    def __init__(self, root: Path):
+    def __init__(self, root: Path, **extra_env: str):
         self.prefix = f"bp-{uuid.uuid4().hex[:8]}"
         self.address = f"127.0.0.1:{free_port()}"
         self.metrics_port = free_port()
@@ -64,8 +64,10 @@ class Gateway:
             DELF_MAX_QUEUE=str(MAX_QUEUE),
             DELF_METRICS_PORT=str(self.metrics_port),
             DELF_TASK_TIMEOUT_S="5",
+            DELF_HEALTH_REQUIRE="redis",  # no workers on purpose: serving needs Redis only
             PYTHONUNBUFFERED="1",
         )
+        self.env.update(extra_env)
         self.log_path = root / "gateway.log"
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen([sys.executable, "-m", "delf_gateway"], env=self.env,
@@ -222,3 +224,67 @@ def test_metrics_count_calls_by_method_and_code(gateway):
     assert value("delf_gateway_requests_total", method="GetJob", code="NOT_FOUND") >= 1
     assert value("delf_gateway_request_seconds_count", method="Search") >= 1
     assert ("delf_queue_depth", (("queue", "extract"),)) in samples  # sampled by the health thread
+
+
+@pytest.fixture(scope="module")
+def search_limited_gateway(tmp_path_factory):
+    """A gateway that works on at most 2 searches at once, a roomy queue and no workers."""
+    if not redis_available(REDIS_URL):
+        pytest.fail(f"no Redis at {REDIS_URL}")
+    gw = Gateway(tmp_path_factory.mktemp("max_searches"), DELF_MAX_SEARCHES="2", DELF_MAX_QUEUE="100")
+    try:
+        gw.wait_serving()
+        yield gw
+    finally:
+        gw.close()
+
+
+def test_search_limit_refuses_at_once_and_unrun_tasks_expire(search_limited_gateway):
+    gw = search_limited_gateway
+    # Two searches wait for an extractor that never comes (no workers) ...
+    outcomes: list[grpc.StatusCode] = []
+
+    def slow_search(seed: int) -> None:
+        try:
+            gw.stub.Search(delf_pb2.SearchRequest(image=_photo(seed)), timeout=4)
+            outcomes.append(grpc.StatusCode.OK)
+        except grpc.RpcError as exc:
+            outcomes.append(exc.code())
+
+    threads = [threading.Thread(target=slow_search, args=(30 + i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    deadline = time.monotonic() + 3
+    while gw.depth() < 2 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert gw.depth() == 2
+    # ... so a third is refused at once, saying why, instead of queueing behind them.
+    started = time.monotonic()
+    with pytest.raises(grpc.RpcError) as err:
+        gw.stub.Search(delf_pb2.SearchRequest(image=_photo(40)), timeout=20)
+    assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED, err.value.details()
+    assert "DELF_MAX_SEARCHES=2" in err.value.details()
+    assert time.monotonic() - started < 2
+    for t in threads:
+        t.join()
+    assert outcomes == [grpc.StatusCode.DEADLINE_EXCEEDED] * 2
+    # The queued tasks carry an expiry near the callers' deadline, so a worker that
+    # reaches them late drops them unrun.
+    import json
+
+    for raw in gw.redis.lrange(f"{gw.prefix}.extract", 0, -1):
+        expires = json.loads(raw)["headers"]["expires"]
+        assert expires is not None
+        from datetime import datetime, timezone
+
+        left = (datetime.fromisoformat(expires) - datetime.now(timezone.utc)).total_seconds()
+        assert -10 < left < 5, expires
+    # The slots are free again once the gateway stops waiting for those calls' tasks.
+    give_up = time.monotonic() + 15
+    while True:
+        with pytest.raises(grpc.RpcError) as err:
+            gw.stub.Search(delf_pb2.SearchRequest(image=_photo(41)), timeout=1.5)
+        if err.value.code() != grpc.StatusCode.RESOURCE_EXHAUSTED or time.monotonic() > give_up:
+            break
+        time.sleep(0.5)
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()

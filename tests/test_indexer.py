@@ -141,6 +141,106 @@ def test_persists_across_stores(tmp_path):
         assert s.search(noisy(f, 0.02, 1), shortlist=1)[0]["image_id"] == "keep"
 
 
+def test_metadata_filter(store, monkeypatch):
+    base = feats(150, 40)
+    # three copies of one image under different metadata, one unrelated image
+    store.add("p1", base, {"city": "Paris", "year": "2020"})
+    store.add("p2", base, {"city": "Paris", "year": "2021"})
+    store.add("r1", base, {"city": "Rome"})
+    store.add("x", feats(150, 41), {"city": "Paris", "year": "2021"})
+    q = noisy(base, 0.02, 7)
+    found = lambda **kw: [c["image_id"] for c in store.search(q, shortlist=10, **kw)]
+    assert set(found()[:3]) == {"p1", "p2", "r1"}
+    for limit in ("10000", "1"):  # `image_id in [...]` in Milvus / applied after voting
+        monkeypatch.setenv("DELF_FILTER_MAX_IMAGES", limit)
+        assert found(filter={"city": "Rome"}) == ["r1"]
+        assert found(filter={"city": "Paris", "year": "2021"})[0] == "p2"
+        assert "p1" not in found(filter={"city": "Paris", "year": "2021"})
+        assert found(filter={"city": "Paris"}, exclude=["p1"])[0] == "p2"
+        assert found(filter={"city": "Lyon"}) == []
+        assert found(filter={"city": "Rome"}, exclude=["r1"]) == []
+    assert sorted(store.matching_images({"city": "Paris"})) == ["p1", "p2", "x"]
+    assert len(store.matching_images({"city": "Paris"}, limit=2)) == 2
+    for bad in ({"a b": "x"}, {"k": "\x00"}, {"k": 3}, {f"k{i}": "v" for i in range(17)}):
+        with pytest.raises(ValueError):
+            store.search(q, shortlist=3, filter=bad)
+
+
+@pytest.mark.parametrize("exact_rows", [20_000, 0])  # small segments scanned exactly / through IVF
+def test_direct_lite_search_matches_search_api(store, monkeypatch, exact_rows):
+    """The indexer's direct read of Lite's faiss segments gives the same neighbours as Lite's
+    search API: after replacements and deletes (tombstones), with exclusions and filters.
+    Both probe every IVF list here, so both are exact and must agree."""
+    import dataclasses
+    from delf_indexer import store as store_module
+
+    monkeypatch.setattr(store_module, "EXACT_SEGMENT_ROWS", exact_rows)
+    store.index = dataclasses.replace(store.index, search_params={"nprobe": 128}, direct_nprobe=128)
+    images = {f"i{i}": feats(300, 60 + i) for i in range(6)}
+    for k, f in images.items():
+        store.add(k, f, {"n": k})
+    store.search(images["i0"])  # settle: flush, index build
+    store.add("i1", feats(200, 99), {"n": "new"})  # replace: new segment + tombstones
+    store.delete("i2")
+    store.add("i6", feats(250, 70), {})
+    queries = [noisy(images["i3"], 0.05, 1), noisy(images["i1"], 0.05, 2), noisy(feats(300, 99), 0.05, 3)]
+    store.search(queries[0])  # settle again
+    for q in queries:
+        d = np.ascontiguousarray(q.descriptors)
+        for deny, allow, expr in [(set(), None, ""), ({"i3"}, None, 'image_id not in ["i3"]'),
+                                  (set(), {"i1", "i4"}, 'image_id in ["i1", "i4"]')]:
+            direct = store._direct_knn(d, 11, deny=deny, allow=allow)
+            assert direct is not None
+            api = store._milvus_knn(d, 11, expr)
+            assert [h[1] for h in direct] == [h[1] for h in api]
+            for (dd, _, xd, yd), (da, _, xa, ya) in zip(direct, api):
+                np.testing.assert_allclose(dd, da, atol=1e-4)
+                np.testing.assert_allclose(xd, xa, atol=1e-4)
+            assert all("i2" not in h[1] for h in direct)
+    # an image's stored features: read from the segments or through the query API, the same
+    row = store._image_rows(["i1"])["i1"]
+    assert len(store._direct_rows("i1", int(row["generation"]))["idx"]) == 200
+    _, direct = store.get_features("i1")
+    monkeypatch.setenv("DELF_LITE_DIRECT_SEARCH", "0")
+    _, api = store.get_features("i1")
+    np.testing.assert_array_equal(direct.descriptors, api.descriptors)
+    np.testing.assert_array_equal(direct.locations, api.locations)
+    np.testing.assert_array_equal(direct.scores, api.scores)
+
+
+def test_filter_on_collection_without_meta_field(tmp_path):
+    """Collections created before the `meta` JSON field: the filter scans the metadata text."""
+    path = str(tmp_path / "old.db")
+    with DescriptorStore(path, collection="o") as s:
+        s.add("a", feats(80, 1), {"k": "v"})
+        s.add("b", feats(80, 2), {"k": "w"})
+    from pymilvus import MilvusClient
+    from delf_indexer import store as store_module
+    # rebuild the images collection as the old schema had it
+    with DescriptorStore(path, collection="o") as s:
+        rows = s.client.query(s.images_name, filter='image_id != ""', output_fields=["*"])
+        s.client.drop_collection(s.images_name)
+        schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+        from pymilvus import DataType
+        schema.add_field("image_id", DataType.VARCHAR, max_length=store_module.MAX_ID_LENGTH, is_primary=True)
+        schema.add_field("metadata", DataType.VARCHAR, max_length=store_module.METADATA_MAX_LENGTH)
+        for name in ("width", "height", "num_features", "generation"):
+            schema.add_field(name, DataType.INT64)
+        schema.add_field("pca_id", DataType.VARCHAR, max_length=256)
+        schema.add_field("model", DataType.VARCHAR, max_length=256)
+        schema.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
+        ip = s.client.prepare_index_params()
+        ip.add_index("dummy", index_type="FLAT", metric_type="L2")
+        s.client.create_collection(s.images_name, schema=schema, index_params=ip)
+        s.client.insert(s.images_name, [{k: v for k, v in r.items() if k != "meta"} for r in rows])
+    with DescriptorStore(path, collection="o") as s:
+        assert not s._has_meta
+        s.add("c", feats(80, 3), {"k": "v"})
+        assert sorted(s.matching_images({"k": "v"})) == ["a", "c"]
+        cands = s.search(noisy(feats(80, 2), 0.02, 1), shortlist=5, filter={"k": "w"})
+        assert [c["image_id"] for c in cands] == ["b"]
+
+
 # ----------------------------------------------------------------- tasks
 @pytest.fixture
 def tasks(tmp_path, monkeypatch):
@@ -168,6 +268,12 @@ def test_tasks_contract(tasks):
     assert bad == {"ok": False, "error": {"code": "FAILED_PRECONDITION", "message": bad["error"]["message"]}}
     s = tasks.index_search(noisy(f, 0.02, 3).to_wire(), {"shortlist": 5, "exclude": []})
     assert s["ok"] and s["candidates"][0]["image_id"] == "a"
+    s = tasks.index_search(noisy(f, 0.02, 3).to_wire(), {"shortlist": 5, "filter": {"m": "2"}})
+    assert s == {"ok": True, "candidates": []}
+    s = tasks.index_search(noisy(f, 0.02, 3).to_wire(), {"shortlist": 5, "filter": {"m": "1"}})
+    assert [c["image_id"] for c in s["candidates"]] == ["a"]
+    bad = tasks.index_search(f.to_wire(), {"filter": {"bad key": "1"}})
+    assert bad["error"]["code"] == "INVALID_ARGUMENT" and "filter" in bad["error"]["message"]
     assert tasks.index_stats() == {"ok": True, "images": 1, "descriptors": 60, "pca_id": "pca-a"}
     assert tasks.index_delete("a") == {"ok": True, "descriptors_removed": 60}
 

@@ -10,6 +10,7 @@ import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import grpc
@@ -29,6 +30,24 @@ def _free_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _free_port_block(n: int) -> int:
+    """The first of `n` consecutive free ports."""
+    for _ in range(50):
+        base = _free_port()
+        if base + n < 65536 and all(_port_free(base + i) for i in range(n)):
+            return base
+    raise RuntimeError(f"no block of {n} free ports")
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 def _descendants(pid: int) -> set[int]:
@@ -79,6 +98,9 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
     if not sys.platform.startswith("linux"):
         pytest.skip("checks processes through /proc")
     grpc_port, redis_port = _free_port(), _free_port()
+    # Four services on one machine: each gets its own /metrics port, counting up.
+    metrics_base = _free_port_block(4)
+    launcher_env["DELF_METRICS_PORT"] = str(metrics_base)
     data_dir = tmp_path / "data"
     ready_file = tmp_path / "ready.json"
     output = tmp_path / "launcher.out"
@@ -132,6 +154,19 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
             h, w = query.shape[:2]
             truth = map_points(H, [[0, 0], [w, 0], [w, h], [0, h]])
             assert np.abs(np.array([[p.x, p.y] for p in best.corners]) - truth).max() <= 10.0
+
+        # Every service serves its own metrics: the extractor and indexer count the job's work.
+        scraped = {}
+        for i, name in enumerate(("extract-1", "index", "verify", "gateway")):
+            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + i}/metrics", timeout=10) as r:
+                scraped[name] = r.read().decode()
+        assert f"extract-1 :{metrics_base}" in output.read_text()
+        assert any(line.startswith("delf_gateway_requests_total{") and 'method="Search"' in line
+                   and 'code="OK"' in line for line in scraped["gateway"].splitlines()), scraped["gateway"][:2000]
+        for name in ("extract-1", "index"):
+            done = [line for line in scraped[name].splitlines()
+                    if line.startswith("delf_worker_tasks_total") and 'outcome="ok"' in line]
+            assert done and sum(float(x.rsplit(" ", 1)[1]) for x in done) >= 3, (name, scraped[name][:2000])
 
         broker = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5)
         try:

@@ -56,6 +56,7 @@ class Gateway:
                 mp.delenv(name, raising=False)
             mp.setenv("DELF_REDIS_URL", REDIS_URL)
             mp.setenv("DELF_QUEUE_PREFIX", f"delftest-sec-{uuid.uuid4().hex[:8]}")
+            mp.setenv("DELF_HEALTH_REQUIRE", "redis")  # no workers here: health needs Redis only
             for name, value in env.items():
                 mp.setenv(name, value)
             self.address = f"127.0.0.1:{free_port()}"
@@ -211,6 +212,59 @@ def test_the_client_library_and_cli_send_the_token(auth_gateway, no_delf_env, ca
     assert "UNAUTHENTICATED" in err and "--token" in err
     assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "--token", TOKENS[0], "job", "x"]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
+
+
+# -- URL ingest -----------------------------------------------------------------------
+# Refused at StartIngestJob, before anything is dispatched: no workers are needed, each
+# item is a per-item error with its reason and the job completes.
+
+REFUSED_URLS = {
+    "file": ("file:///etc/passwd", "only http and https"),
+    "ftp": ("ftp://example.com/a.jpg", "only http and https"),
+    "loopback": ("http://127.0.0.1:8080/a.jpg", "loopback"),
+    "loopback6": ("http://[::1]/a.jpg", "loopback"),
+    "mapped": ("http://[::ffff:127.0.0.1]/a.jpg", "loopback"),
+    "decimal": ("http://2130706433/a.jpg", "loopback"),
+    "ten": ("http://10.0.0.1/a.jpg", "private"),
+    "172": ("http://172.16.5.4/a.jpg", "private"),
+    "192": ("http://192.168.0.1/a.jpg", "private"),
+    "metadata": ("http://169.254.169.254/latest/meta-data/", "link-local"),
+    "linklocal6": ("http://[fe80::1]/a.jpg", "link-local"),
+    "zero": ("http://0.0.0.0/a.jpg", "unspecified"),
+}
+
+
+def _ingest_urls(gw, urls: dict[str, str]):
+    with DelfClient(gw.address, timeout=10) as client:
+        items = [delf_pb2.IngestItem(image_id=k, location=u) for k, u in urls.items()]
+        job = client.start_ingest_job(items)
+        return job, {e.image_id: e.reason for e in client.get_job(job.job_id).errors}
+
+
+def test_url_ingest_is_off_by_default(no_delf_env):
+    gw = Gateway()
+    try:
+        job, reasons = _ingest_urls(gw, {"web": "https://example.com/a.jpg", "file": "file:///etc/passwd"})
+    finally:
+        gw.stop()
+    assert job.state == delf_pb2.JOB_STATE_COMPLETED and (job.total, job.done, job.failed) == (2, 0, 2)
+    assert all("URL ingest is off" in r for r in reasons.values()), reasons
+
+
+def test_url_ingest_refuses_other_schemes_and_private_ranges(no_delf_env):
+    gw = Gateway()
+    no_delf_env.setenv("DELF_URL_INGEST", "1")  # read per call by the in-process gateway
+    try:
+        job, reasons = _ingest_urls(gw, {k: u for k, (u, _) in REFUSED_URLS.items()})
+        no_delf_env.setenv("DELF_URL_ALLOWED_HOSTS", "photos.example.com")
+        _, host_reasons = _ingest_urls(gw, {"other": "https://example.com/a.jpg",
+                                            "suffix": "https://evilphotos.example.com.attacker.net/a.jpg"})
+    finally:
+        gw.stop()
+    assert job.state == delf_pb2.JOB_STATE_COMPLETED and job.failed == len(REFUSED_URLS) and job.done == 0
+    for key, (_, words) in REFUSED_URLS.items():
+        assert words in reasons[key], (key, reasons[key])
+    assert all("DELF_URL_ALLOWED_HOSTS" in r for r in host_reasons.values()), host_reasons
 
 
 # -- TLS ----------------------------------------------------------------------------

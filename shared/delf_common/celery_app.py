@@ -6,10 +6,20 @@ Messages are msgpack (binary-safe, never pickle).
 """
 from __future__ import annotations
 
-from celery import Celery
+import json
+import logging
+import os
+import socket
+import sys
+import threading
+import time
+from concurrent import futures
+from typing import Callable
+
+from celery import Celery, signals
 from kombu import Queue
 
-from delf_common import config
+from delf_common import config, logs
 
 # Task names: the contract between the gateway and the workers.
 EXTRACT = "delf.extract"                  # (image: bytes|None, options: dict) -> features wire
@@ -115,3 +125,314 @@ def make_app(name: str = "delf") -> Celery:
 
 
 app = make_app()
+
+
+# --------------------------------------------------------------------------- request ids
+
+task_log = logging.getLogger("delf.task")
+
+HEADER_PREFIX = "delf_"  # message headers delf_request_id, delf_job_id, delf_image_id
+_PROPAGATED = ("request_id", "job_id", "image_id")
+_IMAGE_ID_TASKS = (INDEX_ADD, INDEX_GET, INDEX_FEATURES, INDEX_DELETE)
+
+
+def ids_from_args(name: str, args, kwargs) -> dict[str, str]:
+    """The job and image ids a task's arguments name (per docs/CONTRACTS.md)."""
+    ids: dict[str, object] = {}
+    args = list(args or ())
+    kwargs = kwargs or {}
+    try:
+        if name in (INGEST_EXTRACT, INGEST_INDEX):
+            first = args[0] if args else kwargs.get("item", kwargs.get("extracted"))
+            ids["job_id"] = args[1] if len(args) > 1 else kwargs.get("job_id")
+            ids["image_id"] = first.get("image_id") if isinstance(first, dict) else None
+        elif name in _IMAGE_ID_TASKS:
+            ids["image_id"] = args[0] if args else kwargs.get("image_id")
+    except (IndexError, AttributeError, TypeError):
+        pass
+    return {k: v for k, v in ids.items() if isinstance(v, str) and v}
+
+
+@signals.before_task_publish.connect(weak=False)
+def _ids_to_headers(sender=None, body=None, headers=None, **_kwargs) -> None:
+    """Every task published (by the gateway, or by a worker: the next step of a chain, a
+    retry) carries the ids bound where it was sent."""
+    if headers is None:
+        return
+    ids = logs.current()
+    try:
+        args, kwargs = body[0], body[1]  # protocol 2: (args, kwargs, embed)
+    except (TypeError, IndexError, KeyError):
+        args, kwargs = (), {}
+    ids.update(ids_from_args(str(sender or headers.get("task") or ""), args, kwargs))
+    for name in _PROPAGATED:
+        if ids.get(name):
+            headers[HEADER_PREFIX + name] = ids[name]
+
+
+def ids_of_request(task, args=None, kwargs=None) -> dict[str, str]:
+    """The ids a running task was sent with (message headers), else from its arguments."""
+    request = getattr(task, "request", None)
+    headers = getattr(request, "headers", None) or {}
+    ids: dict[str, str] = {}
+    for name in _PROPAGATED:
+        value = getattr(request, HEADER_PREFIX + name, None) or headers.get(HEADER_PREFIX + name)
+        if isinstance(value, str) and value:
+            ids[name] = value
+    for name, value in ids_from_args(getattr(task, "name", ""), args, kwargs).items():
+        ids.setdefault(name, value)
+    return ids
+
+
+_running: dict[str, tuple[list, float]] = {}
+
+
+def _outcome(retval) -> str:
+    if isinstance(retval, dict) and retval.get("ok") is False:
+        err = retval.get("error") or {}
+        return f"rejected ({err.get('code', '?')}: {str(err.get('message', ''))[:300]})"
+    return "ok"
+
+
+@signals.task_prerun.connect(weak=False)
+def _task_started(task_id=None, task=None, args=None, kwargs=None, **_kwargs) -> None:
+    tokens = logs.bind(task_id=task_id, **ids_of_request(task, args, kwargs))
+    if task_id:
+        _running[task_id] = (tokens, time.monotonic())
+    task_log.info("task %s started", getattr(task, "name", "?"), extra={"task": getattr(task, "name", "?")})
+
+
+@signals.task_failure.connect(weak=False)
+def _task_failed(task_id=None, exception=None, sender=None, **_kwargs) -> None:
+    name = getattr(sender, "name", "?")
+    task_log.error("task %s failed: %s: %s", name, type(exception).__name__, exception,
+                   extra={"task": name, "outcome": "error"})
+
+
+@signals.task_retry.connect(weak=False)
+def _task_retried(request=None, reason=None, sender=None, **_kwargs) -> None:
+    name = getattr(sender, "name", "?")
+    task_log.warning("task %s will be retried: %s", name, reason, extra={"task": name, "outcome": "retry"})
+
+
+@signals.task_postrun.connect(weak=False)
+def _task_finished(task_id=None, task=None, retval=None, state=None, **_kwargs) -> None:
+    tokens, began = _running.pop(task_id, ([], None))
+    name = getattr(task, "name", "?")
+    try:
+        if state == "SUCCESS":
+            seconds = time.monotonic() - began if began is not None else 0.0
+            outcome = _outcome(retval)
+            task_log.info("task %s finished in %.3f s: %s", name, seconds, outcome,
+                          extra={"task": name, "outcome": outcome.split(" ")[0],
+                                 "duration_s": round(seconds, 4)})
+    finally:
+        logs.unbind(tokens)
+
+
+# --------------------------------------------------------------------------- worker logging
+
+# The health names of the worker services (grpc.health.v1 on the gateway).
+WORKER_SERVICES = {"extract": "extractor", "index": "indexer", "verify": "verifier"}
+
+
+def worker_service_name(celery_app: Celery | None = None) -> str:
+    """extractor, indexer or verifier, from the tasks this process registered."""
+    registered = set((celery_app or app).tasks.keys())
+    found = sorted({WORKER_SERVICES[_ROUTES[t]] for t in registered if t in _ROUTES})
+    return "+".join(found) or "worker"
+
+
+def _cli_loglevel() -> bool:
+    """Whether the worker's command line names a log level (``-l``/``--loglevel``)."""
+    return any(a == "--loglevel" or a.startswith("--loglevel=") or (a.startswith("-l") and not a.startswith("--"))
+               for a in sys.argv[1:])
+
+
+@signals.setup_logging.connect(weak=False)
+def _setup_worker_logging(loglevel=None, **_kwargs) -> None:
+    """Celery workers log like every service (delf_common.logs, DELF_LOG_FORMAT): the
+    level is the command line's ``--loglevel`` when given, else DELF_LOG_LEVEL."""
+    explicit = bool(loglevel) and _cli_loglevel()
+    logs.setup(worker_service_name(), loglevel if explicit else None)
+    if not explicit:
+        # Celery's own per-task lines ("Task ... received", "... succeeded in") repeat the
+        # delf.task lines, which carry the ids: keep only its warnings and errors.
+        for name in ("celery.worker.strategy", "celery.app.trace"):
+            logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
+# --------------------------------------------------------------------------- heartbeats
+
+# Checks a worker's heartbeat reports, by name ("milvus": the indexer registers one);
+# each raises when its dependency cannot be reached.
+HEARTBEAT_CHECKS: dict[str, Callable[[], None]] = {}
+HEARTBEAT_TTL_INTERVALS = 3  # a heartbeat expires after this many intervals
+
+heartbeat_log = logging.getLogger("delf.heartbeat")
+
+
+def heartbeat_registry() -> str:
+    """The Redis set that names every heartbeat key of this deployment."""
+    return f"{config.get('DELF_QUEUE_PREFIX')}:heartbeats"
+
+
+def heartbeat_key(service: str, node: str) -> str:
+    return f"{config.get('DELF_QUEUE_PREFIX')}:heartbeat:{service}:{node}"
+
+
+class Heartbeat:
+    """Writes ``<prefix>:heartbeat:<service>:<node>`` every DELF_HEARTBEAT_S seconds, with a
+    TTL of 3 intervals: JSON ``{service, node, host, pid, ts, checks: {name: {ok, error}}}``.
+    The gateway reads them (grpc.health.v1): no live key, no worker of that service."""
+
+    def __init__(self, services: list[str], node: str, interval: float | None = None,
+                 checks: dict[str, Callable[[], None]] | None = None):
+        self.services = services
+        self.node = node
+        self.interval = float(interval or config.get("DELF_HEARTBEAT_S"))
+        self.ttl = max(1, int(round(self.interval * HEARTBEAT_TTL_INTERVALS + 0.499)))
+        self.checks = HEARTBEAT_CHECKS if checks is None else checks
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="delf-heartbeat", daemon=True)
+        self._executor = futures.ThreadPoolExecutor(max_workers=1, thread_name_prefix="delf-check")
+        self._pending: dict[str, futures.Future] = {}
+        self._last: dict[str, dict] = {}
+        self._redis = None
+
+    def start(self) -> "Heartbeat":
+        import redis
+
+        self._redis = redis.Redis.from_url(config.get("DELF_REDIS_URL"), socket_connect_timeout=2,
+                                           socket_timeout=2)
+        self._thread.start()
+        return self
+
+    def _run_checks(self) -> dict[str, dict]:
+        """Each check's latest result, waiting at most ~half an interval for a slow one."""
+        budget = time.monotonic() + min(self.interval / 2, 5.0)
+        for name, fn in self.checks.items():
+            if name not in self._pending:
+                self._pending[name] = self._executor.submit(fn)
+        for name, future in list(self._pending.items()):
+            try:
+                future.result(timeout=max(budget - time.monotonic(), 0.0))
+                self._last[name] = {"ok": True}
+            except futures.TimeoutError:
+                self._last.setdefault(name, {"ok": False, "error": "check did not finish yet"})
+                continue  # still running: keep the last result, wait for it next round
+            except Exception as exc:  # noqa: BLE001 - a failed check is what we report
+                self._last[name] = {"ok": False, "error": f"{type(exc).__name__}: {exc}"[:500]}
+            del self._pending[name]
+        return dict(self._last)
+
+    def beat(self) -> None:
+        checks = self._run_checks() if not self._stop.is_set() else dict(self._last)
+        for service in self.services:
+            key = heartbeat_key(service, self.node)
+            payload = json.dumps({"service": service, "node": self.node, "host": socket.gethostname(),
+                                  "pid": os.getpid(), "ts": time.time(), "checks": checks})
+            pipe = self._redis.pipeline(transaction=False)
+            pipe.set(key, payload, ex=self.ttl)
+            pipe.sadd(heartbeat_registry(), key)
+            pipe.execute()
+        for name, result in checks.items():
+            previous = getattr(self, "_reported", {}).get(name)
+            if previous is None or previous != result["ok"]:
+                if result["ok"]:
+                    heartbeat_log.info("heartbeat: %s reachable", name)
+                else:
+                    heartbeat_log.warning("heartbeat: %s unreachable: %s", name, result.get("error"))
+        self._reported = {name: r["ok"] for name, r in checks.items()}
+
+    def _run(self) -> None:
+        failing = False
+        while not self._stop.is_set():
+            try:
+                self.beat()
+                if failing:
+                    heartbeat_log.info("heartbeat: writing to Redis again")
+                failing = False
+            except Exception as exc:  # noqa: BLE001 - Redis away: keep trying
+                if not failing:
+                    heartbeat_log.warning("heartbeat: cannot write to Redis: %s", exc)
+                failing = True
+            self._stop.wait(self.interval)
+
+    def stop(self, timeout: float = 5.0) -> None:
+        """Stop beating and remove the keys (a warm shutdown is seen at once)."""
+        self._stop.set()
+        self._thread.join(timeout)
+        for future in self._pending.values():
+            future.cancel()
+        self._executor.shutdown(wait=True, cancel_futures=True)
+        if self._redis is not None:
+            try:
+                keys = [heartbeat_key(s, self.node) for s in self.services]
+                self._redis.delete(*keys)
+                self._redis.srem(heartbeat_registry(), *keys)
+            except Exception:  # noqa: BLE001 - Redis away: the keys expire anyway
+                pass
+            self._redis.close()
+
+
+def read_heartbeats(client) -> dict[str, list[dict]]:
+    """The live heartbeats of this deployment's workers, by service (extractor, indexer,
+    verifier); forgets the keys that expired. `client`: a redis.Redis (errors propagate)."""
+    registry = heartbeat_registry()
+    keys = sorted(client.smembers(registry))
+    if not keys:
+        return {}
+    values = client.mget(keys)
+    dead = [k for k, v in zip(keys, values) if v is None]
+    if dead:
+        client.srem(registry, *dead)
+    out: dict[str, list[dict]] = {}
+    for value in values:
+        if value is None:
+            continue
+        try:
+            beat = json.loads(value)
+            service = beat["service"]
+        except (ValueError, TypeError, KeyError):
+            continue
+        if isinstance(service, str):
+            out.setdefault(service, []).append(beat)
+    return out
+
+
+_heartbeat: Heartbeat | None = None
+
+
+def worker_services(consumer) -> list[str]:
+    """The services whose queues a worker consumes (extractor, indexer, verifier)."""
+    names = {queue_name(s): s for s in SERVICES}
+    try:
+        consumed = list(consumer.app.amqp.queues.consume_from or consumer.app.amqp.queues)
+    except AttributeError:
+        consumed = []
+    found = [WORKER_SERVICES[names[q]] for q in consumed if q in names]
+    if not found:
+        found = [n for n in worker_service_name(consumer.app).split("+") if n in WORKER_SERVICES.values()]
+    return sorted(set(found))
+
+
+@signals.worker_ready.connect(weak=False)
+def _start_heartbeat(sender=None, **_kwargs) -> None:
+    global _heartbeat
+    if _heartbeat is not None or sender is None:
+        return
+    services = worker_services(sender)
+    if not services:
+        return
+    node = getattr(sender, "hostname", None) or f"{socket.gethostname()}-{os.getpid()}"
+    _heartbeat = Heartbeat(services, str(node)).start()
+    heartbeat_log.info("heartbeat every %.1f s for %s as %s", _heartbeat.interval, ", ".join(services), node)
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_heartbeat(**_kwargs) -> None:
+    global _heartbeat
+    if _heartbeat is not None:
+        _heartbeat.stop()
+        _heartbeat = None

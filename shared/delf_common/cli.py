@@ -1,13 +1,17 @@
 """`delf`: the command line of the DELF image-retrieval service.
 
     delf up                                   start the whole system locally
-    delf ingest FOLDER                        index every photo below FOLDER as one job
+    delf ingest FOLDER|MANIFEST [--resume JOB_ID]  index every photo below FOLDER, or listed in a
+                                              .csv/.jsonl manifest, as one job (or continue a job)
+    delf resume JOB_ID                        re-send an interrupted job's unfinished photos
     delf job JOB_ID                           a job's state
     delf cancel JOB_ID                        stop a job
-    delf search PHOTO [--top-k N] [--box x0,y0,x1,y1]
+    delf search PHOTO|--id ID [--top-k N] [--box x0,y0,x1,y1] [--filter KEY=VALUE ...]
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
     delf fit-pca ...                          learn the PCA of the descriptors
     delf eval MANIFEST ...                    mAP etc. of the running system against two baselines
+    delf train-attention MANIFEST ...         train the attention head (backbone frozen)
+    delf finetune MANIFEST ...                fine-tune the backbone on landmark labels (GPU)
 
 The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051);
 a bearer token from --token or DELF_TOKEN; --tls-ca or DELF_TLS_CA (a PEM file of the
@@ -40,6 +44,13 @@ def _box(text: str) -> tuple[float, float, float, float]:
     return x0, y0, x1, y1
 
 
+def _pair(text: str) -> tuple[str, str]:
+    key, sep, value = text.partition("=")
+    if not sep or not key:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
+    return key, value
+
+
 def _print_job(job, out=sys.stdout) -> None:
     print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}", file=out)
     print(f"  total {job.total}  indexed {job.done}  failed {job.failed}", file=out)
@@ -54,18 +65,47 @@ def cmd_ingest(args) -> int:
 
     from delf_common.client import photos_in
 
+    from delf_common.manifest import ManifestError, is_manifest, read_manifest
+
     folder = Path(args.path)
-    if not folder.is_dir():
-        print(f"delf ingest: {folder} is not a folder", file=sys.stderr)
+    manifest = folder.is_file() and is_manifest(folder)
+    if not folder.is_dir() and not manifest:
+        print(f"delf ingest: {folder} is neither a folder nor a .csv/.jsonl manifest", file=sys.stderr)
         return 2
-    n = len(photos_in(folder))
-    if n == 0:
-        print(f"delf ingest: no photos (jpg, png, webp, bmp, tif, gif) below {folder}", file=sys.stderr)
+    if args.server_paths and not manifest:
+        print("delf ingest: --server-paths applies to manifests only", file=sys.stderr)
         return 2
+    if manifest:
+        try:  # every problem of the manifest, with line numbers, before anything is sent
+            n = len(read_manifest(folder, check_files=not args.server_paths))
+        except ManifestError as exc:
+            print(f"delf ingest: bad manifest:\n{exc}", file=sys.stderr)
+            return 2
+    else:
+        n = len(photos_in(folder))
+        if n == 0:
+            print(f"delf ingest: no photos (jpg, png, webp, bmp, tif, gif) below {folder}", file=sys.stderr)
+            return 2
     client = _client(args)
     with tqdm(total=n, desc="upload", unit="photo", disable=args.quiet) as bar:
-        job = client.ingest_folder(folder, on_sent=lambda i, total: bar.update(1))
-    print(f"job {job.job_id}")
+        sent = lambda i, total: bar.update(1)  # noqa: E731
+        named = lambda job_id: bar.write(f"job {job_id} (if interrupted: delf ingest {folder} "  # noqa: E731
+                                         f"--resume {job_id})", file=sys.stderr)
+        if manifest:
+            job = client.ingest_manifest(folder, server_paths=args.server_paths, on_sent=sent,
+                                         resume_job=args.resume, on_job=named)
+        else:
+            job = client.ingest_folder(folder, on_sent=sent, resume_job=args.resume, on_job=named)
+    print(f"job {job.job_id}" + (f" (resumed: {job.resent} re-sent by the server)" if args.resume else ""))
+    if args.resume and job.awaiting_upload:
+        print(f"  {job.awaiting_upload} unfinished photos of this job were sent as bytes and are not in "
+              f"{folder}: send them with `delf ingest PATH --resume {job.job_id}`", file=sys.stderr)
+    return _watch(client, job, args)
+
+
+def _watch(client, job, args) -> int:
+    from tqdm import tqdm
+
     if not args.wait:
         return 0
     with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
@@ -73,6 +113,16 @@ def cmd_ingest(args) -> int:
             bar.update(job.done + job.failed - bar.n)
     _print_job(job)
     return 0 if job.failed == 0 else 1
+
+
+def cmd_resume(args) -> int:
+    client = _client(args)
+    job = client.resume_job(args.job_id)
+    print(f"job {job.job_id}: resumed, {job.resent} photos sent to the workers again")
+    if job.awaiting_upload:
+        print(f"  {job.awaiting_upload} unfinished photos were sent as bytes, which the server does not "
+              f"keep: send them again with `delf ingest PATH --resume {job.job_id}`", file=sys.stderr)
+    return _watch(client, job, args)
 
 
 def cmd_job(args) -> int:
@@ -86,7 +136,11 @@ def cmd_cancel(args) -> int:
 
 
 def cmd_search(args) -> int:
-    response = _client(args).search(Path(args.photo), top_k=args.top_k, box=args.box)
+    if (args.photo is None) == (args.id is None):
+        print("delf search: give a PHOTO or --id ID (one of them)", file=sys.stderr)
+        return 2
+    response = _client(args).search(None if args.photo is None else Path(args.photo), image_id=args.id,
+                                    top_k=args.top_k, box=args.box, filter=dict(args.filter))
     print(f"{len(response.matches)} matches ({response.query_features} query features, "
           f"{response.elapsed_s:.2f} s)")
     print(f"{'rank':>4}  {'image id':<32} {'inliers':>7} {'score':>8}  {'verified':<8} region corners (TL TR BR BL)")
@@ -138,14 +192,32 @@ def parser() -> argparse.ArgumentParser:
 
     sub.add_parser("up", help="start the whole system on this machine (see `delf up --help`)", add_help=False)
     sub.add_parser("fit-pca", help="learn the descriptor PCA (see `delf fit-pca --help`)", add_help=False)
+    sub.add_parser("train-attention", help="train the keypoint attention head on a manifest's group labels "
+                                           "(see `delf train-attention --help`)", add_help=False)
+    sub.add_parser("finetune", help="fine-tune the backbone with cross-entropy on a manifest's group labels "
+                                    "(see `delf finetune --help`)", add_help=False)
     sub.add_parser("eval", help="retrieval quality against two baselines on a manifest "
                                 "(ingests into the running index; see `delf eval --help`)", add_help=False)
 
-    s = sub.add_parser("ingest", help="index every photo below a folder as one asynchronous job")
-    s.add_argument("path")
+    s = sub.add_parser("ingest", help="index every photo below a folder, or listed in a .csv/.jsonl "
+                                      "manifest, as one asynchronous job")
+    s.add_argument("path", help="a folder, or a manifest: .csv (columns id, location, metadata ...) or "
+                                ".jsonl ({\"id\", \"location\", \"metadata\"} per line)")
+    s.add_argument("--server-paths", action="store_true",
+                   help="manifest file paths are read by the server (under its DELF_INGEST_ROOTS), "
+                        "sent as written; default: this client reads them and sends the bytes")
+    s.add_argument("--resume", metavar="JOB_ID", default=None,
+                   help="continue this interrupted job: photos it finished are skipped, the rest sent")
     s.add_argument("--no-wait", dest="wait", action="store_false", help="return once the photos are sent")
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_ingest)
+
+    s = sub.add_parser("resume", help="re-send an interrupted job's unfinished photos (finished ones "
+                                      "are not redone)")
+    s.add_argument("job_id")
+    s.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
+    s.add_argument("--quiet", action="store_true", help="no progress bar")
+    s.set_defaults(func=cmd_resume)
 
     s = sub.add_parser("job", help="a job's state and errors")
     s.add_argument("job_id")
@@ -156,9 +228,12 @@ def parser() -> argparse.ArgumentParser:
     s.set_defaults(func=cmd_cancel)
 
     s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
-    s.add_argument("photo")
+    s.add_argument("photo", nargs="?", default=None)
+    s.add_argument("--id", default=None, metavar="ID", help="search with an indexed photo instead of PHOTO")
     s.add_argument("--top-k", type=int, default=10)
     s.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1: search only this region of PHOTO")
+    s.add_argument("--filter", type=_pair, action="append", default=[], metavar="KEY=VALUE",
+                   help="only photos whose metadata has KEY=VALUE (repeat: all must hold)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("add", help="index one photo under an id (replaces an existing one)")
@@ -191,6 +266,11 @@ def main(argv: list[str] | None = None) -> int:
         from delf_extractor import pca
 
         return pca.main(argv[1:]) or 0
+    if argv and argv[0] in ("train-attention", "finetune"):
+        from delf_extractor import train
+
+        run = train.main_attention if argv[0] == "train-attention" else train.main_finetune
+        return run(argv[1:]) or 0
     if argv and argv[0] == "eval":
         from delf_common import eval_command as evaluate
 

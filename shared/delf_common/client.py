@@ -121,8 +121,11 @@ class DelfClient:
 
     def search(self, image: ImageLike | None = None, *, image_id: str | None = None, top_k: int = 10,
                box: tuple[float, float, float, float] | None = None,
+               filter: Mapping[str, str] | None = None,
                timeout: float | None = None) -> delf_pb2.SearchResponse:
-        request = delf_pb2.SearchRequest(top_k=top_k)
+        """Photos showing what the query shows. ``filter``: only photos whose metadata
+        has every key/value pair (exact strings)."""
+        request = delf_pb2.SearchRequest(top_k=top_k, filter=dict(filter or {}))
         if image is not None:
             request.image = _image_bytes(image)
         elif image_id is not None:
@@ -150,12 +153,29 @@ class DelfClient:
 
     # -- bulk ingestion -------------------------------------------------------
 
-    def start_ingest_job(self, items: Iterable[delf_pb2.IngestItem]) -> delf_pb2.Job:
-        """Streams the items to the gateway; returns once the stream is sent."""
-        return self.stub.StartIngestJob(iter(items), timeout=None)
+    def start_ingest_job(self, items: Iterable[delf_pb2.IngestItem], resume_job: str | None = None,
+                         on_job=None) -> delf_pb2.Job:
+        """Streams the items to the gateway; returns once the stream is sent.
+
+        `resume_job`: the items continue that interrupted job (call metadata
+        `delf-resume-job`): the ones it already finished are skipped by the server, the
+        rest are processed, and its unfinished location items are re-sent.
+        `on_job(job_id)` is called as soon as the server names the job, before the
+        stream is sent (so an interrupted stream can still be resumed)."""
+        metadata = [("delf-resume-job", resume_job)] if resume_job else None
+        call = self.stub.StartIngestJob.future(iter(items), timeout=None, metadata=metadata)
+        try:
+            if on_job is not None:  # the server names the job before it reads the stream
+                job_id = dict(call.initial_metadata() or ()).get("delf-job-id")
+                if job_id:
+                    on_job(job_id)
+            return call.result()
+        except BaseException:  # Ctrl-C: end the stream (the job stays resumable)
+            call.cancel()
+            raise
 
     def ingest_folder(self, folder: str | os.PathLike, metadata: Mapping[str, str] | None = None,
-                      on_sent=None) -> delf_pb2.Job:
+                      on_sent=None, resume_job: str | None = None, on_job=None) -> delf_pb2.Job:
         """One job with every photo below `folder` (ids as in `photos_in`)."""
         photos = photos_in(folder)
 
@@ -166,7 +186,36 @@ class DelfClient:
                 if on_sent:
                     on_sent(n, len(photos))
 
-        return self.start_ingest_job(items())
+        return self.start_ingest_job(items(), resume_job=resume_job, on_job=on_job)
+
+    def ingest_manifest(self, manifest: str | os.PathLike, server_paths: bool = False, on_sent=None,
+                        resume_job: str | None = None, on_job=None) -> delf_pb2.Job:
+        """One job with the photos a CSV or JSONL manifest lists (see delf_common.manifest).
+
+        Local files are read here and sent as bytes (paths relative to the manifest's
+        folder); http(s) URLs are sent as locations, fetched by the server's workers.
+        `server_paths`: send file paths as locations too, as written, for the server to
+        read under its DELF_INGEST_ROOTS. Raises ManifestError before sending anything."""
+        from delf_common.manifest import read_manifest
+
+        entries = read_manifest(manifest, check_files=not server_paths)
+
+        def items() -> Iterator[delf_pb2.IngestItem]:
+            for n, e in enumerate(entries, 1):
+                if e.url or server_paths:
+                    yield delf_pb2.IngestItem(image_id=e.image_id, metadata=e.metadata, location=e.location)
+                else:
+                    yield delf_pb2.IngestItem(image_id=e.image_id, metadata=e.metadata, image=e.path.read_bytes())
+                if on_sent:
+                    on_sent(n, len(entries))
+
+        return self.start_ingest_job(items(), resume_job=resume_job, on_job=on_job)
+
+    def resume_job(self, job_id: str) -> delf_pb2.Job:
+        """Re-sends a stalled or interrupted job's unfinished location items; `awaiting_upload`
+        counts its unfinished bytes items, which only the client can send again
+        (`ingest_folder`/`ingest_manifest` with `resume_job`)."""
+        return self.stub.ResumeJob(delf_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout)
 
     def get_job(self, job_id: str) -> delf_pb2.Job:
         return self.stub.GetJob(delf_pb2.GetJobRequest(job_id=job_id), timeout=self.timeout)

@@ -40,6 +40,45 @@ def _csv(text: str) -> tuple[str, ...]:
     return tuple(v.strip() for v in text.split(",") if v.strip())
 
 
+def _log_format(text: str) -> str:
+    value = text.strip().lower()
+    if value not in ("text", "json"):
+        raise ValueError("expected text or json")
+    return value
+
+
+def _positive_float(text: str) -> float:
+    value = float(text)
+    if not value > 0 or value == float("inf"):
+        raise ValueError("expected a positive number of seconds")
+    return value
+
+
+def _non_negative_int(text: str) -> int:
+    value = int(text)
+    if value < 0:
+        raise ValueError("expected 0 or a positive integer")
+    return value
+
+
+def _non_negative_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value < float("inf"):
+        raise ValueError("expected 0 or a positive number")
+    return value
+
+
+HEALTH_DEPENDENCIES = ("redis", "extractor", "indexer", "verifier", "milvus")
+
+
+def _health_deps(text: str) -> tuple[str, ...]:
+    names = tuple(v.lower() for v in _csv(text))
+    unknown = [n for n in names if n not in HEALTH_DEPENDENCIES]
+    if unknown:
+        raise ValueError(f"unknown dependency {unknown[0]!r}; choose from {', '.join(HEALTH_DEPENDENCIES)}")
+    return names
+
+
 SETTINGS: dict[str, Setting] = {
     s.env: s
     for s in [
@@ -76,7 +115,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_COLLECTION", "delf", str,
                 "Name prefix of the Milvus collections (`<name>_features`, `<name>_images`).", "indexer"),
         Setting("DELF_MODEL", "effnet-lite0", str,
-                "Extractor model configuration (`effnet-lite0`, `delf-resnet50`).", "extractor, gateway (stats)"),
+                "Extractor model configuration (`effnet-lite0`, `effnet-lite0-attn`, `delf-resnet50`).", "extractor, gateway (stats)"),
         Setting("DELF_DEVICE", "auto", str,
                 "Torch device for the extractor: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`.",
                 "extractor"),
@@ -94,6 +133,19 @@ SETTINGS: dict[str, Setting] = {
                 "Largest gRPC request message the gateway accepts.", "gateway"),
         Setting("DELF_SHORTLIST", 50, int,
                 "Images kept after nearest-neighbour voting and passed to RANSAC.", "gateway, indexer"),
+        Setting("DELF_FILTER_MAX_IMAGES", 10000, int,
+                "Most photos a search's metadata filter may match and still restrict the "
+                "nearest-neighbour search itself (an `image_id in [...]` expression in Milvus); "
+                "a broader filter is applied to the voted images instead.", "indexer"),
+        Setting("DELF_LITE_DIRECT_SEARCH", True, _bool,
+                "Milvus Lite only: search the descriptors through Lite's per-segment faiss indexes "
+                "in the indexer's process instead of Lite's search API (same rows, tombstones and "
+                "filters; several times faster on large indexes). 0: always the search API.",
+                "indexer"),
+        Setting("DELF_QUERY_FEATURES", 500, int,
+                "Most query descriptors (the best-scored) that search the index and can vote; "
+                "0: all (up to the extractor's 1000). 500 halves the kNN work at the same "
+                "landmarks-dev mAP (BENCHMARKS.md).", "indexer"),
         Setting("DELF_NEIGHBOURS", 10, int,
                 "Nearest neighbours per query descriptor that may vote "
                 "(one more is fetched for the ratio test).", "indexer"),
@@ -112,13 +164,46 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_INGEST_ROOTS", (), _paths,
                 "Folders (separated by `:`) under which ingest items may name a `location`; "
                 "empty: locations are refused.", "extractor"),
-        Setting("DELF_WORKER_BATCH", 8, int,
-                "Most photos an extractor worker takes from its queue at once.", "extractor"),
+        Setting("DELF_URL_INGEST", False, _bool,
+                "Accept http(s) URLs as ingest `location`s, fetched by the extractor workers "
+                "(1/0). Off: URL items are refused.", "gateway, extractor"),
+        Setting("DELF_URL_ALLOWED_HOSTS", (), _csv,
+                "Hosts URL items may name, separated by commas; an entry allows that host and its "
+                "subdomains (`example.com` allows `img.example.com`). Empty: any public host "
+                "(when `DELF_URL_INGEST` is on).", "gateway, extractor"),
+        Setting("DELF_URL_ALLOW_PRIVATE", False, _bool,
+                "Let URL items reach loopback and private addresses (127/8, 10/8, 172.16/12, "
+                "192.168/16, 100.64/10, ::1, fc00::/7). Link-local (169.254/16, fe80::/10: cloud "
+                "metadata), multicast, unspecified and reserved addresses stay refused.",
+                "gateway, extractor"),
+        Setting("DELF_JOB_RESUME_AFTER_S", 0.0, float,
+                "Ingest jobs with no progress for this many seconds (RUNNING, or RECEIVING with no "
+                "item arriving) are resumed by the gateway itself, as by `ResumeJob`: their "
+                "unfinished path and URL items are sent again (closes lost-message gaps, e.g. a "
+                "worker killed between taking a task and recording it). Keep it above "
+                "`DELF_VISIBILITY_TIMEOUT_S` plus the longest task. 0: off (resume by hand).",
+                "gateway"),
+        Setting("DELF_URL_TIMEOUT_S", 30.0, float,
+                "Longest one URL fetch may take (connect and read, redirects included); slower "
+                "servers are retried with backoff, then the item fails.", "extractor"),
+        Setting("DELF_WORKER_BATCH", 0, _non_negative_int,
+                "Most ingest photos an extractor worker runs through the network together (it "
+                "works on twice as many at once: one batch in the network, the next being read "
+                "and decoded). 0: automatic, 16 on CUDA, 1 on CPU (batching does not pay on CPU, "
+                "see BENCHMARKS.md).", "extractor"),
+        Setting("DELF_WORKER_BATCH_WAIT_MS", 100.0, _non_negative_float,
+                "Longest an ingest photo waits for others to fill its batch, in milliseconds; a "
+                "batch starts at once when no other photo is being read by the worker.",
+                "extractor"),
         Setting("DELF_VISIBILITY_TIMEOUT_S", 3600.0, float,
                 "Seconds before a task taken by a worker that died without acknowledging it "
                 "(killed, out of memory, host lost) is handed to another worker; keep it above the "
                 "longest task, retries included. A warm shutdown (SIGTERM) hands tasks back at once.",
                 "extractor, indexer, verifier"),
+        Setting("DELF_MAX_SEARCHES", 16, int,
+                "Most searches one gateway process works on at once; beyond it a search is answered "
+                "RESOURCE_EXHAUSTED at once, instead of queueing behind work it could not finish within "
+                "its deadline. 0: no limit.", "gateway"),
         Setting("DELF_MAX_QUEUE", 1000, int,
                 "Most tasks waiting in one service's queue: beyond it the gateway answers searches and "
                 "`AddImage` with RESOURCE_EXHAUSTED, refuses new ingest jobs and slows running ones "
@@ -127,6 +212,21 @@ SETTINGS: dict[str, Setting] = {
                 "Port of the Prometheus `/metrics` HTTP endpoint of each service (gateway and workers). "
                 "0: off (the local default).", "gateway, extractor, indexer, verifier"),
         Setting("DELF_LOG_LEVEL", "INFO", str, "Log level of every service.", "all"),
+        Setting("DELF_LOG_FORMAT", "text", _log_format,
+                "Log format of every service: `text` (for people) or `json` (one JSON object per line "
+                "with `ts`, `level`, `service`, `logger`, `message` and, when known, `request_id`, "
+                "`job_id`, `image_id`, `task_id`).", "all"),
+        Setting("DELF_HEARTBEAT_S", 5.0, _positive_float,
+                "How often each worker writes its heartbeat (liveness and, for the indexer, Milvus "
+                "reachability) to Redis; a heartbeat expires after 3 intervals.",
+                "extractor, indexer, verifier"),
+        Setting("DELF_HEALTH_INTERVAL_S", 2.0, _positive_float,
+                "How often the gateway re-checks its dependencies (Redis, worker heartbeats, Milvus) "
+                "for its grpc.health.v1 service.", "gateway"),
+        Setting("DELF_HEALTH_REQUIRE", ("redis", "extractor", "indexer", "verifier", "milvus"), _health_deps,
+                "Dependencies, separated by commas, that must be up for the gateway's overall health "
+                "(`\"\"` and `delf.v1.ImageSearch`) to be SERVING; each is also reported under its own "
+                "name. Choose from redis, extractor, indexer, verifier, milvus.", "gateway"),
     ]
 }
 
@@ -171,7 +271,8 @@ def milvus_uri() -> str:
 def markdown_table() -> str:
     lines = ["| variable | default | used by | meaning |", "|---|---|---|---|"]
     for s in SETTINGS.values():
-        default = os.pathsep.join(s.default) if isinstance(s.default, tuple) else s.default
+        sep = "," if s.parse in (_csv, _health_deps) else os.pathsep
+        default = sep.join(s.default) if isinstance(s.default, tuple) else s.default
         lines.append(f"| `{s.env}` | `{default}` | {s.services} | {s.help} |")
     return "\n".join(lines)
 

@@ -23,6 +23,11 @@ INVALID_ARGUMENT = "INVALID_ARGUMENT"
 RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
 NOT_FOUND = "NOT_FOUND"
 
+# The only readers PIL may use (camera JPEGs may come back as "MPO", through the JPEG
+# reader). PIL knows some 40 formats; the obscure ones are rarely exercised decoders (and
+# EPS hands the file to Ghostscript), so photos in them are refused as unsupported.
+ACCEPTED_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "TIFF", "GIF")
+
 
 class ImageRejected(ValueError):
     """A photo that cannot be processed; `code` is the gRPC status name to answer with."""
@@ -51,7 +56,7 @@ def probe_image(data: bytes) -> tuple[int, int, str]:
     """(width, height, format) from the header alone, after the byte and pixel limits."""
     check_size(data)
     try:
-        with Image.open(io.BytesIO(data)) as im:
+        with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
             width, height, fmt = im.size[0], im.size[1], im.format or "?"
     except UnidentifiedImageError:
         raise ImageRejected(
@@ -86,7 +91,7 @@ def decode_image(data: bytes) -> np.ndarray:
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(io.BytesIO(data)) as im:
+            with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
                 im.load()  # raises on truncated data
                 im = ImageOps.exif_transpose(im)
                 rgb = im.convert("RGB")

@@ -3,10 +3,18 @@
 A job is a hash (state, total, timestamps) plus a set of finished item ids and
 a hash of failed item ids -> reason. Marking an item is idempotent (a set add),
 so a task delivered twice never counts twice; `done + failed == total` ends the job.
+
+Every item the gateway receives is also recorded (``:items``, item id -> JSON of its
+metadata and location; bytes items are recorded without their photo), so that a job
+whose messages were lost (a worker killed between Redis' BRPOP and kombu's unacked
+record, a gateway restarted mid-stream, a client that went away) can be resumed:
+items neither done nor failed are sent again (``unfinished``). `total` is the number
+of recorded items.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import time
 import uuid
 
@@ -19,6 +27,7 @@ RUNNING = "RUNNING"
 COMPLETED = "COMPLETED"
 CANCELLED = "CANCELLED"
 TERMINAL = {COMPLETED, CANCELLED}
+CANCELLED_REASON = "job cancelled"  # what workers record for items skipped by a cancelled job
 
 # How long a finished job's record is kept.
 JOB_TTL_S = 7 * 24 * 3600
@@ -66,6 +75,9 @@ class JobStore:
         base = self.prefix + job_id
         return base, base + ":done", base + ":failed"
 
+    def _items_key(self, job_id: str) -> str:
+        return self.prefix + job_id + ":items"
+
     def create(self) -> str:
         job_id = uuid.uuid4().hex
         now = time.time()
@@ -108,9 +120,103 @@ class JobStore:
         pipe.execute()
         self._maybe_complete(job_id)
 
-    def cancel(self, job_id: str) -> None:
+    def cancel(self, job_id: str, interrupted: bool = False) -> None:
+        """CANCELLED. `interrupted`: the client's stream broke (not a person's CancelJob), so
+        the job may be resumed; an explicit cancel is final (and clears that mark)."""
         key, _, _ = self._keys(job_id)
-        self.redis.hset(key, mapping={"state": CANCELLED, "updated_at": time.time()})
+        if interrupted and self.is_cancelled(job_id):
+            return  # cancelled by a person first: stays final
+        mapping = {"state": CANCELLED, "updated_at": time.time()}
+        if interrupted:
+            mapping["interrupted"] = 1
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping=mapping)
+        if not interrupted:
+            pipe.hdel(key, "interrupted")
+        pipe.execute()
+
+    def is_interrupted(self, job_id: str) -> bool:
+        return self.redis.hget(self._keys(job_id)[0], "interrupted") == b"1"
+
+    # -- items (for resume) ----------------------------------------------------
+
+    def record_item(self, job_id: str, item_id: str, metadata: dict | None = None,
+                    location: str | None = None, refused: bool = False) -> None:
+        """Remembers one received item: its metadata and location (None for bytes items).
+        Also the time of the stream's last item (a stream still alive cannot be resumed)."""
+        record = {"m": metadata or {}, "l": location}
+        if refused:
+            record["r"] = 1
+        items = self._items_key(job_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(items, item_id, json.dumps(record, separators=(",", ":")))
+        pipe.expire(items, JOB_TTL_S)
+        pipe.hset(self._keys(job_id)[0], "received_at", time.time())
+        pipe.execute()
+
+    def recorded(self, job_id: str) -> int:
+        return int(self.redis.hlen(self._items_key(job_id)))
+
+    def is_finished(self, job_id: str, item_id: str) -> bool:
+        _, done, failed = self._keys(job_id)
+        pipe = self.redis.pipeline()
+        pipe.sismember(done, item_id)
+        pipe.hexists(failed, item_id)
+        return any(pipe.execute())
+
+    def unfinished(self, job_id: str) -> dict[str, dict]:
+        """Recorded items neither done nor failed: id -> {"metadata", "location" (None: bytes)}."""
+        _, done, failed = self._keys(job_id)
+        finished = {m.decode() for m in self.redis.smembers(done)}
+        finished.update(k.decode() for k in self.redis.hkeys(failed))
+        out: dict[str, dict] = {}
+        for raw_id, raw in self.redis.hscan_iter(self._items_key(job_id), count=1000):
+            item_id = raw_id.decode()
+            if item_id in finished:
+                continue
+            record = json.loads(raw)
+            if record.get("r"):
+                continue  # refused at the gateway: failed, never dispatched
+            out[item_id] = {"metadata": record.get("m") or {}, "location": record.get("l")}
+        return out
+
+    def stream_idle_s(self, job_id: str) -> float:
+        """Seconds since the last item of a stream arrived (or since the job was created)."""
+        fields = self.redis.hmget(self._keys(job_id)[0], "received_at", "created_at")
+        last = max(float(v) for v in fields if v is not None) if any(fields) else 0.0
+        return time.time() - last
+
+    def reopen(self, job_id: str, receiving: bool) -> int:
+        """Before a resume: RECEIVING (a stream will add items) or RUNNING; items of an
+        interrupted job that its cancellation skipped ("job cancelled") become unfinished
+        again. Returns how many such items were reopened."""
+        key, _, failed = self._keys(job_id)
+        reopened = 0
+        if self.is_interrupted(job_id) or not self.is_cancelled(job_id):
+            stale = [k for k, v in self.redis.hscan_iter(failed, count=1000) if v.decode() == CANCELLED_REASON]
+            if stale:
+                reopened = int(self.redis.hdel(failed, *stale))
+        pipe = self.redis.pipeline()
+        pipe.hset(key, mapping={"state": RECEIVING if receiving else RUNNING, "updated_at": time.time(),
+                                "total": self.recorded(job_id)})
+        pipe.hdel(key, "interrupted")
+        pipe.execute()
+        return reopened
+
+    def job_ids(self):
+        """Every job id in the store (a SCAN: for the gateway's periodic sweep)."""
+        for key in self.redis.scan_iter(match=self.prefix + "*", count=1000):
+            rest = key.decode()[len(self.prefix):]
+            if ":" not in rest:
+                yield rest
+
+    def claim_sweep(self, job_id: str, seconds: float) -> bool:
+        """True for one caller (one gateway) per job and `seconds`."""
+        return bool(self.redis.set(self.prefix + job_id + ":sweep", 1, nx=True, ex=max(1, int(seconds))))
+
+    def finish_receiving(self, job_id: str) -> None:
+        """The stream ended: the job's size is the number of recorded items."""
+        self.set_total(job_id, self.recorded(job_id))
 
     def is_cancelled(self, job_id: str) -> bool:
         return self.redis.hget(self._keys(job_id)[0], "state") == CANCELLED.encode()

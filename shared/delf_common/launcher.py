@@ -46,16 +46,27 @@ STOP_GRACE_S = 15.0        # a child's time to exit after SIGTERM (Celery warm s
 BROKER_WAIT_S = 30.0       # time for the broker to answer a ping
 TAIL_LINES = 40            # log lines kept per child, shown when it dies
 PROGRESS_EVERY_S = 20.0    # how often to say what startup is still waiting for
+# The extractor: one process (torch CUDA is not fork-safe) whose threads (2 x
+# DELF_WORKER_BATCH, set by delf_extractor.tasks) feed batched forward passes.
+EXTRACTOR_POOL_ARGS = ("--pool", "threads", "--prefetch-multiplier", "1")
 
 
 class LaunchError(Exception):
     """Startup cannot go on; the message says why."""
 
 
-def _say(message: str) -> None:
+_JSON_LOGS = False  # DELF_LOG_FORMAT=json: every line the launcher writes is a JSON object
+
+
+def _say(message: str, level: str = "INFO") -> None:
     """A message of the launcher itself (children's output goes to stdout)."""
     with contextlib.suppress(OSError, ValueError):
-        print(f"delf up: {message}", file=sys.stderr, flush=True)
+        if _JSON_LOGS:
+            from delf_common import logs
+
+            print(logs.json_line("up", message, level), file=sys.stderr, flush=True)
+        else:
+            print(f"delf up: {message}", file=sys.stderr, flush=True)
 
 
 # --------------------------------------------------------------------------- children
@@ -222,10 +233,14 @@ class Events:
 
 class LogSink:
     """Where children's output goes: the terminal, prefixed with the child's name,
-    or one file per child."""
+    or one file per child. With `json_lines` (DELF_LOG_FORMAT=json) every line is a JSON
+    object: the services' own log lines pass unchanged (they name their service), other
+    output (Celery's banner, Redis, a traceback on stderr) is wrapped in one, and the
+    terminal gets no name prefix."""
 
-    def __init__(self, log_dir: Path | None, names: Iterable[str]) -> None:
+    def __init__(self, log_dir: Path | None, names: Iterable[str], json_lines: bool = False) -> None:
         self.log_dir = log_dir
+        self.json_lines = json_lines
         self._lock = threading.Lock()
         self._width = max((len(n) for n in names), default=8)
         self._files: dict[str, IO[str]] = {}
@@ -246,9 +261,16 @@ class LogSink:
             self._files[name] = f
 
     def write(self, name: str, line: str) -> None:
+        if self.json_lines:
+            line = self._as_json(name, line)
+            if line is None:
+                return
         with self._lock:
             try:
-                if name in self._files:
+                if self.json_lines and name not in self._files:
+                    sys.stdout.write(line + "\n")
+                    sys.stdout.flush()
+                elif name in self._files:
                     self._files[name].write(line + "\n")
                 else:
                     label = name.ljust(self._width)
@@ -258,6 +280,21 @@ class LogSink:
                     sys.stdout.flush()
             except (OSError, ValueError):
                 pass  # a closed terminal must not stop us from draining the pipe
+
+    @staticmethod
+    def _as_json(name: str, line: str) -> str | None:
+        stripped = line.strip()
+        if not stripped:
+            return None
+        if stripped.startswith("{") and stripped.endswith("}"):
+            try:
+                if isinstance(json.loads(stripped), dict):
+                    return stripped
+            except ValueError:
+                pass
+        from delf_common import logs
+
+        return logs.json_line(name, line.rstrip(), "INFO", stream="output")
 
     def close(self) -> None:
         with self._lock:
@@ -400,7 +437,8 @@ class Launcher:
             log_dir.mkdir(parents=True, exist_ok=True)
             _say(f"logs go to {log_dir}/<service>.log")
         self.opts.log_dir = log_dir
-        self.sink = LogSink(log_dir, ["redis"] + [s.name for s in self._service_specs()])
+        self.sink = LogSink(log_dir, ["redis"] + [s.name for s in self._service_specs()],
+                            json_lines=_JSON_LOGS)
 
         # What every child inherits on top of our environment.
         os.environ["DELF_DATA_DIR"] = str(self.data_dir)
@@ -481,7 +519,7 @@ class Launcher:
             node = f"extract-{i}"
             specs.append(ChildSpec(node, [
                 py, "-m", "celery", "-A", "delf_extractor.tasks", "worker",
-                "-Q", queue_name("extract"), "--pool", "solo", "--prefetch-multiplier", "1",
+                "-Q", queue_name("extract"), *EXTRACTOR_POOL_ARGS,
                 *common, "-n", f"{node}@%h"], node=f"{node}@{host}"))
         specs.append(ChildSpec("index", [
             py, "-m", "celery", "-A", "delf_indexer.tasks", "worker",
@@ -496,11 +534,11 @@ class Launcher:
         specs.append(ChildSpec("gateway", [py, "-m", "delf_gateway"]))
         return specs
 
-    def _spawn(self, spec: ChildSpec) -> Child:
+    def _spawn(self, spec: ChildSpec, env: dict[str, str] | None = None) -> Child:
         assert self.sink is not None
         self.sink.open(spec.name)
         try:
-            child = Child(spec, dict(os.environ), self.sink, self.events)
+            child = Child(spec, {**os.environ, **(env or {})}, self.sink, self.events)
         except OSError as exc:
             raise LaunchError(f"cannot start {spec.name} ({spec.argv[0]}): {exc}") from None
         return child
@@ -508,9 +546,15 @@ class Launcher:
     def _start_services(self) -> None:
         specs = self._service_specs()
         _say("starting " + ", ".join(s.name for s in specs))
+        # One machine, several services: each gets its own /metrics port, counting up
+        # from DELF_METRICS_PORT in the order started (they would collide on one port).
+        base = config.get("DELF_METRICS_PORT")
+        if base:
+            _say("metrics: " + ", ".join(f"{s.name} :{base + i}" for i, s in enumerate(specs)))
         self._started_at = time.monotonic()
-        for spec in specs:
-            self.children.append(self._spawn(spec))
+        for i, spec in enumerate(specs):
+            env = {"DELF_METRICS_PORT": str(base + i)} if base else None
+            self.children.append(self._spawn(spec, env))
 
     # supervision -----------------------------------------------------------
 
@@ -621,7 +665,12 @@ class Launcher:
         gateway = _dial_addr(self.grpc_addr)
         if gateway != config.get("DELF_GATEWAY"):
             _say(f"clients: export DELF_GATEWAY={gateway}")
-        print(f"DELF is up: gateway {gateway} (Ctrl-C to stop)", flush=True)
+        if _JSON_LOGS:
+            from delf_common import logs
+
+            print(logs.json_line("up", f"DELF is up: gateway {gateway}", "INFO", gateway=gateway), flush=True)
+        else:
+            print(f"DELF is up: gateway {gateway} (Ctrl-C to stop)", flush=True)
 
     def _child_died(self, child: Child) -> LaunchError:
         lines = [f"{child.name} stopped unexpectedly ({child.describe_exit()})"]
@@ -751,6 +800,15 @@ def main(argv: list[str] | None = None, prog: str = "delf up") -> int:
     opts = parser.parse_args(argv)
     if not 0 <= opts.redis_port <= 65535:
         parser.error("--redis-port must be between 0 and 65535")
+    global _JSON_LOGS
+    try:
+        _JSON_LOGS = config.get("DELF_LOG_FORMAT") == "json"
+        from delf_common import logs
+
+        logs.parse_level(config.get("DELF_LOG_LEVEL"))  # every child would fail on it
+    except config.ConfigError as exc:
+        _say(f"error: {exc}")
+        return 2
     return Launcher(opts).run()
 
 

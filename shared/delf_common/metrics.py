@@ -4,15 +4,60 @@ The gateway counts its calls by method and gRPC status code and samples the queu
 depths; the workers count their tasks by name and outcome (``ok``, ``rejected``: the
 task answered an error such as bad input, ``error``: it raised) and time them; the
 indexer counts the descriptors it adds.
+
+A Celery worker counts in prometheus_client's multiprocess mode: each process (the
+worker's main process and every child of a prefork pool) writes its samples to files in
+``PROMETHEUS_MULTIPROC_DIR`` (a fresh temporary folder unless that variable is set), and
+the main process serves the sum of all of them, so ``/metrics`` shows every child's tasks.
 """
 from __future__ import annotations
 
 import logging
+import os
+import shutil
+import sys
+import tempfile
 import time
 
-from prometheus_client import Counter, Gauge, Histogram, start_http_server
 
-from delf_common import config
+def _is_celery_worker(argv: list[str]) -> bool:
+    """Whether this process is ``celery ... worker`` (or ``python -m celery ... worker``)."""
+    if not argv:
+        return False
+    program = argv[0].replace("\\", "/")
+    is_celery = os.path.basename(program) in ("celery", "celery.exe") or program.endswith("celery/__main__.py")
+    return is_celery and "worker" in argv[1:]
+
+
+def _multiprocess_setup() -> tuple[str | None, bool]:
+    """(PROMETHEUS_MULTIPROC_DIR, created by us) for a Celery worker that serves metrics.
+
+    Must run before prometheus_client is imported: the value class is chosen then, and
+    prefork children inherit it."""
+    existing = os.environ.get("PROMETHEUS_MULTIPROC_DIR")
+    if existing:
+        return existing, False
+    if not _is_celery_worker(sys.argv):
+        return None, False
+    try:
+        from delf_common import config as _config
+
+        if not _config.get("DELF_METRICS_PORT"):
+            return None, False
+    except Exception:  # noqa: BLE001 - a bad setting is reported where it is used
+        return None, False
+    path = tempfile.mkdtemp(prefix="delf-metrics-")
+    os.environ["PROMETHEUS_MULTIPROC_DIR"] = path
+    return path, True
+
+
+MULTIPROC_DIR, _OWN_MULTIPROC_DIR = _multiprocess_setup()
+
+from prometheus_client import (  # noqa: E402 - after the multiprocess setup above
+    CollectorRegistry, Counter, Gauge, Histogram, start_http_server,
+)
+
+from delf_common import config  # noqa: E402
 
 log = logging.getLogger("delf.metrics")
 
@@ -55,9 +100,17 @@ def start_server(port: int | None = None) -> int | None:
         return None
     if _started_port is not None:
         return _started_port
-    start_http_server(int(port))
+    if MULTIPROC_DIR:
+        from prometheus_client import multiprocess
+
+        registry = CollectorRegistry()
+        multiprocess.MultiProcessCollector(registry, path=MULTIPROC_DIR)
+        start_http_server(int(port), registry=registry)
+    else:
+        start_http_server(int(port))
     _started_port = int(port)
-    log.info("metrics on http://0.0.0.0:%d/metrics", int(port))
+    log.info("metrics on http://0.0.0.0:%d/metrics%s", int(port),
+             " (all processes of this worker)" if MULTIPROC_DIR else "")
     return _started_port
 
 
@@ -71,11 +124,12 @@ def outcome(result) -> str:
 def install_worker_hooks() -> None:
     """Count and time every task of this worker; start /metrics when the worker starts.
 
-    Called by each worker's task module. The HTTP server starts, once per process,
-    where the tasks run: in worker_process_init (solo pool: the worker's one process;
-    prefork: a child - the first child binds the port, so with --concurrency above 1
-    /metrics shows that child's tasks only), or in worker_init for the thread-based
-    pools, which send no worker_process_init.
+    Called by each worker's task module. In a ``celery worker`` process (multiprocess
+    mode, see the module doc) the HTTP server starts in the main process at worker_init
+    and serves every process's samples, prefork children included. Otherwise (a worker
+    started some other way, without PROMETHEUS_MULTIPROC_DIR) it starts where the tasks
+    run: in worker_process_init (solo pool; prefork: the first child binds the port, so
+    /metrics shows that child's tasks only), or in worker_init for thread-based pools.
     """
     global _hooks_installed
     if _hooks_installed:  # several task modules in one process (tests, eager mode)
@@ -91,11 +145,28 @@ def install_worker_hooks() -> None:
         except OSError as exc:  # prefork: another child holds the port
             log.info("metrics server not started in this process: %s", exc)
 
-    def _start_threaded(sender=None, **_kwargs) -> None:
+    def _start_in_main(sender=None, **_kwargs) -> None:
+        if MULTIPROC_DIR:
+            _start()
+            return
         pool = getattr(sender, "pool_cls", "")
         pool = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
         if any(kind in pool for kind in ("thread", "gevent", "eventlet")):
             _start()
+
+    def _start_in_child(**_kwargs) -> None:
+        if not MULTIPROC_DIR:
+            _start()
+
+    def _child_exit(pid=None, **_kwargs) -> None:
+        if MULTIPROC_DIR:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(pid or os.getpid(), MULTIPROC_DIR)
+
+    def _main_exit(**_kwargs) -> None:
+        if MULTIPROC_DIR and _OWN_MULTIPROC_DIR:
+            shutil.rmtree(MULTIPROC_DIR, ignore_errors=True)
 
     def _prerun(task_id=None, **_kwargs) -> None:
         if task_id:
@@ -112,7 +183,9 @@ def install_worker_hooks() -> None:
             WORKER_TASKS.labels(name, "error").inc()
         # RETRY: counted when the retried task finishes
 
-    signals.worker_init.connect(_start_threaded, weak=False)
-    signals.worker_process_init.connect(_start, weak=False)
+    signals.worker_init.connect(_start_in_main, weak=False)
+    signals.worker_process_init.connect(_start_in_child, weak=False)
+    signals.worker_process_shutdown.connect(_child_exit, weak=False)
+    signals.worker_shutdown.connect(_main_exit, weak=False)
     signals.task_prerun.connect(_prerun, weak=False)
     signals.task_postrun.connect(_postrun, weak=False)

@@ -89,7 +89,7 @@ class DelfExtractor:
         if isinstance(pca, (str, Path)):
             pca = pca_mod.load_pca(pca)
         if pca is not None:
-            pca.check_model(self.cfg.name)
+            pca.check_model(self.cfg.pca_model or self.cfg.name)
             if pca.input_dim != self.cfg.channels:
                 raise ValueError(f"PCA {pca.pca_id} expects {pca.input_dim}-dim features; "
                                  f"{self.cfg.name} gives {self.cfg.channels}")

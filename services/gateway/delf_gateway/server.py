@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import hmac
 import logging
+import re
 import signal
 import sys
 import threading
@@ -24,7 +25,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from delf_common import celery_app as tasks
-from delf_common import config
+from delf_common import config, fetch
+from delf_common import logs
 from delf_common import metrics
 from delf_common.features import DelfFeatures, encode_array
 from delf_common.images import ImageRejected, probe_image
@@ -39,11 +41,21 @@ DEFAULT_TOP_K = 10
 MAX_TOP_K = 100
 MAX_ID_LENGTH = 256
 MAX_METADATA_BYTES = 16 * 1024
+# Metadata filters (SearchRequest.filter): same limits as the indexer's check_filter.
+FILTER_KEY = re.compile(r"^[\w.:/-]{1,128}$")
+FILTER_MAX_PAIRS = 16
+FILTER_MAX_VALUE_BYTES = 1024
 VERIFY_CHUNK = 10  # candidates per verify task; chunks run in parallel on the verifier workers
 # Time kept back from the caller's deadline to build and send the answer.
 DEADLINE_MARGIN_S = 0.2
 # How often a stream that waits for room in a full queue looks again.
 QUEUE_POLL_S = 0.2
+# StartIngestJob metadata naming a job the stream continues (resume).
+RESUME_METADATA_KEY = "delf-resume-job"
+# Initial metadata of a StartIngestJob answer: the job's id, sent before the stream is read.
+JOB_ID_METADATA_KEY = "delf-job-id"
+# A RECEIVING job whose last item arrived this recently may still have a live stream.
+RESUME_STREAM_IDLE_S = 30.0
 
 _JOB_STATES = {
     "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
@@ -90,6 +102,29 @@ def check_metadata(metadata) -> dict[str, str]:
     return meta
 
 
+def check_location(location: str) -> None:
+    """URL locations: the checks that need no network (URL ingest on, http/https, host
+    allowed, no literal private address); the extractor resolves and checks again before
+    it connects. Paths are checked by the extractor (DELF_INGEST_ROOTS)."""
+    if not location:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the location is empty")
+    if fetch.is_url(location):
+        try:
+            fetch.check_url(location)
+        except fetch.FetchError as exc:
+            raise RequestError(_status(exc.code), exc.message) from None
+
+
+def _resume_job_id(context) -> str:
+    """The job a StartIngestJob stream continues (metadata `delf-resume-job`), or ""."""
+    if context is None:
+        return ""
+    for key, value in context.invocation_metadata() or ():
+        if key == RESUME_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
+
 def check_photo(data: bytes) -> tuple[int, int]:
     """Header-level checks (bytes, pixels, format); the extractor decodes fully."""
     try:
@@ -105,6 +140,8 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         self.jobs = jobs or JobStore()
         self.default_timeout = config.get("DELF_TASK_TIMEOUT_S")
         self.max_queue = config.get("DELF_MAX_QUEUE")
+        self.max_searches = config.get("DELF_MAX_SEARCHES")
+        self._search_slots = threading.BoundedSemaphore(self.max_searches) if self.max_searches > 0 else None
 
     # -- plumbing ---------------------------------------------------------------
 
@@ -114,8 +151,11 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             return self.default_timeout
         return max(min(remaining - DEADLINE_MARGIN_S, self.default_timeout), 0.01)
 
-    def _send(self, name: str, *args):
-        return self.app.send_task(name, args=list(args), queue=tasks.queue_for_task(name))
+    def _send(self, name: str, *args, context=None):
+        # A task whose caller has given up is dropped by the worker unrun (Celery's
+        # `expires`): under overload, workers spend no time on answers nobody awaits.
+        expires = self._budget(context) + DEADLINE_MARGIN_S if context is not None else None
+        return self.app.send_task(name, args=list(args), queue=tasks.queue_for_task(name), expires=expires)
 
     def _wait(self, result, context, what: str) -> dict:
         try:
@@ -132,7 +172,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
         return reply
 
     def _call(self, name: str, *args, context=None, what: str) -> dict:
-        return self._wait(self._send(name, *args), context, what)
+        return self._wait(self._send(name, *args, context=context), context, what)
 
     def _queue_depths(self) -> dict[str, int]:
         client = self.jobs.redis
@@ -194,10 +234,26 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
     # -- search -----------------------------------------------------------------
 
     def Search(self, request, context):
+        slots = self._search_slots
+        if slots is not None and not slots.acquire(blocking=False):
+            metrics.BACKPRESSURE_REFUSALS.labels("search", "refused").inc()
+            raise RequestError(
+                grpc.StatusCode.RESOURCE_EXHAUSTED,
+                f"this gateway is already working on {self.max_searches} searches (limit "
+                f"DELF_MAX_SEARCHES={self.max_searches}); the system is overloaded, retry later",
+            )
+        try:
+            return self._search(request, context)
+        finally:
+            if slots is not None:
+                slots.release()
+
+    def _search(self, request, context):
         started = time.monotonic()
         top_k = request.top_k or DEFAULT_TOP_K
         if top_k > MAX_TOP_K:
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k is {top_k}; the limit is {MAX_TOP_K}")
+        filter = self._check_filter(request.filter)
         which = request.WhichOneof("query")
         exclude: list[str] = []
         if which == "image":
@@ -226,10 +282,10 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             return response
 
         shortlist = max(config.get("DELF_SHORTLIST"), top_k)
-        reply = self._call(
-            tasks.INDEX_SEARCH, features.to_wire(), {"shortlist": shortlist, "exclude": exclude},
-            context=context, what="indexer",
-        )
+        options = {"shortlist": shortlist, "exclude": exclude}
+        if filter:
+            options["filter"] = filter
+        reply = self._call(tasks.INDEX_SEARCH, features.to_wire(), options, context=context, what="indexer")
         candidates = reply["candidates"]
         metadata = {c["image_id"]: c.get("metadata") or {} for c in candidates}
         matches = self._verify(features, (width, height), box, candidates, context)
@@ -237,6 +293,30 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             response.matches.append(self._match_proto(m, metadata.get(m["image_id"], {}), len(features)))
         response.elapsed_s = time.monotonic() - started
         return response
+
+    @staticmethod
+    def _check_filter(pairs) -> dict[str, str]:
+        """The metadata filter: every key/value pair must equal the image's (exact strings).
+        The indexer applies the same rules (delf_indexer.store.check_filter)."""
+        pairs = dict(pairs)
+        if len(pairs) > FILTER_MAX_PAIRS:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the filter has {len(pairs)} pairs; the limit is {FILTER_MAX_PAIRS}")
+        for key, value in pairs.items():
+            if not FILTER_KEY.match(key):
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"filter key {key[:40]!r} must be 1-128 letters, digits or _ . : / - "
+                    f"(no spaces or quotes)")
+            if len(value.encode("utf-8")) > FILTER_MAX_VALUE_BYTES:
+                raise RequestError(
+                    grpc.StatusCode.INVALID_ARGUMENT,
+                    f"the filter value of {key!r} is {len(value.encode('utf-8'))} bytes; "
+                    f"the limit is {FILTER_MAX_VALUE_BYTES}")
+            if any(ord(c) < 32 or ord(c) == 127 for c in value):
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                                   f"the filter value of {key!r} contains control characters")
+        return pairs
 
     def _check_box(self, box, width: int, height: int) -> tuple[float, float, float, float]:
         values = (box.x0, box.y0, box.x1, box.y1)
@@ -266,7 +346,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             "ransac_px": config.get("DELF_RANSAC_PX"),
         }
         pending = [
-            self._send(tasks.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options)
+            self._send(tasks.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options, context=context)
             for i in range(0, len(candidates), VERIFY_CHUNK)
         ]
         matches: list[dict] = []
@@ -324,21 +404,41 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
     # -- bulk ingestion ---------------------------------------------------------
 
     def StartIngestJob(self, request_iterator, context):
+        resume_id = _resume_job_id(context)
         self._admit("extract")  # before a job exists: a full system takes no new job
-        job_id = self.jobs.create()
+        if resume_id:
+            job_id = resume_id
+            self._check_resumable(self._job(job_id), stream=True)
+            self.jobs.reopen(job_id, receiving=True)
+        else:
+            job_id = self.jobs.create()
+        if context is not None:  # the client learns the id at once, even if its stream breaks later
+            context.send_initial_metadata(((JOB_ID_METADATA_KEY, job_id),))
         seen: set[str] = set()
-        total = 0
+        skipped = 0
         try:
             for n, item in enumerate(request_iterator):
-                total += 1
+                if resume_id and item.image_id and item.image_id not in seen \
+                        and self.jobs.is_finished(job_id, item.image_id):
+                    seen.add(item.image_id)
+                    skipped += 1  # finished before: not checked, not redone
+                    continue
                 self._dispatch_item(job_id, n, item, seen, context)
+            resent, awaiting = self._resend_unfinished(job_id, context, exclude=seen) if resume_id else (0, 0)
         except Exception:
-            # The client went away mid-stream: keep what was dispatched, end the job.
-            self.jobs.set_total(job_id, total)
-            self.jobs.cancel(job_id)
+            # The client went away mid-stream: keep what was dispatched, end the job; it
+            # may be resumed (ResumeJob, or a stream with `delf-resume-job`).
+            self.jobs.finish_receiving(job_id)
+            self.jobs.cancel(job_id, interrupted=True)
             raise
-        self.jobs.set_total(job_id, total)
-        log.info("job %s: %d items received", job_id, total)
+        self.jobs.finish_receiving(job_id)
+        if resume_id:
+            log.info("job %s: resumed by a stream (%d items skipped as finished, %d re-sent, %d awaiting upload)",
+                     job_id, skipped, resent, awaiting)
+            job = job_proto(self._job(job_id))
+            job.resent, job.awaiting_upload = resent, awaiting
+            return job
+        log.info("job %s: %d items received", job_id, self.jobs.recorded(job_id))
         return job_proto(self.jobs.get(job_id))
 
     def _dispatch_item(self, job_id: str, n: int, item, seen: set[str], context=None) -> None:
@@ -351,24 +451,29 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             source = item.WhichOneof("source")
             if source == "image":
                 check_photo(item.image)
-            elif source != "location":
+            elif source == "location":
+                check_location(item.location)
+            else:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the item has neither image bytes nor a location")
             if self.jobs.is_cancelled(job_id):
                 raise RequestError(grpc.StatusCode.CANCELLED, "job cancelled")
         except RequestError as exc:
             key = image_id if image_id and image_id not in seen and len(image_id) <= MAX_ID_LENGTH else f"#{n}: {image_id[:64]!r}"
+            self.jobs.record_item(job_id, key, refused=True)
             self.jobs.mark_failed(job_id, key, exc.message)
             return
+        seen.add(image_id)
+        location = item.location if source == "location" else None
+        # Recorded before it is sent: a job whose messages are lost can be resumed.
+        self.jobs.record_item(job_id, image_id, metadata, location)
+        self._send_item(job_id, image_id, metadata, item.image if source == "image" else None, location, context)
+
+    def _send_item(self, job_id: str, image_id: str, metadata: dict, image: bytes | None,
+                   location: str | None, context=None) -> None:
         # A full queue slows the stream down (the client's sends block on gRPC flow
         # control) rather than piling photos up in Redis.
         self._wait_for_room(context, "extract")
-        seen.add(image_id)
-        payload = {
-            "image_id": image_id,
-            "metadata": metadata,
-            "image": item.image if source == "image" else None,
-            "location": item.location if source == "location" else None,
-        }
+        payload = {"image_id": image_id, "metadata": metadata, "image": image, "location": location}
         extract = self.app.signature(
             tasks.INGEST_EXTRACT, args=(payload, job_id), queue=tasks.queue_for_task(tasks.INGEST_EXTRACT)
         )
@@ -379,6 +484,85 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
 
     def GetJob(self, request, context):
         return job_proto(self._job(request.job_id))
+
+    def ResumeJob(self, request, context):
+        """Re-sends the recorded items of a stalled or interrupted job that are neither done
+        nor failed. Location (path, URL) items go to the workers again; bytes items, which
+        the server does not keep, are counted in `awaiting_upload` (the client streams them
+        again with `delf-resume-job`). Finished items are never redone."""
+        status = self._job(request.job_id)
+        self._check_resumable(status, stream=False)
+        self._admit("extract")
+        job_id = status.job_id
+        reopened = self.jobs.reopen(job_id, receiving=True)  # cannot complete while re-sending
+        try:
+            resent, awaiting = self._resend_unfinished(job_id, context)
+        finally:
+            self.jobs.finish_receiving(job_id)
+        log.info("job %s: resumed (%d re-sent, %d awaiting upload, %d cancelled items reopened)",
+                 job_id, resent, awaiting, reopened)
+        job = job_proto(self._job(job_id))
+        job.resent, job.awaiting_upload = resent, awaiting
+        return job
+
+    def resume_stalled_jobs(self, idle_s: float) -> dict[str, tuple[int, int]]:
+        """One sweep (DELF_JOB_RESUME_AFTER_S): every RUNNING job with no progress for `idle_s`,
+        and every RECEIVING one with no item for that long (its stream died with its gateway),
+        is resumed as by ResumeJob. Returns job id -> (re-sent, awaiting upload)."""
+        out: dict[str, tuple[int, int]] = {}
+        now = time.time()
+        for job_id in list(self.jobs.job_ids()):
+            status = self.jobs.get(job_id)
+            if status is None or status.state not in ("RUNNING", "RECEIVING"):
+                continue
+            idle = now - status.updated_at if status.state == "RUNNING" else self.jobs.stream_idle_s(job_id)
+            if idle < idle_s or not self.jobs.claim_sweep(job_id, idle_s):
+                continue
+            self.jobs.reopen(job_id, receiving=True)
+            try:
+                out[job_id] = self._resend_unfinished(job_id, None)
+            finally:
+                self.jobs.finish_receiving(job_id)
+            resent, awaiting = out[job_id]
+            log.warning("job %s: no progress for %.0f s: resumed (%d re-sent%s)", job_id, idle, resent,
+                        f"; {awaiting} bytes items need `delf ingest PATH --resume {job_id}`" if awaiting else "")
+        return out
+
+    def sweep_forever(self, idle_s: float, stop: threading.Event) -> None:
+        interval = min(60.0, max(1.0, idle_s / 4))
+        while not stop.wait(interval):
+            try:
+                self.resume_stalled_jobs(idle_s)
+            except Exception:  # noqa: BLE001 - Redis away, queue full: the next round tries again
+                log.exception("resuming stalled jobs failed")
+
+    def _check_resumable(self, status: JobStatus, stream: bool) -> None:
+        if status.state == "COMPLETED":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {status.job_id} has completed; nothing to resume (ingest the photos "
+                               f"again in a new job to redo them: an id ingested again is replaced)")
+        if status.state == "CANCELLED" and not self.jobs.is_interrupted(status.job_id):
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {status.job_id} was cancelled; a cancelled job is not resumed "
+                               f"(start a new job)")
+        if status.state == "RECEIVING" and self.jobs.stream_idle_s(status.job_id) < RESUME_STREAM_IDLE_S:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {status.job_id} is still receiving items from its client; resume it "
+                               f"once its stream has stopped (no item for {RESUME_STREAM_IDLE_S:.0f} s)")
+
+    def _resend_unfinished(self, job_id: str, context, exclude: set[str] = frozenset()) -> tuple[int, int]:
+        """Sends the job's unfinished location items (not in `exclude`) again;
+        returns (re-sent, unfinished bytes items left for the client)."""
+        resent = awaiting = 0
+        for image_id, record in sorted(self.jobs.unfinished(job_id).items()):
+            if image_id in exclude:
+                continue
+            if record["location"] is None:
+                awaiting += 1
+                continue
+            self._send_item(job_id, image_id, record["metadata"], None, record["location"], context)
+            resent += 1
+        return resent, awaiting
 
     def CancelJob(self, request, context):
         status = self._job(request.job_id)
@@ -486,43 +670,118 @@ class _ErrorInterceptor(grpc.ServerInterceptor):
         return handler
 
 
-class _MetricsInterceptor(grpc.ServerInterceptor):
-    """Counts every call by method and status code and times it (delf_common.metrics)."""
+_QUIET_PREFIXES = ("/grpc.health.", "/grpc.reflection.")  # probes: their log lines at DEBUG
+_ERROR_CODES = {"INTERNAL", "UNKNOWN", "DATA_LOSS"}
+_WARNING_CODES = {"UNAVAILABLE", "DEADLINE_EXCEEDED", "RESOURCE_EXHAUSTED"}
+
+
+def _request_id(metadata) -> str:
+    """The caller's `x-request-id` when it is a sensible id, else a new one."""
+    for key, value in metadata or ():
+        if key == logs.REQUEST_ID_HEADER:
+            return logs.clean_request_id(value) or logs.new_request_id()
+    return logs.new_request_id()
+
+
+def _job_id_of(message) -> str | None:
+    value = getattr(message, "job_id", None)
+    return value if isinstance(value, str) and value else None
+
+
+class _RequestIdContext:
+    """The servicer context a handler sees: `x-request-id` rides along with any initial or
+    trailing metadata the handler sends; everything else goes to the real context."""
+
+    def __init__(self, context, request_id: str):
+        self._context = context
+        self._pair = (logs.REQUEST_ID_HEADER, request_id)
+
+    def send_initial_metadata(self, metadata):
+        return self._context.send_initial_metadata(tuple(metadata or ()) + (self._pair,))
+
+    def set_trailing_metadata(self, metadata):
+        return self._context.set_trailing_metadata(tuple(metadata or ()) + (self._pair,))
+
+    def __getattr__(self, name):
+        return getattr(self._context, name)
+
+
+class _ObserveInterceptor(grpc.ServerInterceptor):
+    """Outermost: gives every call a request id (the caller's `x-request-id` or a new one),
+    sends it back in the trailing metadata (and in the initial metadata when the handler
+    sends some), binds it for the logs and the Celery tasks the call sends, then logs one
+    line per call (method, status code, duration, ids) and counts and times it
+    (delf_common.metrics)."""
 
     def intercept_service(self, continuation, handler_call_details):
         handler = continuation(handler_call_details)
         if handler is None:
             return None
-        method = (handler_call_details.method or "").rsplit("/", 1)[-1] or "unknown"
+        full_method = handler_call_details.method or ""
+        method = full_method.rsplit("/", 1)[-1] or "unknown"
+        quiet = full_method.startswith(_QUIET_PREFIXES)
+        request_id = _request_id(handler_call_details.invocation_metadata)
 
-        def record(context, started: float, failed: bool) -> None:
-            code = context.code()
-            if code is None:
-                name = "UNKNOWN" if failed else "OK"
-            else:
-                name = getattr(code, "name", str(code))
-            metrics.GATEWAY_REQUESTS.labels(method, name).inc()
-            metrics.GATEWAY_LATENCY.labels(method).observe(time.monotonic() - started)
+        def begin(context, request) -> list:
+            tokens = logs.bind(request_id=request_id, job_id=_job_id_of(request))
+            try:
+                context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, request_id),))
+            except Exception:  # noqa: BLE001 - e.g. the call is already over
+                pass
+            return tokens
+
+        def finish(context, started: float, failed: bool, tokens: list, reply=None) -> None:
+            try:
+                elapsed = time.monotonic() - started
+                code = context.code()
+                if code is None:
+                    name = "UNKNOWN" if failed else "OK"
+                else:
+                    name = getattr(code, "name", str(code))
+                metrics.GATEWAY_REQUESTS.labels(method, name).inc()
+                metrics.GATEWAY_LATENCY.labels(method).observe(elapsed)
+                level = (logging.DEBUG if quiet and name == "OK" else logging.ERROR if name in _ERROR_CODES
+                         else logging.WARNING if name in _WARNING_CODES else logging.INFO)
+                if not log.isEnabledFor(level):
+                    return
+                extra = {"method": method, "code": name, "duration_s": round(elapsed, 4)}
+                job_id = _job_id_of(reply)
+                if job_id:
+                    extra["job_id"] = job_id
+                details = None
+                if name != "OK":
+                    with_details = getattr(context, "details", None)
+                    details = with_details() if callable(with_details) else None
+                    if isinstance(details, bytes):
+                        details = details.decode("utf-8", "replace")
+                if details:
+                    extra["error"] = str(details)[:500]
+                log.log(level, "%s %s in %.3f s%s", method, name, elapsed,
+                        f": {str(details)[:500]}" if details else "", extra=extra)
+            finally:
+                logs.unbind(tokens)
 
         def wrap_unary(fn):
             def call(request_or_iterator, context):
-                started, failed = time.monotonic(), True
+                started, failed, reply = time.monotonic(), True, None
+                tokens = begin(context, request_or_iterator)
                 try:
-                    reply = fn(request_or_iterator, context)
+                    reply = fn(request_or_iterator, _RequestIdContext(context, request_id))
                     failed = False
                     return reply
                 finally:
-                    record(context, started, failed)
+                    finish(context, started, failed, tokens, reply)
             return call
 
         def wrap_stream(fn):
             def call(request_or_iterator, context):
                 started, failed = time.monotonic(), True
+                tokens = begin(context, request_or_iterator)
                 try:
-                    yield from fn(request_or_iterator, context)
+                    yield from fn(request_or_iterator, _RequestIdContext(context, request_id))
                     failed = False
                 finally:
-                    record(context, started, failed)
+                    finish(context, started, failed, tokens)
             return call
 
         args = (handler.request_deserializer, handler.response_serializer)
@@ -535,6 +794,9 @@ class _MetricsInterceptor(grpc.ServerInterceptor):
         if handler.stream_stream:
             return grpc.stream_stream_rpc_method_handler(wrap_stream(handler.stream_stream), *args)
         return handler
+
+
+_MetricsInterceptor = _ObserveInterceptor  # its former name
 
 
 AUTH_PREFIX = "/delf.v1."  # methods that need a token; health and reflection stay open
@@ -608,23 +870,81 @@ def tls_credentials() -> grpc.ServerCredentials | None:
     return grpc.ssl_server_credentials([(private_key, chain)])
 
 
-def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Redis, stop: threading.Event) -> None:
-    """SERVING while the broker answers, NOT_SERVING otherwise; samples the queue depths."""
-    last = None
+_SERVING = health_pb2.HealthCheckResponse.SERVING
+_NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
+_UNKNOWN = health_pb2.HealthCheckResponse.UNKNOWN
+DEPENDENCIES = config.HEALTH_DEPENDENCIES  # each is a health service name of its own
+
+
+def dependency_status(client: redis.Redis) -> tuple[dict[str, int], dict[str, str]]:
+    """(health status, reason when not SERVING) of each dependency.
+
+    redis: answers a ping. extractor, indexer, verifier: at least one worker of that service
+    has a live heartbeat (`delf_common.celery_app.Heartbeat`). milvus: a live indexer reports
+    it reachable (UNKNOWN while no indexer reports)."""
+    try:
+        client.ping()
+        beats = tasks.read_heartbeats(client)
+    except redis.RedisError as exc:
+        reason = f"Redis unreachable: {exc}"
+        return ({name: _NOT_SERVING if name == "redis" else _UNKNOWN for name in DEPENDENCIES},
+                {name: reason for name in DEPENDENCIES})
+    status: dict[str, int] = {"redis": _SERVING}
+    reasons: dict[str, str] = {}
+    for service in ("extractor", "indexer", "verifier"):
+        alive = bool(beats.get(service))
+        status[service] = _SERVING if alive else _NOT_SERVING
+        if not alive:
+            reasons[service] = "no live worker heartbeat"
+    reports = [b.get("checks", {}).get("milvus") for b in beats.get("indexer", [])]
+    reports = [r for r in reports if isinstance(r, dict)]
+    if not reports:
+        status["milvus"] = _UNKNOWN
+        reasons["milvus"] = "no indexer reports on it"
+    elif any(r.get("ok") for r in reports):
+        status["milvus"] = _SERVING
+    else:
+        status["milvus"] = _NOT_SERVING
+        reasons["milvus"] = "; ".join(sorted({str(r.get("error", "unreachable")) for r in reports}))[:500]
+    return status, reasons
+
+
+def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Redis, stop: threading.Event,
+                        interval: float | None = None, require: tuple[str, ...] | None = None) -> None:
+    """Every DELF_HEALTH_INTERVAL_S: each dependency's status under its own name, and the
+    overall one ("" and delf.v1.ImageSearch): SERVING while every dependency named in
+    DELF_HEALTH_REQUIRE is SERVING, else NOT_SERVING. Also samples the queue depths."""
+    interval = config.get("DELF_HEALTH_INTERVAL_S") if interval is None else interval
+    require = config.get("DELF_HEALTH_REQUIRE") if require is None else require
+    last: dict[str, int] = {}
     while not stop.is_set():
         try:
-            client.ping()
-            for service in tasks.SERVICES:
-                metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(tasks.queue_name(service))))
-            status = health_pb2.HealthCheckResponse.SERVING
-        except redis.RedisError:
-            status = health_pb2.HealthCheckResponse.NOT_SERVING
-        if status != last:
-            for name in ("", SERVICE_NAME):
-                health_servicer.set(name, status)
-            log.info("health: %s", health_pb2.HealthCheckResponse.ServingStatus.Name(status))
-            last = status
-        stop.wait(2.0)
+            status, reasons = dependency_status(client)
+            if status["redis"] == _SERVING:
+                for service in tasks.SERVICES:
+                    metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(tasks.queue_name(service))))
+        except Exception as exc:  # noqa: BLE001 - the watcher must keep watching
+            status = {name: _UNKNOWN for name in DEPENDENCIES}
+            status["redis"] = _NOT_SERVING
+            reasons = {"redis": f"{type(exc).__name__}: {exc}"}
+        down = [name for name in require if status.get(name) != _SERVING]
+        overall = _NOT_SERVING if down else _SERVING
+        current = dict(status)
+        current[""] = current[SERVICE_NAME] = overall
+        changed = {name: st for name, st in current.items() if last.get(name) != st}
+        for name, st in changed.items():
+            health_servicer.set(name, st)
+        if changed:
+            name_of = health_pb2.HealthCheckResponse.ServingStatus.Name
+            if down:
+                log.warning("health: NOT_SERVING; down: %s",
+                            "; ".join(f"{n} ({reasons.get(n, name_of(status.get(n, _UNKNOWN)))})" for n in down),
+                            extra={"health": {n: name_of(st) for n, st in status.items()}})
+            else:
+                log.info("health: SERVING (%s up)", ", ".join(require) or "no dependency required",
+                         extra={"health": {n: name_of(st) for n, st in status.items()}})
+        last = current
+        stop.wait(interval)
 
 
 def build_server(address: str | None = None, max_workers: int = 32):
@@ -632,11 +952,12 @@ def build_server(address: str | None = None, max_workers: int = 32):
     address = address or config.get("DELF_GRPC_ADDR")
     max_message = config.get("DELF_MAX_MESSAGE_BYTES")
     credentials = tls_credentials()  # before anything starts: a bad setting fails fast
+    interval, require = config.get("DELF_HEALTH_INTERVAL_S"), config.get("DELF_HEALTH_REQUIRE")
     tokens = config.get("DELF_AUTH_TOKENS")
     interceptors: list[grpc.ServerInterceptor] = [_ErrorInterceptor()]
     if tokens:
         interceptors.insert(0, _AuthInterceptor(tokens))
-    interceptors.insert(0, _MetricsInterceptor())  # outermost: counts refusals by auth too
+    interceptors.insert(0, _ObserveInterceptor())  # outermost: logs and counts refusals by auth too
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -650,6 +971,8 @@ def build_server(address: str | None = None, max_workers: int = 32):
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
         health_servicer.set(name, health_pb2.HealthCheckResponse.NOT_SERVING)
+    for name in DEPENDENCIES:  # until the watcher's first round
+        health_servicer.set(name, health_pb2.HealthCheckResponse.UNKNOWN)
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, server)
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
@@ -662,16 +985,22 @@ def build_server(address: str | None = None, max_workers: int = 32):
         raise RuntimeError(f"cannot listen on {address}")
     stop = threading.Event()
     watcher = threading.Thread(
-        target=_watch_dependencies, args=(health_servicer, gateway.jobs.redis, stop), daemon=True
+        target=_watch_dependencies, args=(health_servicer, gateway.jobs.redis, stop, interval, require),
+        name="health", daemon=True,
     )
+    if config.get("DELF_JOB_RESUME_AFTER_S") > 0:  # off by default
+        threading.Thread(target=gateway.sweep_forever, args=(config.get("DELF_JOB_RESUME_AFTER_S"), stop),
+                         name="job-sweep", daemon=True).start()
     return server, port, stop, watcher
 
 
 def main() -> None:
-    logging.basicConfig(
-        level=config.get("DELF_LOG_LEVEL"),
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-    )
+    try:
+        logs.setup("gateway")
+    except config.ConfigError as exc:
+        logging.basicConfig(format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+        log.error("cannot start the gateway: %s", exc)
+        sys.exit(2)
     try:
         server, port, stop, watcher = build_server()
     except config.ConfigError as exc:

@@ -24,12 +24,13 @@ from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
 from delf_common.metrics import DESCRIPTORS_INDEXED, install_worker_hooks
 
-from delf_indexer.store import DescriptorStore
+from delf_indexer.store import DescriptorStore, check_filter
 
 log = logging.getLogger(__name__)
 
 configure_worker(app)  # publish retries that ride out a Redis restart
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
+MILVUS_CHECK_TIMEOUT_S = 5.0
 
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 NOT_FOUND = "NOT_FOUND"
@@ -55,6 +56,18 @@ def reset_store() -> None:
         if _store is not None:
             _store.close()
             _store = None
+
+
+def milvus_reachable() -> None:
+    """The worker heartbeat's "milvus" check (gateway health): raises when Milvus does not
+    answer. Opens the store on first use, as the first task would."""
+    client = get_store().client
+    if client is None:
+        raise RuntimeError("the descriptor store is closed")
+    client.list_collections(timeout=MILVUS_CHECK_TIMEOUT_S)
+
+
+names.HEARTBEAT_CHECKS["milvus"] = milvus_reachable
 
 
 @worker_shutdown.connect
@@ -200,9 +213,13 @@ def index_search(features, options=None) -> dict:
         return _error(INVALID_ARGUMENT, f"malformed features: {exc}")
     shortlist = options.get("shortlist")
     try:
+        filter = check_filter(options.get("filter") or None)
+    except ValueError as exc:
+        return _error(INVALID_ARGUMENT, f"bad filter: {exc}")
+    try:
         candidates = get_store().search(
             feats, shortlist=None if shortlist in (None, 0) else int(shortlist),
-            exclude=options.get("exclude") or ())
+            exclude=options.get("exclude") or (), filter=filter)
     except ValueError as exc:
         return _error(FAILED_PRECONDITION, str(exc))
     return {"ok": True, "candidates": candidates}

@@ -186,7 +186,7 @@ class ItemError(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s")
+    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s", "resent", "awaiting_upload")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -197,6 +197,8 @@ class Job(_message.Message):
     UPDATED_AT_FIELD_NUMBER: _ClassVar[int]
     RATE_FIELD_NUMBER: _ClassVar[int]
     ETA_S_FIELD_NUMBER: _ClassVar[int]
+    RESENT_FIELD_NUMBER: _ClassVar[int]
+    AWAITING_UPLOAD_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     total: int
@@ -207,7 +209,9 @@ class Job(_message.Message):
     updated_at: float
     rate: float
     eta_s: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ...) -> None: ...
+    resent: int
+    awaiting_upload: int
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ..., resent: _Optional[int] = ..., awaiting_upload: _Optional[int] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

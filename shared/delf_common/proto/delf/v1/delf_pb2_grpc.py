@@ -116,6 +116,10 @@ class ImageSearchServicer:
     def StartIngestJob(self, request_iterator, context):
         """Client-streams the items of one bulk job; answers as soon as the stream
         ends with the job (its id for GetJob/WatchJob). Work continues asynchronously.
+        With the call metadata `delf-resume-job: JOB_ID` the items continue that
+        (interrupted) job instead: items it already finished are skipped unread, the
+        others are sent to the workers, and its recorded location items that the stream
+        did not repeat are re-sent as by ResumeJob.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
