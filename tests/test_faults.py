@@ -8,7 +8,8 @@ completes with every photo indexed exactly once:
 
 * kill -9 an extractor, then an indexer (redelivery after DELF_VISIBILITY_TIMEOUT_S);
 * restart Redis (SIGTERM: it writes its AOF; then the same port and folder);
-* warm shutdown (SIGTERM) and restart of the indexer.
+* warm shutdown (SIGTERM) and restart of the indexer;
+* kill -9 of the gateway and a new one (job state lives in Redis).
 
 "Exactly once": the job reports N done and 0 failed, the index holds N images, the
 total descriptor count equals the sum of their num_features, and, read straight
@@ -455,6 +456,29 @@ def test_indexer_warm_restart_mid_job(cluster, photos):
 
     wait_completed(cluster, job_id)
     check_exactly_once(cluster, photos, job_id, "ix2")
+
+
+def test_gateway_kill_9_mid_job(cluster, photos):
+    """kill -9 the gateway while a streamed job runs, start another: the new gateway answers
+    for the job (its state lives in Redis, not in the gateway) and the job completes with
+    every photo indexed exactly once."""
+    cluster.start_redis()
+    cluster.start_gateway()
+    cluster.start_worker("ex1", "extract")
+    cluster.start_worker("ix1", "index")
+    cluster.wait_workers("ex1", "ix1")
+
+    job_id = cluster.start_job(photos)
+    before = cluster.wait_progress(job_id, 5)
+    assert before.state == _pb().JOB_STATE_RUNNING and before.total == len(photos)
+    cluster.client.close()
+    cluster.kill("gateway")
+    cluster.start_gateway()
+    after = cluster.job(job_id)
+    assert after.job_id == job_id and after.total == len(photos) and after.done >= before.done
+
+    wait_completed(cluster, job_id)
+    check_exactly_once(cluster, photos, job_id, "ix1")
 
 
 _rng = np.random.default_rng(1)

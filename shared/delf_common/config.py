@@ -176,12 +176,14 @@ SETTINGS: dict[str, Setting] = {
                 "192.168/16, 100.64/10, ::1, fc00::/7). Link-local (169.254/16, fe80::/10: cloud "
                 "metadata), multicast, unspecified and reserved addresses stay refused.",
                 "gateway, extractor"),
-        Setting("DELF_JOB_RESUME_AFTER_S", 0.0, float,
+        Setting("DELF_JOB_RESUME_AFTER_S", 7200.0, float,
                 "Ingest jobs with no progress for this many seconds (RUNNING, or RECEIVING with no "
                 "item arriving) are resumed by the gateway itself, as by `ResumeJob`: their "
                 "unfinished path and URL items are sent again (closes lost-message gaps, e.g. a "
                 "worker killed between taking a task and recording it). Keep it above "
-                "`DELF_VISIBILITY_TIMEOUT_S` plus the longest task. 0: off (resume by hand).",
+                "`DELF_VISIBILITY_TIMEOUT_S` plus the longest task. Bytes items cannot be re-sent by the "
+                "server: they are counted as awaiting upload (`delf ingest PATH --resume JOB`). "
+                "0: off (resume by hand).",
                 "gateway"),
         Setting("DELF_URL_TIMEOUT_S", 30.0, float,
                 "Longest one URL fetch may take (connect and read, redirects included); slower "
