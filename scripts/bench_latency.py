@@ -244,6 +244,8 @@ def main() -> int:
     p.add_argument("--map-queries", type=int, default=0, help="queries for mAP (0: all)")
     p.add_argument("--server", action="store_true", help="also a Milvus server (PyPI `milvus`), fresh per size")
     p.add_argument("--server-only", action="store_true", help="only the Milvus server")
+    p.add_argument("--query-max-scale", type=float, default=0.0,
+                   help="with --system: DELF_QUERY_MAX_SCALE for the extractor (0: every level)")
     p.add_argument("--system", action="store_true",
                    help="instead: time Search end to end through the running system on each cached "
                         "Lite index (run without --system first)")
@@ -328,7 +330,8 @@ def run_system(args, sizes, real, log) -> int:
             raise SystemExit(f"no {src}: run without --system first to fill it")
         with tempfile.TemporaryDirectory(prefix="delf-bench-lat-") as tmp:
             shutil.copytree(src, Path(tmp) / "data" / "milvus.db")
-            proc, address = start_system(Path(tmp))
+            proc, address = start_system(Path(tmp), {"DELF_QUERY_MAX_SCALE": str(args.query_max_scale)}
+                                         if args.query_max_scale else None)
             try:
                 client = DelfClient(address, timeout=600)
                 client.search(image_id=picked[0], top_k=10)  # warm-up: the indexer opens Lite

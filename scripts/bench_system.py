@@ -43,9 +43,10 @@ def memory_gib() -> int:
         return round(int(f.readline().split()[1]) / 2**20)
 
 
-def start_system(tmp: Path) -> tuple[subprocess.Popen, str]:
+def start_system(tmp: Path, env_extra: dict[str, str] | None = None) -> tuple[subprocess.Popen, str]:
     address = f"127.0.0.1:{free_port()}"
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
+    env.update(env_extra or {})
     ready = tmp / "ready"
     proc = subprocess.Popen(
         [sys.executable, "-m", "delf_common.launcher", "--data-dir", str(tmp / "data"), "--grpc-addr", address,

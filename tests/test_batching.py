@@ -110,6 +110,29 @@ def test_batched_features_match_one_by_one(extractor):
         assert_same_features(feats, extractor.extract(rgb), f"photo {i}")
 
 
+def test_searches_run_with_the_query_runner(extractor):
+    """Urgent photos (searches) go through run_urgent (the worker's: DELF_QUERY_MAX_SCALE
+    levels), ingest photos through run (every level)."""
+    from delf_extractor.tasks import Batcher
+
+    calls = []
+
+    def run(images):
+        calls.append(("ingest", len(images)))
+        return extractor.extract_batch(images)
+
+    def run_urgent(images):
+        calls.append(("search", len(images)))
+        return extractor.extract_batch(images, max_scale=1.0)
+
+    batcher = Batcher(run, BATCH, wait_s=0.01, run_urgent=run_urgent)
+    rgb = _photo(0)
+    query = batcher.submit(rgb, urgent=True)
+    indexed = batcher.submit(rgb)
+    assert calls == [("search", 1), ("ingest", 1)]
+    assert (1 / query.scales).max() <= 1.0 + 1e-4 < (1 / indexed.scales).max()
+
+
 def test_a_photo_that_breaks_its_batch_fails_alone(extractor):
     from delf_extractor.tasks import Batcher
 

@@ -232,6 +232,23 @@ def test_extract_batch_matches_single(extractor, half_photo):
         np.testing.assert_allclose(fb.descriptors, fs.descriptors, atol=1e-4)
 
 
+def test_query_extraction_leaves_out_levels_above_max_scale(extractor):
+    """Search queries skip the pyramid's top level (DELF_QUERY_MAX_SCALE): no feature of
+    theirs comes from a level above it, the other levels give the same features, and the
+    query still finds its photo's features (most of its strongest ones are shared)."""
+    rgb = landmark_photo(0)
+    full = extractor.extract(rgb)
+    query = extractor.extract(rgb, max_scale=1.0)
+    assert (1 / full.scales).max() > 1.2  # the preset has a level above 1
+    assert (1 / query.scales).max() <= 1.0 + 1e-4
+    assert len(query) >= 0.9 * extractor.cfg.max_features
+    shared = {tuple(k) for k in np.round(np.c_[full.locations, full.scales], 3)}
+    same = [tuple(k) in shared for k in np.round(np.c_[query.locations, query.scales], 3)[:300]]
+    assert np.mean(same) >= 0.8, np.mean(same)
+    batcher_like = extractor.extract_batch([rgb, rgb], max_scale=1.0)
+    np.testing.assert_allclose(batcher_like[1].descriptors, query.descriptors, atol=1e-4)
+
+
 def test_small_photo_gives_empty_features_not_a_crash(extractor):
     f = extractor.extract(np.full((40, 40, 3), 90, np.uint8))
     assert len(f) == 0 and f.descriptors.shape == (0, 40) and f.image_size == (40, 40)

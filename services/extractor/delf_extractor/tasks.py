@@ -142,10 +142,11 @@ class Batcher:
     run, by size.
     """
 
-    def __init__(self, run, max_batch: int, wait_s: float, name: str = "delf-batcher"):
+    def __init__(self, run, max_batch: int, wait_s: float, name: str = "delf-batcher", run_urgent=None):
         if max_batch < 1:
             raise ValueError(f"max_batch must be at least 1, got {max_batch}")
         self._run = run
+        self._run_urgent = run_urgent or run  # urgent photos (searches) may be run differently
         self.max_batch = max_batch
         self.wait_s = max(0.0, float(wait_s))
         self.name = name
@@ -185,33 +186,35 @@ class Batcher:
             self._cond.notify_all()
         return future.result()
 
-    def _next_batch(self) -> list[tuple]:
+    def _next_batch(self) -> tuple[list[tuple], bool]:
+        """The next batch, and whether it is urgent."""
         with self._cond:
             while True:
                 if self._urgent:
                     batch, self._urgent = self._urgent[:self.max_batch], self._urgent[self.max_batch:]
-                    return batch
+                    return batch, True
                 if self._pending:
                     waited = time.monotonic() - self._pending[0][2]
                     if len(self._pending) >= self.max_batch or self._preparing <= 0 or waited >= self.wait_s:
                         batch, self._pending = self._pending[:self.max_batch], self._pending[self.max_batch:]
-                        return batch
+                        return batch, False
                     self._cond.wait(self.wait_s - waited)
                 else:
                     self._cond.wait()
 
     def _loop(self) -> None:
         while True:
-            batch = self._next_batch()
+            batch, urgent = self._next_batch()
             try:
-                self.run_batch(batch)
+                self.run_batch(batch, urgent)
             except BaseException:  # noqa: BLE001 - never leave a task waiting forever
                 log.exception("extract batch failed")
                 for _, future, _ in batch:
                     if not future.done():
                         future.set_exception(RuntimeError("the extract batch failed"))
 
-    def run_batch(self, batch: list[tuple]) -> None:
+    def run_batch(self, batch: list[tuple], urgent: bool = False) -> None:
+        run = self._run_urgent if urgent else self._run
         images = [item[0] for item in batch]
         n = len(images)
         sizes = len({im.shape[:2] for im in images})
@@ -219,7 +222,7 @@ class Batcher:
         if n > 1:
             log.info("extract batch: %d photos (%d sizes) started", n, sizes)
         try:
-            results = self._run(images)
+            results = run(images)
             if len(results) != n:
                 raise RuntimeError(f"the extractor returned {len(results)} results for {n} photos")
         except Exception as exc:  # noqa: BLE001 - retried one by one below
@@ -230,7 +233,7 @@ class Batcher:
                         n, type(exc).__name__, exc)
             for rgb, future, _ in batch:
                 try:
-                    future.set_result(self._run([rgb])[0])
+                    future.set_result(run([rgb])[0])
                 except Exception as one:  # noqa: BLE001 - this photo's own error
                     future.set_exception(one)
             return
@@ -253,8 +256,11 @@ def get_batcher() -> Batcher:
     if _batcher is None:
         with _lock:
             if _batcher is None:
+                query_scale = config.get("DELF_QUERY_MAX_SCALE") or None
                 _batcher = Batcher(lambda images: get_extractor().extract_batch(images), worker_batch(),
-                                   float(config.get("DELF_WORKER_BATCH_WAIT_MS")) / 1000.0)
+                                   float(config.get("DELF_WORKER_BATCH_WAIT_MS")) / 1000.0,
+                                   run_urgent=lambda images: get_extractor().extract_batch(
+                                       images, max_scale=query_scale))
     return _batcher
 
 
