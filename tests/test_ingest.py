@@ -429,13 +429,25 @@ def test_the_gateway_sweep_resumes_stalled_jobs(ingest_system, iclient, monkeypa
 def test_an_interrupted_stream_can_be_resumed_from_the_client(ingest_system, iclient):
     photos = {f"i-{k}": small_photo(n, 5) for k, n in enumerate(("astronaut", "coffee", "rocket"))}
 
-    def broken():  # the client dies after its first photo
-        yield delf_pb2.IngestItem(image_id="i-0", image=photos["i-0"])
-        raise RuntimeError("the client went away")
-
     named = []
-    with pytest.raises(grpc.RpcError):
-        iclient.start_ingest_job(broken(), on_job=named.append)
+    interrupted = threading.Event()
+
+    class ClientGone(Exception):
+        pass
+
+    def slow():  # one photo, then the client is stopped (as by Ctrl-C) before the next
+        yield delf_pb2.IngestItem(image_id="i-0", image=photos["i-0"])
+        interrupted.wait(30)
+
+    def on_job(job_id):  # the gateway has named the job: now the client goes away
+        named.append(job_id)
+        raise ClientGone()
+
+    try:
+        with pytest.raises(ClientGone):
+            iclient.start_ingest_job(slow(), on_job=on_job)
+    finally:
+        interrupted.set()
     assert len(named) == 1
     job_id = named[0]
     deadline = time.monotonic() + 30
