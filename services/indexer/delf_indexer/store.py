@@ -496,18 +496,13 @@ class DescriptorStore:
         """One image's descriptor rows read straight from Milvus Lite's segments (as
         ``_direct_knn``): a filtered query scans every row in Python, ~13 s at 1M
         descriptors on 2 loaded cores; this takes milliseconds. None: use the query API."""
-        col = self._lite_collection()
-        if col is None:
-            return None
         try:
             import pyarrow as pa
 
-            if col._memtable.size() != 0:
+            snapshot = self._lite_snapshot()
+            if snapshot is None:
                 return None
-            segments, delta = col._read_snapshot()
-            tomb = self._tombstones(delta)
-            if tomb is None:
-                return None
+            segments, tomb = snapshot
             parts: dict[str, list] = {k: [] for k in ("idx", "x", "y", "scale", "score", "desc")}
             for seg in segments:
                 if seg.num_rows == 0:
@@ -535,6 +530,17 @@ class DescriptorStore:
         except (AttributeError, KeyError, TypeError) as exc:  # pragma: no cover - other internals
             log.warning("Milvus Lite direct read unavailable (%s); using the query API", exc)
             return None
+
+    def _lite_snapshot(self):
+        """(segments, tombstones) of the descriptors collection as Milvus Lite holds them now,
+        or None when the direct path cannot answer (not Lite, or rows still in its memtable).
+        Raises AttributeError/KeyError/TypeError when Lite's internals differ."""
+        col = self._lite_collection()
+        if col is None or col._memtable.size() != 0:
+            return None
+        segments, delta = col._read_snapshot()
+        tomb = self._tombstones(delta)
+        return None if tomb is None else (segments, tomb)
 
     @staticmethod
     def _tombstones(delta):
@@ -673,18 +679,13 @@ class DescriptorStore:
         Valid only when nothing is waiting in Lite's memtable (``_settle`` flushed it);
         otherwise, or when the internals differ, the public path answers.
         """
-        col = self._lite_collection()
-        if col is None:
-            return None
         try:
             import faiss
 
-            if col._memtable.size() != 0:
+            snapshot = self._lite_snapshot()
+            if snapshot is None:
                 return None
-            segments, delta = col._read_snapshot()
-            tomb = self._tombstones(delta)
-            if tomb is None:
-                return None
+            segments, tomb = snapshot
             live = {(seg.file_path, seg.num_rows) for seg in segments}
             for key in [key for key in self._seg_cols if key not in live]:
                 del self._seg_cols[key]
