@@ -30,7 +30,6 @@ import contextlib
 import os
 import platform
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -39,20 +38,14 @@ import time
 import uuid
 from pathlib import Path
 
+from bench_system import free_port, memory_gib  # noqa: E402 - this script's folder
+
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-dev"
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def machine() -> str:
-    with open("/proc/meminfo") as f:
-        gib = round(int(f.readline().split()[1]) / 2**20)
-    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {gib} GiB, no GPU"
+    return f"{os.cpu_count()} CPU cores ({platform.machine()}), {memory_gib()} GiB, no GPU"
 
 
 @contextlib.contextmanager

@@ -25,6 +25,18 @@ def sample_photo(name: str) -> np.ndarray:
     return getattr(data, name)()
 
 
+def random_crop(rgb: np.ndarray, rng: np.random.Generator, lo: float, hi: float) -> np.ndarray:
+    """A crop at a random place keeping a random share in [lo, hi) of each side, as RGB."""
+    if rgb.ndim == 2:
+        rgb = np.stack([rgb] * 3, -1)
+    rgb = rgb[..., :3]
+    h, w = rgb.shape[:2]
+    frac = rng.uniform(lo, hi)
+    ch, cw = int(h * frac), int(w * frac)
+    y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
+    return np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
+
+
 def jpeg(rgb: np.ndarray, quality: int = 92) -> bytes:
     ok, buf = cv2.imencode(".jpg", cv2.cvtColor(rgb, cv2.COLOR_RGB2BGR), [cv2.IMWRITE_JPEG_QUALITY, quality])
     assert ok

@@ -27,7 +27,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photos import SAMPLE_PHOTOS, jpeg, sample_photo  # noqa: E402
+from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo  # noqa: E402
 from conftest import free_port  # noqa: E402
 from test_faults import Cluster, check_exactly_once, wait_completed  # noqa: E402
 
@@ -40,15 +40,7 @@ def _photo(i: int) -> np.ndarray:
     import cv2
 
     rng = np.random.default_rng(100 + i)
-    rgb = sample_photo(SAMPLE_PHOTOS[i % len(SAMPLE_PHOTOS)])
-    if rgb.ndim == 2:
-        rgb = np.stack([rgb] * 3, -1)
-    rgb = rgb[..., :3]
-    h, w = rgb.shape[:2]
-    frac = rng.uniform(0.6, 0.95)
-    ch, cw = int(h * frac), int(w * frac)
-    y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-    crop = np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
+    crop = random_crop(sample_photo(SAMPLE_PHOTOS[i % len(SAMPLE_PHOTOS)]), rng, 0.6, 0.95)
     return cv2.resize(crop, SIZES[i % 2], interpolation=cv2.INTER_AREA)
 
 

@@ -48,7 +48,7 @@ import redis
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import free_port  # noqa: E402
-from photos import SAMPLE_PHOTOS, jpeg, sample_photo  # noqa: E402
+from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo  # noqa: E402
 
 pytestmark = pytest.mark.slow
 
@@ -70,15 +70,8 @@ def photos() -> list[tuple[str, bytes]]:
     out = []
     sources = [sample_photo(n) for n in SAMPLE_PHOTOS]
     for i in range(N_PHOTOS):
-        rgb = sources[i % len(sources)]
-        if rgb.ndim == 2:
-            rgb = np.stack([rgb] * 3, -1)
-        rgb = rgb[..., :3]
-        h, w = rgb.shape[:2]
-        frac = rng.uniform(0.5, 0.9)
-        ch, cw = int(h * frac), int(w * frac)
-        y0, x0 = rng.integers(0, h - ch + 1), rng.integers(0, w - cw + 1)
-        crop = np.ascontiguousarray(rgb[y0:y0 + ch, x0:x0 + cw])
+        crop = random_crop(sources[i % len(sources)], rng, 0.5, 0.9)
+        ch, cw = crop.shape[:2]
         side = int(rng.integers(200, 320))
         scale = side / max(ch, cw)
         small = cv2.resize(crop, (max(48, int(cw * scale)), max(48, int(ch * scale))),
