@@ -202,6 +202,13 @@ SETTINGS: dict[str, Setting] = {
                 "(killed, out of memory, host lost) is handed to another worker; keep it above the "
                 "longest task, retries included. A warm shutdown (SIGTERM) hands tasks back at once.",
                 "extractor, indexer, verifier"),
+        Setting("DELF_MALLOC_TUNE", True, _bool,
+                "Let the extractor keep freed memory for the next photo instead of handing it back "
+                "to the OS (glibc mallopt: mmap threshold 32 MiB, trim threshold and top pad 1 GiB). "
+                "Each pyramid level allocates hundreds of MiB; on a 2-core VM without transparent "
+                "huge pages, page-faulting them afresh for every photo took 45% of CPU extraction "
+                "time (2.1 -> 1.2 s per 1024 px photo, BENCHMARKS.md). The worker's resident memory "
+                "then stays near its peak. Off: glibc's defaults.", "extractor"),
         Setting("DELF_QUERY_MAX_SCALE", 0.0, float,
                 "When set (e.g. 1.0), search queries are extracted without the pyramid levels above "
                 "this scale (indexed photos keep every level of the model). On landmarks-dev, 1.0 "
