@@ -4,6 +4,8 @@ from __future__ import annotations
 import dataclasses
 import io
 import os
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -247,6 +249,56 @@ def test_query_extraction_leaves_out_levels_above_max_scale(extractor):
     assert np.mean(same) >= 0.8, np.mean(same)
     batcher_like = extractor.extract_batch([rgb, rgb], max_scale=1.0)
     np.testing.assert_allclose(batcher_like[1].descriptors, query.descriptors, atol=1e-4)
+
+
+MEMORY_PROBE = """
+import resource, threading
+import numpy as np
+from skimage import data
+from delf_extractor.extract import DelfExtractor
+rgb = np.ascontiguousarray(np.tile(data.astronaut(), (2, 2, 1)))  # 1024 x 1024
+ex = DelfExtractor()
+faults = []
+def run():  # in a thread of its own, as the worker's batcher runs the network
+    ex.extract(rgb)
+    before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+    ex.extract(rgb)
+    faults.append(resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+t = threading.Thread(target=run)
+t.start()
+t.join()
+print(faults[0])
+"""
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="glibc mallopt")
+def test_extractor_reuses_its_memory_between_photos():
+    """DELF_MALLOC_TUNE: the second photo of the same size runs in memory the first one
+    left behind instead of page-faulting hundreds of MiB afresh (BENCHMARKS.md: 45% of CPU
+    extraction time on a 2-core VM), also off the main thread, where the worker runs it."""
+    faults = {}
+    for tune in ("0", "1"):
+        env = {**os.environ, "DELF_MALLOC_TUNE": tune, "OMP_NUM_THREADS": "1"}
+        out = subprocess.run([sys.executable, "-c", MEMORY_PROBE], env=env, capture_output=True,
+                             text=True, timeout=300)
+        assert out.returncode == 0, out.stderr[-2000:]
+        faults[tune] = int(out.stdout.split()[-1])
+    assert faults["1"] * 5 < faults["0"], faults
+
+
+def test_folded_batchnorm_gives_the_same_features():
+    """Extraction folds BatchNorm into the convolutions: same outputs as the network
+    as built (and as trained), to float rounding."""
+    net = models.build_model("effnet-lite0")
+    x = torch.from_numpy(np.ascontiguousarray(data.astronaut()[:320, :384])).permute(2, 0, 1)[None].float()
+    with torch.inference_mode():
+        feats, scores = net(x)
+        n = models.fold_batchnorm(net)
+        folded_feats, folded_scores = net(x)
+    assert n == 1 + 2 + 3 * 10  # stem, block 0 (no expansion), blocks 1-10
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in net.modules())
+    assert torch.allclose(folded_feats, feats, rtol=1e-3, atol=1e-3 * float(feats.abs().max()))
+    assert torch.allclose(folded_scores, scores, rtol=1e-3)
 
 
 def test_small_photo_gives_empty_features_not_a_crash(extractor):

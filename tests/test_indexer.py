@@ -301,3 +301,28 @@ def test_ingest_index_marks_job(tasks):
     assert not r["ok"]
     assert dict(jobs.get(job2).errors) == {"i4": "job cancelled"}
     assert not tasks.index_get("i4")["ok"]
+
+
+def test_index_choice_per_deployment(tmp_path, monkeypatch):
+    """DELF_MILVUS_INDEX / DELF_MILVUS_SEARCH_PARAMS: a server gets the named index with
+    that type's parameters; the embedded Lite file refuses anything but its IVF_FLAT."""
+    from delf_common import config
+    from delf_indexer.store import IndexSettings
+
+    server = "http://milvus.example:19530"
+    assert IndexSettings.for_uri(server).index_type == "HNSW"
+    monkeypatch.setenv("DELF_MILVUS_INDEX", "ivf-pq")
+    pq = IndexSettings.for_uri(server)
+    assert pq.index_type == "IVF_PQ" and pq.build_params_for(40)["m"] == 10
+    assert pq.build_params_for(42)["m"] == 21 and pq.search_params == {"nprobe": 16}
+    monkeypatch.setenv("DELF_MILVUS_SEARCH_PARAMS", '{"nprobe": 48}')
+    assert IndexSettings.for_uri(server).search_params == {"nprobe": 48}
+    with pytest.raises(ValueError, match="Milvus Lite"):
+        DescriptorStore(str(tmp_path / "m.db"))
+    monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
+    assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
+    for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]")):
+        monkeypatch.setenv(bad_env, bad)
+        with pytest.raises(config.ConfigError, match=bad_env):
+            IndexSettings.for_uri(server)
+        monkeypatch.delenv(bad_env)

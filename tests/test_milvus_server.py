@@ -78,3 +78,42 @@ def test_store_on_server(server_uri):
             if s.client.has_collection(name):
                 s.client.drop_collection(name)
         s.close()
+
+
+@pytest.mark.timeout(180)
+@pytest.mark.parametrize("index_type, search_key", [("IVF_SQ8", "nprobe"), ("IVF_PQ", "nprobe")])
+def test_server_index_chosen_per_deployment(server_uri, monkeypatch, index_type, search_key):
+    """DELF_MILVUS_INDEX picks the server collection's index; a store opened later with
+    another choice searches the collection with the index it actually has."""
+    from delf_indexer.store import DescriptorStore
+
+    monkeypatch.setenv("DELF_MILVUS_INDEX", index_type)
+    monkeypatch.setenv("DELF_MILVUS_SEARCH_PARAMS", '{"%s": 64}' % search_key)
+    name = f"idx{index_type.lower()}{int(time.time())}"
+    s = DescriptorStore(server_uri, token="root:Milvus", collection=name)
+    try:
+        images = {f"img{i}": feats(300, 60 + i) for i in range(3)}
+        for k, f in images.items():
+            s.add(k, f)
+        built = s.client.describe_index(s.features_name, "desc")
+        assert built["index_type"] == index_type
+        if index_type == "IVF_PQ":
+            assert int(built["m"]) == 10  # 40-d descriptors, 4-d sub-vectors
+        assert s.index.search_params[search_key] == 64
+        query = noisy(images["img2"], 0.03, 2)
+        cands = s.search(query, shortlist=2)
+        assert cands[0]["image_id"] == "img2" and cands[0]["votes"] > 0.5 * len(query)
+
+        monkeypatch.setenv("DELF_MILVUS_INDEX", "HNSW")
+        monkeypatch.delenv("DELF_MILVUS_SEARCH_PARAMS")
+        later = DescriptorStore(server_uri, token="root:Milvus", collection=name)
+        try:
+            assert later.index.index_type == index_type and "ef" not in later.index.search_params
+            assert later.search(query, shortlist=2)[0]["image_id"] == "img2"
+        finally:
+            later.close()
+    finally:
+        for n in (s.features_name, s.images_name):
+            if s.client.has_collection(n):
+                s.client.drop_collection(n)
+        s.close()

@@ -8,6 +8,7 @@ cannot drift apart.
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import sys
 from pathlib import Path
@@ -51,6 +52,26 @@ def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
         raise ValueError("expected a positive number of seconds")
+    return value
+
+
+MILVUS_INDEX_TYPES = ("auto", "HNSW", "IVF_FLAT", "IVF_SQ8", "IVF_PQ", "DISKANN")
+
+
+def _milvus_index(text: str) -> str:
+    value = text.strip().upper().replace("-", "_")
+    value = "auto" if value in ("", "AUTO") else value
+    if value not in MILVUS_INDEX_TYPES:
+        raise ValueError(f"expected one of {', '.join(MILVUS_INDEX_TYPES)}")
+    return value
+
+
+def _json_object(text: str) -> dict:
+    if not text.strip():
+        return {}
+    value = json.loads(text)
+    if not isinstance(value, dict):
+        raise ValueError('expected a JSON object, e.g. {"nprobe": 32}')
     return value
 
 
@@ -112,6 +133,19 @@ SETTINGS: dict[str, Setting] = {
                 "A server: `http://host:19530`.", "indexer"),
         Setting("DELF_MILVUS_TOKEN", "", str,
                 "Milvus token (`user:password` or an API key) for a server.", "indexer"),
+        Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
+                "Vector index of a Milvus server's descriptor collection, chosen when the collection "
+                "is created: HNSW (auto: best latency and recall while the vectors fit in RAM, tens "
+                "of millions of 40-d descriptors per node), IVF_FLAT (fast to build, for bulk loads), "
+                "IVF_SQ8 (a quarter of the memory, small recall cost), IVF_PQ (compressed: hundreds "
+                "of millions of descriptors; the paper used PQ with an inverted file) or DISKANN "
+                "(vectors on SSD, a billion-descriptor index). An existing collection keeps its "
+                "index. Milvus Lite (the embedded default) always uses IVF_FLAT, which the "
+                "indexer's direct search reads; another value with a Lite file is an error.", "indexer"),
+        Setting("DELF_MILVUS_SEARCH_PARAMS", {}, _json_object,
+                'Search parameters for a Milvus server\'s index as JSON, e.g. {"ef": 128} for HNSW '
+                'or {"nprobe": 32} for IVF_*, {"search_list": 100} for DISKANN: more recall for more '
+                "time. Empty: the defaults of the index type (BENCHMARKS.md).", "indexer"),
         Setting("DELF_COLLECTION", "delf", str,
                 "Name prefix of the Milvus collections (`<name>_features`, `<name>_images`).", "indexer"),
         Setting("DELF_MODEL", "effnet-lite0", str,

@@ -55,43 +55,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from delf_common import config
 from delf_common.features import DelfFeatures
 from delf_extractor import models, pca as pca_mod
+from delf_extractor.memory import tune_malloc
 
 log = logging.getLogger(__name__)
 
-_MALLOC_TUNED = False
-
-
-def tune_malloc() -> bool:
-    """Keep freed heap memory in the process (DELF_MALLOC_TUNE; glibc on Linux only).
-
-    CPU inference allocates each pyramid level's activations afresh; with glibc's dynamic
-    mmap threshold and heap trimming those pages go back to the OS after every layer and
-    are page-faulted in again (on the 2-core VM of BENCHMARKS.md, 45% of extraction time
-    went to the kernel). A fixed 32 MiB mmap threshold, 1 GiB trim threshold and 1 GiB top
-    pad keep them. Process-wide and idempotent; returns whether it applied."""
-    global _MALLOC_TUNED
-    if _MALLOC_TUNED or not config.get("DELF_MALLOC_TUNE"):
-        return _MALLOC_TUNED
-    import ctypes
-    import sys
-
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        libc = ctypes.CDLL("libc.so.6")
-        mallopt = libc.mallopt
-    except (OSError, AttributeError):  # musl or another libc: nothing to tune
-        return False
-    M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD = -1, -2, -3
-    ok = all(mallopt(opt, value) == 1 for opt, value in (
-        (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 1 << 30)))
-    _MALLOC_TUNED = ok
-    if not ok:
-        log.warning("mallopt refused the extractor's memory settings; glibc defaults stay")
-    return ok
 
 # A pyramid level must give at least this many feature cells along its smaller side.
 MIN_LEVEL_CELLS = 4

@@ -40,10 +40,12 @@ from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worke
 from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected, decode_image
 from delf_common.jobs import JobStore
 from delf_common.metrics import install_worker_hooks
+from delf_extractor.memory import tune_malloc
 
 log = logging.getLogger(__name__)
 
 configure_worker(app)  # publish retries that ride out a Redis restart
+tune_malloc()  # DELF_MALLOC_TUNE: before the pool's threads take malloc arenas
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 
 _extractor = None

@@ -108,10 +108,12 @@ class IndexSettings:
       The time per call is dominated by Lite's per-hit Python work, not the ANN:
       1000 queries in one call ~0.33 s, in calls of 200 ~0.55 s, of 50 ~1.1 s, so
       queries go in batches of 500.
-    Milvus server (C++ knowhere, proper growing-segment handling): HNSW, the usual
-    best recall/latency trade-off for a few million 40-d vectors that fit in RAM.
-    For hundreds of millions of descriptors use IVF_PQ / IVF_SQ8 (the paper used
-    PQ with an inverted file) - change it here.
+    Milvus server (C++ knowhere, proper growing-segment handling): chosen per deployment
+    with DELF_MILVUS_INDEX (``SERVER_INDEXES``). auto = HNSW, the usual best recall/latency
+    trade-off while the 40-d vectors fit in RAM; IVF_FLAT builds in a fraction of HNSW's
+    time (bulk loads); IVF_SQ8 / IVF_PQ compress the vectors 4x / 16x for hundreds of
+    millions of descriptors (the paper used PQ with an inverted file); DISKANN keeps them
+    on SSD. DELF_MILVUS_SEARCH_PARAMS tunes recall against time.
     """
 
     index_type: str
@@ -126,10 +128,46 @@ class IndexSettings:
     direct_nprobe: int = 8
 
     @classmethod
-    def for_uri(cls, uri: str) -> "IndexSettings":
+    def for_uri(cls, uri: str, index_type: str | None = None,
+                search_params: dict | None = None) -> "IndexSettings":
+        """The index for a deployment: Lite -> IVF_FLAT; a server -> DELF_MILVUS_INDEX
+        (auto: HNSW) with DELF_MILVUS_SEARCH_PARAMS over that type's defaults."""
+        index_type = index_type or config.get("DELF_MILVUS_INDEX")
         if is_lite_uri(uri):
+            if index_type not in ("auto", "IVF_FLAT"):
+                raise ValueError(
+                    f"DELF_MILVUS_INDEX={index_type} is for a Milvus server; Milvus Lite (a .db file) "
+                    f"always uses IVF_FLAT, which the indexer's direct search reads. Unset it or "
+                    f"point DELF_MILVUS_URI at a server")
             return cls("IVF_FLAT", {"nlist": 128}, {"nprobe": 32}, query_batch=500)
-        return cls("HNSW", {"M": 16, "efConstruction": 200}, {"ef": 64}, query_batch=500)
+        index_type = "HNSW" if index_type == "auto" else index_type
+        if index_type not in SERVER_INDEXES:
+            raise ValueError(f"unknown Milvus index type {index_type!r}; one of {', '.join(SERVER_INDEXES)}")
+        build, search = SERVER_INDEXES[index_type]
+        extra = config.get("DELF_MILVUS_SEARCH_PARAMS") if search_params is None else search_params
+        return cls(index_type, dict(build), {**search, **(extra or {})}, query_batch=500)
+
+    def build_params_for(self, dim: int) -> dict:
+        """Build parameters for `dim`-d vectors (IVF_PQ: sub-vectors of 4 dimensions
+        where dim allows, else 2, else 1)."""
+        params = dict(self.build_params)
+        if self.index_type == "IVF_PQ" and not params.get("m"):
+            sub = next(d for d in (4, 2, 1) if dim % d == 0)
+            params["m"] = dim // sub
+        return params
+
+
+# Server index types: (build parameters, search parameters), for 40-d DELF descriptors with
+# 11 neighbours per query descriptor. HNSW: M 16 / ef 64 gave the same landmarks-dev mAP as
+# Lite's IVF (BENCHMARKS.md); IVF_*: 1024 lists per segment (a server segment holds about
+# 2M of these rows), 16 probed; DISKANN: Milvus' defaults, search list 100.
+SERVER_INDEXES: dict[str, tuple[dict, dict]] = {
+    "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 64}),
+    "IVF_FLAT": ({"nlist": 1024}, {"nprobe": 16}),
+    "IVF_SQ8": ({"nlist": 1024}, {"nprobe": 16}),
+    "IVF_PQ": ({"nlist": 1024, "m": 0, "nbits": 8}, {"nprobe": 16}),
+    "DISKANN": ({}, {"search_list": 100}),
+}
 
 
 def is_lite_uri(uri: str) -> bool:
@@ -215,6 +253,8 @@ class DescriptorStore:
         self._has_meta = True  # the images collection has the `meta` JSON field
         if self.client.has_collection(self.features_name):
             self._dim = self._features_dim()
+            if not self.lite and index is None:
+                self._adopt_existing_index()
             self._has_meta = self._images_have_meta()
             self.client.load_collection(self.features_name)
             self.client.load_collection(self.images_name)
@@ -254,6 +294,20 @@ class DescriptorStore:
                 return int(f["params"]["dim"])
         raise RuntimeError(f"{self.features_name} has no desc field")
 
+    def _adopt_existing_index(self) -> None:
+        """A server collection keeps the index it was created with: search it with that
+        type's parameters, whatever DELF_MILVUS_INDEX says now."""
+        try:
+            found = str(self.client.describe_index(self.features_name, "desc").get("index_type", ""))
+        except Exception:  # pragma: no cover - an index-less collection or an older server
+            log.warning("could not read the index of %s", self.features_name, exc_info=True)
+            return
+        if found and found != self.index.index_type and found in SERVER_INDEXES:
+            log.warning("%s was created with a %s index; DELF_MILVUS_INDEX asks for %s, which only "
+                        "applies to a new collection. Searching it as %s.", self.features_name,
+                        found, self.index.index_type, found)
+            self.index = IndexSettings.for_uri(self.uri, found, search_params={})
+
     def _images_have_meta(self) -> bool:
         desc = self.client.describe_collection(self.images_name)
         return any(f["name"] == "meta" for f in desc["fields"])
@@ -273,7 +327,7 @@ class DescriptorStore:
         s.add_field("desc", DataType.FLOAT_VECTOR, dim=dim)
         ip = self.client.prepare_index_params()
         ip.add_index("desc", index_type=self.index.index_type, metric_type="L2",
-                     params=dict(self.index.build_params))
+                     params=self.index.build_params_for(dim))
         # Strong consistency: a search right after an add/delete sees it (server).
         self.client.create_collection(self.features_name, schema=s, index_params=ip,
                                       consistency_level="Strong")
