@@ -299,6 +299,8 @@ def main() -> int:
                    help="server: fill with many photos per insert call (see bulk_fill), for 10M")
     p.add_argument("--query-max-scale", type=float, default=0.0,
                    help="with --system: DELF_QUERY_MAX_SCALE for the extractor (0: every level)")
+    p.add_argument("--system-env", default="",
+                   help="with --system: settings for the system, KEY=VALUE,KEY=VALUE (e.g. DELF_LITE_NPROBE=4)")
     p.add_argument("--system", action="store_true",
                    help="instead: time Search end to end through the running system on each cached "
                         "Lite index (run without --system first)")
@@ -385,8 +387,10 @@ def run_system(args, sizes, real, log) -> int:
             raise SystemExit(f"no {src}: run without --system first to fill it")
         with tempfile.TemporaryDirectory(prefix="delf-bench-lat-") as tmp:
             shutil.copytree(src, Path(tmp) / "data" / "milvus.db")
-            proc, address = start_system(Path(tmp), {"DELF_QUERY_MAX_SCALE": str(args.query_max_scale)}
-                                         if args.query_max_scale else None)
+            env = dict(kv.split("=", 1) for kv in args.system_env.split(",") if kv)
+            if args.query_max_scale:
+                env["DELF_QUERY_MAX_SCALE"] = str(args.query_max_scale)
+            proc, address = start_system(Path(tmp), env)
             try:
                 client = DelfClient(address, timeout=600)
                 client.search(image_id=picked[0], top_k=10)  # warm-up: the indexer opens Lite

@@ -321,6 +321,9 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
         DescriptorStore(str(tmp_path / "m.db"))
     monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
+    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 8
+    monkeypatch.setenv("DELF_LITE_NPROBE", "4")
+    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 4
     for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]")):
         monkeypatch.setenv(bad_env, bad)
         with pytest.raises(config.ConfigError, match=bad_env):

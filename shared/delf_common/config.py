@@ -75,6 +75,13 @@ def _json_object(text: str) -> dict:
     return value
 
 
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise ValueError("expected a positive integer")
+    return value
+
+
 def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
@@ -133,6 +140,10 @@ SETTINGS: dict[str, Setting] = {
                 "A server: `http://host:19530`.", "indexer"),
         Setting("DELF_MILVUS_TOKEN", "", str,
                 "Milvus token (`user:password` or an API key) for a server.", "indexer"),
+        Setting("DELF_LITE_NPROBE", 8, _positive_int,
+                "IVF lists (of 128) the indexer's direct Milvus Lite search probes in each large "
+                "segment: fewer is faster, more finds more true neighbours; see BENCHMARKS.md "
+                "(search latency against index size).", "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
                 "Vector index of a Milvus server's descriptor collection, chosen when the collection "
                 "is created: HNSW (auto: best latency and recall while the vectors fit in RAM, tens "

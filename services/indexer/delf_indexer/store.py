@@ -139,7 +139,8 @@ class IndexSettings:
                     f"DELF_MILVUS_INDEX={index_type} is for a Milvus server; Milvus Lite (a .db file) "
                     f"always uses IVF_FLAT, which the indexer's direct search reads. Unset it or "
                     f"point DELF_MILVUS_URI at a server")
-            return cls("IVF_FLAT", {"nlist": 128}, {"nprobe": 32}, query_batch=500)
+            return cls("IVF_FLAT", {"nlist": 128}, {"nprobe": 32}, query_batch=500,
+                       direct_nprobe=int(config.get("DELF_LITE_NPROBE")))
         index_type = "HNSW" if index_type == "auto" else index_type
         if index_type not in SERVER_INDEXES:
             raise ValueError(f"unknown Milvus index type {index_type!r}; one of {', '.join(SERVER_INDEXES)}")
