@@ -300,6 +300,21 @@ def test_folded_batchnorm_gives_the_same_features():
     assert torch.allclose(folded_feats, feats, rtol=1e-3, atol=1e-3 * float(feats.abs().max()))
     assert torch.allclose(folded_scores, scores, rtol=1e-3)
 
+    # delf-resnet50 (random weights, BatchNorm statistics made non-trivial): every BN folded.
+    torch.manual_seed(0)
+    res = models.build_model("delf-resnet50", pretrained=False)
+    for m in res.modules():
+        if isinstance(m, nn.BatchNorm2d):
+            m.running_mean.uniform_(-0.5, 0.5), m.running_var.uniform_(0.5, 2.0)
+            m.weight.data.uniform_(0.5, 1.5), m.bias.data.uniform_(-0.2, 0.2)
+    x = x[..., :128, :128]
+    with torch.inference_mode():
+        feats, _ = res(x)
+        models.fold_batchnorm(res)
+        folded_feats, _ = res(x)
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in res.modules())
+    assert torch.allclose(folded_feats, feats, rtol=1e-3, atol=1e-3 * float(feats.abs().max()))
+
 
 def test_small_photo_gives_empty_features_not_a_crash(extractor):
     f = extractor.extract(np.full((40, 40, 3), 90, np.uint8))
