@@ -525,3 +525,23 @@ def test_location_byte_limit_and_empty_roots(ingest_root, monkeypatch):
     monkeypatch.setenv("DELF_INGEST_ROOTS", "")
     with pytest.raises(tasks.ImageRejected, match="DELF_INGEST_ROOTS is empty"):
         tasks.read_location("ok.png")
+
+
+@pytest.mark.slow
+def test_gpu_benchmark_script_runs_and_checks_equivalence(tmp_path):
+    """scripts/bench_gpu.py is issue 3's one-shot GPU run (device time is scarce): a small
+    CPU run must work end to end, and its fp32-vs-fast equivalence check must see identical
+    features where both paths are fp32 (on CPU)."""
+    out = tmp_path / "gpu.json"
+    run = subprocess.run([sys.executable, str(Path(__file__).resolve().parents[1] / "scripts" / "bench_gpu.py"),
+                          "--quick", "--device", "cpu", "--model", "effnet-lite0", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600)
+    assert run.returncode == 0, run.stderr[-3000:]
+    import json
+
+    result = json.loads(out.read_text())
+    assert set(result["images_per_s"]) >= {"1 straightforward fp32, 1 image x 1 level",
+                                           "2 model alone, batched bf16, tensors on device",
+                                           "3 end to end, JPEG bytes -> PCA features"}
+    assert all(v > 0 for v in result["images_per_s"].values())
+    assert result["keypoints_kept"] == 1.0 and result["cosine_median"] > 0.9999

@@ -76,10 +76,13 @@ class DelfExtractor:
     pca: "default" (the config's shipped artifact), a path to an artifact, a loaded
         `pca.Pca`, or None for raw (L2-normalised, not reduced) descriptors.
     config: overrides the preset (e.g. ``dataclasses.replace(cfg, scales=...)``).
+    fast: on CUDA, bf16 autocast and channels_last (the default); False gives the plain
+        fp32 path (the equivalence reference of scripts/bench_gpu.py).
     """
 
     def __init__(self, model_name: str | None = None, device: str | None = None,
-                 pca=_DEFAULT, config: models.ModelConfig | None = None, pretrained: bool = True):
+                 pca=_DEFAULT, config: models.ModelConfig | None = None, pretrained: bool = True,
+                 fast: bool = True):
         self.cfg = config or models.get_config(model_name)
         self.device = models.resolve_device(device)
         net = models.build_model(self.cfg, pretrained=pretrained)
@@ -88,7 +91,8 @@ class DelfExtractor:
         if self.device.type == "cpu":
             tune_malloc()
         self.cuda = self.device.type == "cuda"
-        if self.cuda:
+        self.fast = self.cuda and fast  # bf16 autocast + channels_last
+        if self.fast:
             self.net = self.net.to(memory_format=torch.channels_last)
         if isinstance(pca, str) and pca == _DEFAULT:
             pca = pca_mod.default_path(self.cfg)
@@ -179,7 +183,7 @@ class DelfExtractor:
             level = x if (lh, lw) == tuple(x.shape[-2:]) else F.interpolate(
                 x, size=(lh, lw), mode="bilinear", align_corners=False, antialias=True)
             level = level.clamp_(0, 255)
-            if self.cuda:
+            if self.fast:
                 level = level.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     feats, scores = self.net(level)
