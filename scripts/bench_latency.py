@@ -186,7 +186,8 @@ def bulk_fill(store, size: int, real: dict, distractors: Distractors, log, photo
     store.client.flush(store.images_name)
     while True:  # until the server has indexed every row (search would scan the rest)
         info = store.client.describe_index(store.features_name, "desc")
-        if int(info.get("pending_index_rows", 0)) == 0 and int(info.get("indexed_rows", 0)) >= rows:
+        # (Milvus 2.3.5 leaves pending_index_rows stale once the build has finished.)
+        if int(info.get("indexed_rows", 0)) >= rows:
             break
         log(f"  index build: {info.get('indexed_rows')} of {rows} rows indexed")
         time.sleep(15)
