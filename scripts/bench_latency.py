@@ -122,15 +122,22 @@ class Distractors:
                             (1024, 768), model="bench", pca_id=PCA_ID)
 
 
-def fill(store, size: int, real: dict, distractors: Distractors, log) -> dict:
-    """Index real photos while they fit, then distractors up to `size` descriptors."""
-    added, rows, t0 = [], 0, time.monotonic()
+def add_real(store, size: int, real: dict) -> tuple[list[str], int]:
+    """Index the real photos (through `DescriptorStore.add`) while they fit in `size` rows."""
+    added, rows = [], 0
     for image_id, (group, _, f) in real.items():
         if rows + len(f) > size:
             break
         store.add(image_id, f, {"group": group, "kind": "real"})
         rows += len(f)
         added.append(image_id)
+    return added, rows
+
+
+def fill(store, size: int, real: dict, distractors: Distractors, log) -> dict:
+    """Index real photos while they fit, then distractors up to `size` descriptors."""
+    t0 = time.monotonic()
+    added, rows = add_real(store, size, real)
     k = 0
     while rows < size:
         f = distractors.photo(min(PER_PHOTO, size - rows))
@@ -151,13 +158,8 @@ def bulk_fill(store, size: int, real: dict, distractors: Distractors, log, photo
     call and no per-photo read-back (`add` checks the PCA and an older copy of the id, a
     strongly consistent query each: 1-2k rows/s, hours for 10M). Real photos go through
     `add`; the distractor ids are new, so nothing needs replacing."""
-    added, rows, t0 = [], 0, time.monotonic()
-    for image_id, (group, _, f) in real.items():
-        if rows + len(f) > size:
-            break
-        store.add(image_id, f, {"group": group, "kind": "real"})
-        rows += len(f)
-        added.append(image_id)
+    t0 = time.monotonic()
+    added, rows = add_real(store, size, real)
     k = 0
     while rows < size:
         feats, images = [], []
@@ -166,10 +168,7 @@ def bulk_fill(store, size: int, real: dict, distractors: Distractors, log, photo
                 break
             f = distractors.photo(min(PER_PHOTO, size - rows))
             image_id, generation = f"synthetic-{k:07d}", time.time_ns()
-            feats.extend({"image_id": image_id, "idx": i, "x": float(f.locations[i, 0]),
-                          "y": float(f.locations[i, 1]), "scale": float(f.scales[i]),
-                          "score": float(f.scores[i]), "generation": generation,
-                          "desc": f.descriptors[i]} for i in range(len(f)))
+            feats.extend(store.feature_rows(image_id, f, generation))
             images.append({"image_id": image_id, "metadata": '{"kind": "synthetic"}',
                            "meta": {"kind": "synthetic"}, "width": 1024, "height": 768,
                            "num_features": len(f), "pca_id": f.pca_id, "model": f.model,

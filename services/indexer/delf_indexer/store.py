@@ -416,6 +416,23 @@ class DescriptorStore:
         return rows[0]["pca_id"] if rows else None
 
     # ------------------------------------------------------------ writes
+    @staticmethod
+    def feature_rows(image_id: str, features: DelfFeatures, generation: int) -> list[dict]:
+        """The descriptor collection's rows for one image (one per feature)."""
+        return [
+            {
+                "image_id": image_id,
+                "idx": i,
+                "x": float(features.locations[i, 0]),
+                "y": float(features.locations[i, 1]),
+                "scale": float(features.scales[i]),
+                "score": float(features.scores[i]),
+                "generation": generation,
+                "desc": features.descriptors[i],
+            }
+            for i in range(len(features))
+        ]
+
     def add(self, image_id: str, features: DelfFeatures, metadata: dict | None = None) -> dict:
         """Index (or replace) one image; returns its info."""
         check_image_id(image_id)
@@ -448,19 +465,7 @@ class DescriptorStore:
                         f"index holds pca_id {current!r}; re-extract with the same PCA or "
                         f"use another collection")
             generation = time.time_ns()
-            rows = [
-                {
-                    "image_id": image_id,
-                    "idx": i,
-                    "x": float(features.locations[i, 0]),
-                    "y": float(features.locations[i, 1]),
-                    "scale": float(features.scales[i]),
-                    "score": float(features.scores[i]),
-                    "generation": generation,
-                    "desc": features.descriptors[i],
-                }
-                for i in range(n)
-            ]
+            rows = self.feature_rows(image_id, features, generation)
             for i in range(0, n, INSERT_BATCH):
                 self.client.insert(self.features_name, rows[i:i + INSERT_BATCH])
             if old:
