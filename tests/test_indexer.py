@@ -79,6 +79,10 @@ def test_search_votes_and_correspondences(store):
     # the nearest descriptor of query i in img3 is descriptor i: its location
     right = np.all(np.abs(xy - images["img3"].locations[qidx]) < 1e-3, axis=1)
     assert right.mean() > 0.95
+    # ... and its scale (the verifier weighs each correspondence by its cells' size)
+    scale = decode_array(top["db_scale"])
+    assert scale.dtype == np.float32 and scale.shape == qidx.shape
+    np.testing.assert_allclose(scale[right], images["img3"].scales[qidx[right]], rtol=1e-6)
     # exclusion and shortlist
     ex = store.search(q, shortlist=2, exclude=["img3"])
     assert len(ex) == 2 and "img3" not in [c["image_id"] for c in ex]
@@ -193,9 +197,11 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, exact_rows):
             assert direct is not None
             api = store._milvus_knn(d, 11, expr)
             assert [h[1] for h in direct] == [h[1] for h in api]
-            for (dd, _, xd, yd), (da, _, xa, ya) in zip(direct, api):
+            for (dd, _, xd, yd, sd), (da, _, xa, ya, sa) in zip(direct, api):
                 np.testing.assert_allclose(dd, da, atol=1e-4)
                 np.testing.assert_allclose(xd, xa, atol=1e-4)
+                np.testing.assert_allclose(yd, ya, atol=1e-4)
+                np.testing.assert_allclose(sd, sa, atol=1e-6)
             assert all("i2" not in h[1] for h in direct)
     # an image's stored features: read from the segments or through the query API, the same
     row = store._image_rows(["i1"])["i1"]

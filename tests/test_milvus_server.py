@@ -60,7 +60,10 @@ def test_store_on_server(server_uri):
         cands = s.search(query, shortlist=2)
         assert cands[0]["image_id"] == "img1" and cands[0]["votes"] > 0.9 * len(query)
         qidx, xy = decode_array(cands[0]["query_idx"]), decode_array(cands[0]["db_xy"])
-        assert np.mean(np.all(np.abs(xy - images["img1"].locations[qidx]) < 1e-3, axis=1)) > 0.95
+        right = np.all(np.abs(xy - images["img1"].locations[qidx]) < 1e-3, axis=1)
+        assert right.mean() > 0.95
+        np.testing.assert_allclose(decode_array(cands[0]["db_scale"])[right],
+                                   images["img1"].scales[qidx[right]], rtol=1e-6)
 
         # replace: same image count, exactly the new rows
         s.add("img1", feats(70, 99), {"k": "new"})

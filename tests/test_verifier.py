@@ -115,3 +115,66 @@ def test_task_contract():
     assert not m[1]["verified"] and m[1]["transform"] == [] and m[1]["corners"] == []
     bad = dict(cands[0], query_idx=encode_array(np.array([len(q) + 5] * len(q), np.int32)))
     assert verify_candidates(query, [bad], {})["error"]["code"] == "INVALID_ARGUMENT"
+
+
+def _multiscale_pairs(seed, h=H_TRUE, n_fine=60, n_coarse=240, n_out=200):
+    """Correspondences as DELF gives them: a few from fine pyramid levels (scale 0.71,
+    ~1.5 px noise), many from coarse ones (scale 4, ~10 px noise and a shared offset:
+    coarse cells locate a feature poorly), and random outliers."""
+    rng = np.random.default_rng(seed)
+    q = rng.uniform([0, 0], [W, H], (n_fine + n_coarse + n_out, 2))
+    d = project(h, q)
+    scale = np.concatenate([np.full(n_fine, 0.71), np.full(n_coarse, 4.0), rng.choice([0.71, 4.0], n_out)])
+    d[:n_fine] += rng.normal(0, 1.5, (n_fine, 2))
+    d[n_fine:n_fine + n_coarse] += rng.normal(0, 7.0, (n_coarse, 2)) + [5.0, -4.0]
+    d[n_fine + n_coarse:] = rng.uniform([0, 0], [W, H], (n_out, 2))
+    return q.astype(np.float32), d.astype(np.float32), scale.astype(np.float32)
+
+
+def test_scales_refine_the_transform_but_not_the_score():
+    want = project(H_TRUE, box_corners((W, H)))
+    plain, refined = [], []
+    for seed in range(5):
+        q, d, s = _multiscale_pairs(seed)
+        a = verify(q, d, (W, H), ransac_px=8.0)
+        b = verify(q, d, (W, H), ransac_px=8.0, query_scale=s, db_scale=s)
+        assert a.verified and b.verified and b.model == a.model == "homography"
+        assert b.inliers == a.inliers  # the ranking stays RANSAC's
+        plain.append(np.abs(np.array(a.corners) - want).max())
+        refined.append(np.abs(np.array(b.corners) - want).max())
+        assert np.allclose(project(np.array(b.transform).reshape(3, 3), box_corners((W, H))), b.corners)
+    # the fine correspondences dominate: corners several times closer
+    assert max(refined) < 4.0, refined
+    assert np.median(refined) < 0.5 * np.median(plain), (plain, refined)
+
+
+def test_scales_refine_an_affine_fit():
+    a = np.array([[1.1, 0.1, 30.0], [-0.1, 0.95, 12.0], [0, 0, 1]])
+    q, d, s = _multiscale_pairs(3, h=a, n_fine=3, n_coarse=4, n_out=0)
+    v = verify(q, d, (W, H), min_inliers=5, ransac_px=8.0, query_scale=s, db_scale=s)
+    assert v.verified and v.model == "affine"
+    assert np.allclose(np.array(v.transform).reshape(3, 3)[2], [0, 0, 1])
+
+
+def test_task_uses_scales_when_both_sides_send_them():
+    q, d, s = _multiscale_pairs(11)
+    idx = np.arange(len(q), dtype=np.int32)
+    cand = {"image_id": "m", "votes": 9, "query_idx": encode_array(idx), "db_xy": encode_array(d)}
+    query = {"locations": encode_array(q), "image_size": [W, H], "box": None}
+    want = project(H_TRUE, box_corners((W, H)))
+    opts = {"min_inliers": 12, "ransac_px": 8.0}
+
+    def err(query, cand):
+        res = verify_candidates(query, [cand], opts)
+        assert res["ok"], res
+        return np.abs(np.array(res["matches"][0]["corners"]) - want).max()
+
+    with_scales = err(dict(query, scales=encode_array(s)), dict(cand, db_scale=encode_array(s)))
+    assert with_scales < 4.0 and with_scales < err(query, cand)
+    # only one side: RANSAC's transform, as before
+    assert err(dict(query, scales=encode_array(s)), cand) == err(query, cand)
+    short = dict(query, scales=encode_array(s[:-1]))
+    assert verify_candidates(short, [cand], opts)["error"]["code"] == "INVALID_ARGUMENT"
+    bad = dict(cand, db_scale=encode_array(s[:5]))
+    assert verify_candidates(query | {"scales": encode_array(s)}, [bad], opts)["error"]["code"] == \
+        "INVALID_ARGUMENT"

@@ -376,6 +376,7 @@ class LocalFeatures:
     xy: np.ndarray          # (N, 2) float32, pixels of the (capped) photo
     desc: np.ndarray        # (N, D) float32, unit L2
     size: tuple[int, int]   # (width, height)
+    scale: np.ndarray | None = None  # (N,) DELF scales (1 / pyramid scale); None for SIFT
 
 
 def rootsift(rgb: np.ndarray, max_features: int = SIFT_FEATURES) -> LocalFeatures:
@@ -402,6 +403,9 @@ class ExactVoter:
         counts = [len(features[i].desc) for i in self.ids]
         self.desc = np.concatenate([features[i].desc for i in self.ids]).astype(np.float32)
         self.xy = np.concatenate([features[i].xy for i in self.ids]).astype(np.float32)
+        self.scale = None
+        if all(features[i].scale is not None for i in self.ids):
+            self.scale = np.concatenate([features[i].scale for i in self.ids]).astype(np.float32)
         self.owner = np.repeat(np.arange(len(self.ids)), counts)
         ends = np.cumsum(counts)
         self.span = {i: (int(e - c), int(e)) for i, c, e in zip(self.ids, counts, ends)}
@@ -429,7 +433,8 @@ class ExactVoter:
 
     def search(self, q: np.ndarray, shortlist: int, neighbours: int, ratio: float,
                exclude: str | None = None, voting_only: bool = False) -> list[dict]:
-        """Candidates best votes first: {image_id, votes, query_idx (M,), db_xy (M, 2)}.
+        """Candidates best votes first: {image_id, votes, query_idx (M,), db_xy (M, 2)}
+        and db_scale (M,) when every image's features have scales.
 
         Correspondences as the indexer returns them (each query descriptor's nearest
         fetched neighbour in that image), or with ``voting_only`` only from neighbours
@@ -462,8 +467,11 @@ class ExactVoter:
         for img in ranked:
             near = nearest[img]
             qidx = np.array(sorted(near), np.int64)
+            rows = [near[i][1] for i in qidx]
             out.append({"image_id": self.ids[img], "votes": votes[img], "query_idx": qidx,
-                        "db_xy": self.xy[[near[i][1] for i in qidx]].reshape(-1, 2)})
+                        "db_xy": self.xy[rows].reshape(-1, 2)})
+            if self.scale is not None:
+                out[-1]["db_scale"] = self.scale[rows]
         return out
 
 

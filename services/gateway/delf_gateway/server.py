@@ -337,6 +337,7 @@ class Gateway(delf_pb2_grpc.ImageSearchServicer):
             return []
         query = {
             "locations": encode_array(features.locations),
+            "scales": encode_array(np.asarray(features.scales, np.float32)),
             "image_size": list(size),
             "box": list(box) if box else None,
         }

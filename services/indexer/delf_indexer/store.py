@@ -677,15 +677,15 @@ class DescriptorStore:
             it.close()
         return out
 
-    def _milvus_knn(self, q: np.ndarray, k: int, expr: str) -> list[tuple[list, list, list, list]]:
-        """Per query row: (distances, image ids, x, y) of its k nearest descriptors, nearest
-        first, through the Milvus search API (server, or Lite's own search path)."""
+    def _milvus_knn(self, q: np.ndarray, k: int, expr: str) -> list[tuple[list, list, list, list, list]]:
+        """Per query row: (distances, image ids, x, y, scale) of its k nearest descriptors,
+        nearest first, through the Milvus search API (server, or Lite's own search path)."""
         out = []
         bs = max(1, self.index.query_batch)
         for start in range(0, len(q), bs):
             results = self.client.search(
                 self.features_name, data=q[start:start + bs], limit=k, filter=expr,
-                output_fields=["image_id", "x", "y"], anns_field="desc",
+                output_fields=["image_id", "x", "y", "scale"], anns_field="desc",
                 search_params={"metric_type": "L2", "params": dict(self.index.search_params)},
             )
             for hits in results:
@@ -693,7 +693,8 @@ class DescriptorStore:
                 if self.index.squared_l2:
                     dists = [float(np.sqrt(max(d, 0.0))) for d in dists]
                 out.append((dists, [h["entity"]["image_id"] for h in hits],
-                            [float(h["entity"]["x"]) for h in hits], [float(h["entity"]["y"]) for h in hits]))
+                            [float(h["entity"]["x"]) for h in hits], [float(h["entity"]["y"]) for h in hits],
+                            [float(h["entity"]["scale"]) for h in hits]))
         return out
 
     def _lite_collection(self):
@@ -707,7 +708,8 @@ class DescriptorStore:
             return None
 
     def _segment_columns(self, seg) -> dict:
-        """Per Lite segment (immutable Parquet file): pks, image names per row, x, y as arrays."""
+        """Per Lite segment (immutable Parquet file): pks, image names per row, x, y, scale
+        as arrays."""
         key = (seg.file_path, seg.num_rows)
         cols = self._seg_cols.get(key)
         if cols is None:
@@ -719,6 +721,7 @@ class DescriptorStore:
                 "names": np.array(enc.dictionary.to_pylist(), dtype=object),
                 "x": seg.table.column("x").to_numpy().astype(np.float32),
                 "y": seg.table.column("y").to_numpy().astype(np.float32),
+                "scale": seg.table.column("scale").to_numpy().astype(np.float32),
             }
             self._seg_cols[key] = cols
         return cols
@@ -785,7 +788,7 @@ class DescriptorStore:
                 parts_i.append(np.where(i >= 0, i + (len(tables) << 32), -1))
                 tables.append(cols)
             if not tables:
-                return [([], [], [], []) for _ in range(nq)]
+                return [([], [], [], [], []) for _ in range(nq)]
             dist = np.concatenate(parts_d, axis=1)
             ids = np.concatenate(parts_i, axis=1)
             order = np.argsort(dist, axis=1, kind="stable")[:, :k]
@@ -796,17 +799,18 @@ class DescriptorStore:
             img = np.empty(ids.shape, object)
             xs = np.zeros(ids.shape, np.float32)
             ys = np.zeros(ids.shape, np.float32)
+            ss = np.zeros(ids.shape, np.float32)
             for t, cols in enumerate(tables):
                 m = found & (seg_of == t)
                 rows = local[m]
                 img[m] = cols["names"][cols["code"][rows]]
-                xs[m], ys[m] = cols["x"][rows], cols["y"][rows]
+                xs[m], ys[m], ss[m] = cols["x"][rows], cols["y"][rows], cols["scale"][rows]
             dist = np.sqrt(np.maximum(dist, 0.0))
             out = []
             for qi in range(nq):
                 n = int(found[qi].sum())  # found hits come first (sorted by distance)
                 out.append((dist[qi, :n].tolist(), img[qi, :n].tolist(), xs[qi, :n].tolist(),
-                            ys[qi, :n].tolist()))
+                            ys[qi, :n].tolist(), ss[qi, :n].tolist()))
             return out
         except (AttributeError, KeyError, TypeError) as exc:  # pragma: no cover - other internals
             log.warning("Milvus Lite direct search unavailable (%s); using the search API", exc)
@@ -882,8 +886,8 @@ class DescriptorStore:
             k = neighbours + 1
             votes: dict[str, int] = {}
             vote_dist: dict[str, float] = {}
-            # image -> {query_idx: (distance, x, y)}: nearest fetched neighbour in that image
-            nearest: dict[str, dict[int, tuple[float, float, float]]] = {}
+            # image -> {query_idx: (distance, x, y, scale)}: nearest fetched neighbour in that image
+            nearest: dict[str, dict[int, tuple[float, float, float, float]]] = {}
             q = np.ascontiguousarray(features.descriptors, np.float32)
             chosen = None  # query rows used (DELF_QUERY_FEATURES): the best-scored ones
             limit = config.get("DELF_QUERY_FEATURES")
@@ -897,7 +901,7 @@ class DescriptorStore:
                     allow=set(allowed) if filter and not post_filter else None)
             if hits_per_query is None:
                 hits_per_query = self._milvus_knn(q, k, expr)
-            for qi, (dists, imgs, xs, ys) in enumerate(hits_per_query):
+            for qi, (dists, imgs, xs, ys, ss) in enumerate(hits_per_query):
                 if not dists:
                     continue
                 bar = ratio * dists[-1] if len(dists) >= k else float("inf")
@@ -906,7 +910,7 @@ class DescriptorStore:
                     d = dists[j]
                     near = nearest.setdefault(img, {})
                     if qi not in near or d < near[qi][0]:
-                        near[qi] = (d, xs[j], ys[j])
+                        near[qi] = (d, xs[j], ys[j], ss[j])
                     if j < neighbours and d < bar and img not in voted:
                         voted.add(img)
                         votes[img] = votes.get(img, 0) + 1
@@ -934,7 +938,8 @@ class DescriptorStore:
                 continue
             near = nearest[img]
             rows = sorted(near)
-            xy = np.array([near[i][1:] for i in rows], np.float32).reshape(len(rows), 2)
+            xy = np.array([near[i][1:3] for i in rows], np.float32).reshape(len(rows), 2)
+            db_scale = np.array([near[i][3] for i in rows], np.float32)
             qidx = np.array(rows if chosen is None else chosen[rows], np.int32)
             out.append({
                 "image_id": img,
@@ -944,5 +949,6 @@ class DescriptorStore:
                 "height": int(row["height"]),
                 "query_idx": encode_array(qidx),
                 "db_xy": encode_array(xy),
+                "db_scale": encode_array(db_scale),
             })
         return out

@@ -32,6 +32,11 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
     min_ratio = config.get("DELF_MIN_INLIER_RATIO") if min_ratio is None else min_ratio
     try:
         locations = decode_array(query["locations"]).astype(np.float32).reshape(-1, 2)
+        scales = query.get("scales")  # optional: refines verified transforms (ransac.refine)
+        if scales is not None:
+            scales = decode_array(scales).astype(np.float32).reshape(-1)
+            if len(scales) != len(locations):
+                return _error(f"query has {len(scales)} scales for {len(locations)} locations")
         image_size = tuple(int(v) for v in query["image_size"])
         box = query.get("box")
         if box is not None:
@@ -45,14 +50,21 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
         try:
             qidx = decode_array(cand["query_idx"]).astype(np.int64).reshape(-1)
             db_xy = decode_array(cand["db_xy"]).astype(np.float32).reshape(-1, 2)
+            db_scale = cand.get("db_scale")
+            if db_scale is not None:
+                db_scale = decode_array(db_scale).astype(np.float32).reshape(-1)
         except (KeyError, TypeError, ValueError) as exc:
             return _error(f"malformed candidate: {exc}")
         if len(qidx) != len(db_xy) or (len(qidx) and (qidx.min() < 0 or qidx.max() >= len(locations))):
             return _error(f"candidate {cand.get('image_id')!r}: query_idx out of range or "
                           f"not matching db_xy")
+        if db_scale is not None and len(db_scale) != len(db_xy):
+            return _error(f"candidate {cand.get('image_id')!r}: db_scale not matching db_xy")
+        both = scales is not None and db_scale is not None
         v = verify(locations[qidx], db_xy, image_size, box,
                    min_inliers=int(min_inliers), ransac_px=float(ransac_px),
-                   min_inlier_ratio=float(min_ratio))
+                   min_inlier_ratio=float(min_ratio),
+                   query_scale=scales[qidx] if both else None, db_scale=db_scale if both else None)
         matches.append({
             "image_id": cand["image_id"],
             "votes": int(cand.get("votes", 0)),
