@@ -234,19 +234,6 @@ def test_extract_batch_matches_single(extractor, half_photo):
         np.testing.assert_allclose(fb.descriptors, fs.descriptors, atol=1e-4)
 
 
-def test_channels_last_gives_the_same_features(extractor, half_photo):
-    """The default (fast) path runs the network on NHWC activations, on CPU too; the plain
-    NCHW path (fast=False) must give the same keypoints and descriptors."""
-    assert extractor.channels_last
-    plain = DelfExtractor(fast=False)
-    assert not plain.channels_last
-    a, b = extractor.extract(half_photo), plain.extract(half_photo)
-    np.testing.assert_array_equal(a.locations, b.locations)
-    np.testing.assert_array_equal(a.scales, b.scales)
-    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-4)
-    assert np.min(np.sum(a.descriptors * b.descriptors, 1)) > 0.9999
-
-
 def test_query_extraction_leaves_out_levels_above_max_scale(extractor):
     """Search queries skip the pyramid's top level (DELF_QUERY_MAX_SCALE): no feature of
     theirs comes from a level above it, the other levels give the same features, and the

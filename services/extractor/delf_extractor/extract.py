@@ -76,10 +76,8 @@ class DelfExtractor:
     pca: "default" (the config's shipped artifact), a path to an artifact, a loaded
         `pca.Pca`, or None for raw (L2-normalised, not reduced) descriptors.
     config: overrides the preset (e.g. ``dataclasses.replace(cfg, scales=...)``).
-    fast: channels_last activations (the default; on CPU too, where oneDNN's NHWC
-        depthwise and 1x1 convolutions are 15% faster end to end with identical keypoints,
-        BENCHMARKS.md) and, on CUDA, bf16 autocast; False gives the plain fp32 NCHW path
-        (the equivalence reference of scripts/bench_gpu.py).
+    fast: on CUDA, bf16 autocast and channels_last (the default); False gives the plain
+        fp32 path (the equivalence reference of scripts/bench_gpu.py).
     """
 
     def __init__(self, model_name: str | None = None, device: str | None = None,
@@ -93,9 +91,8 @@ class DelfExtractor:
         if self.device.type == "cpu":
             tune_malloc()
         self.cuda = self.device.type == "cuda"
-        self.channels_last = bool(fast)
-        self.fast = self.cuda and fast  # bf16 autocast (CUDA only)
-        if self.channels_last:
+        self.fast = self.cuda and fast  # bf16 autocast + channels_last
+        if self.fast:
             self.net = self.net.to(memory_format=torch.channels_last)
         if isinstance(pca, str) and pca == _DEFAULT:
             pca = pca_mod.default_path(self.cfg)
@@ -186,9 +183,8 @@ class DelfExtractor:
             level = x if (lh, lw) == tuple(x.shape[-2:]) else F.interpolate(
                 x, size=(lh, lw), mode="bilinear", align_corners=False, antialias=True)
             level = level.clamp_(0, 255)
-            if self.channels_last:
-                level = level.contiguous(memory_format=torch.channels_last)
             if self.fast:
+                level = level.contiguous(memory_format=torch.channels_last)
                 with torch.autocast("cuda", dtype=torch.bfloat16):
                     feats, scores = self.net(level)
             else:
