@@ -14,7 +14,7 @@ corners, mapped by the returned transform, from where the true homography puts t
 (database pixels). The query's corners lie on the warped canvas, often outside the photo
 content, so the transform is extrapolated there.
 
-    .venv/bin/python scripts/bench_corners.py [--photos DIR] [--every 6]
+    .venv/bin/python scripts/bench_corners.py [--photos DIR] [--every 6] [--dense]
 """
 from __future__ import annotations
 
@@ -47,15 +47,24 @@ def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "landmarks-dev")
     p.add_argument("--every", type=int, default=6, help="every Nth landmarks-dev photo")
+    p.add_argument("--dense", action="store_true",
+                   help="index every landmarks-dev photo, not only the queried ones: a query's "
+                        "descriptors then also find their neighbours in similar photos, and its "
+                        "source keeps fewer correspondences (closer to a real collection)")
     args = p.parse_args()
     photos = {f"sample/{n}": rgb3(sample_photo(n)) for n in SAMPLE_PHOTOS}
+    indexed = dict(photos)
     if (args.photos / "MANIFEST.tsv").is_file():
-        for rel, _ in read_manifest(args.photos / "MANIFEST.tsv")[:: args.every]:
-            photos[rel] = decode_image((args.photos / rel).read_bytes())
+        rows = read_manifest(args.photos / "MANIFEST.tsv")
+        for k, (rel, _) in enumerate(rows):
+            if k % args.every == 0 or args.dense:
+                indexed[rel] = decode_image((args.photos / rel).read_bytes())
+            if k % args.every == 0:
+                photos[rel] = indexed[rel]
     else:
         print(f"(no landmarks-dev at {args.photos}: sample photos only)")
     ex = DelfExtractor()
-    db = {n: ex.extract(im) for n, im in photos.items()}
+    db = {n: ex.extract(im) for n, im in indexed.items()}
     voter = ExactVoter({n: LocalFeatures(f.locations, f.descriptors, tuple(f.image_size), f.scales)
                         for n, f in db.items()})
     variants = {"every level (default)": None, "levels <= 1.0 (DELF_QUERY_MAX_SCALE=1.0)": 1.0}
@@ -86,7 +95,7 @@ def main() -> None:
                             err = float(np.abs(project(hh, box_corners((w, h))) - truth).max())
                     errors[label, refine].append(err)
     n = len(next(iter(errors.values())))
-    print(f"{len(photos)} photos x 2 warps = {n} queries")
+    print(f"{len(photos)} photos x 2 warps = {n} queries, {len(db)} photos indexed")
     print("| query extraction | transform | corner error median (px) | p90 | max | share within 10 px | "
           "share within 20 px | unverified | extraction s (median) |")
     print("|---|---|---|---|---|---|---|---|---|")
