@@ -352,6 +352,29 @@ def test_pca_for_another_model_is_refused(tmp_path):
         DelfExtractor("effnet-lite0", device="cpu", pca=path)
 
 
+def test_delf_pca_chooses_the_reduction(tmp_path, monkeypatch, half_photo):
+    """DELF_PCA: a shipped artifact by name (the 64-d one), a file by path, or a clear error."""
+    monkeypatch.setenv("DELF_PCA", "effnet-lite0-pca64")
+    ex = DelfExtractor("effnet-lite0", device="cpu")
+    assert ex.dim == 64 and ex.pca_id.startswith("effnet-lite0-pca64-")
+    f = ex.extract(half_photo)
+    assert f.descriptors.shape[1] == 64 and f.pca_id == ex.pca_id
+    np.testing.assert_allclose(np.linalg.norm(f.descriptors, axis=1), 1.0, atol=1e-5)
+    p64 = pca_mod.load_pca(pca_mod.configured_path(models.get_config("effnet-lite0")))
+    assert p64.record["num_descriptors"] > 10 * p64.input_dim and "--dim 64" in p64.record["command"]
+
+    own = pca_mod.Pca(p64.mean, p64.components[:16], p64.explained_variance[:16], "effnet-lite0",
+                      pca_mod.content_id("effnet-lite0", p64.mean, p64.components[:16]), {})
+    monkeypatch.setenv("DELF_PCA", str(own.save(tmp_path / "mine.npz")))
+    assert DelfExtractor("effnet-lite0", device="cpu").pca_id == own.pca_id
+
+    monkeypatch.setenv("DELF_PCA", "no-such-pca")
+    with pytest.raises(FileNotFoundError, match="no-such-pca.*effnet-lite0-pca40, effnet-lite0-pca64"):
+        DelfExtractor("effnet-lite0", device="cpu")
+    monkeypatch.setenv("DELF_PCA", "")
+    assert DelfExtractor("effnet-lite0", device="cpu").dim == 40
+
+
 def test_fit_pca_recovers_subspace_and_roundtrips(tmp_path):
     rng = np.random.default_rng(1)
     basis = np.linalg.qr(rng.normal(size=(32, 4)))[0].T  # 4 orthonormal directions in 32-d

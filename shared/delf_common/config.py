@@ -167,6 +167,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_WEIGHTS_DIR", "", str,
                 "Folder searched for weight files (e.g. torchvision's `resnet50-11ad3fa6.pth`); "
                 "the torch hub cache is searched too.", "extractor"),
+        Setting("DELF_PCA", "", str,
+                "PCA that reduces the descriptors: a `.npz` written by `delf fit-pca --out PATH`, or "
+                "the name of one shipped in the extractor's weights folder (`effnet-lite0-pca64`: "
+                "64 dimensions, +0.012 landmarks-dev mAP over the default 40 for 1.6x the vectors "
+                "and about 1.5x the kNN time; BENCHMARKS.md). Empty: the model's shipped PCA "
+                "(`effnet-lite0-pca40.npz`). A collection keeps the PCA it was filled with (others "
+                "are refused): a new PCA needs a new `DELF_COLLECTION` and a re-ingest.", "extractor"),
         Setting("DELF_MAX_IMAGE_BYTES", 20 * 1024 * 1024, int,
                 "Largest accepted encoded photo, in bytes.", "gateway, extractor"),
         Setting("DELF_MAX_IMAGE_PIXELS", 50_000_000, int,
@@ -259,8 +266,9 @@ SETTINGS: dict[str, Setting] = {
                 "this scale (indexed photos keep every level of the model). On landmarks-dev, 1.0 "
                 "cut query extraction from 0.58 to 0.19 s for the same mAP (0.898 vs 0.899) and "
                 "brings a 1M-descriptor search under 1 s on a slow 2-core VM, but the matched "
-                "region's corners get coarser (54 warped photos: 65% within 10 px, against 87% "
-                "with every level; scripts/bench_corners.py). 0: every level (the default).",
+                "region's corners get coarser (54 warped photos: 87% within 10 px, largest error "
+                "14 px, against 98% and 12 px with every level; scripts/bench_corners.py). "
+                "0: every level (the default).",
                 "extractor"),
         Setting("DELF_MAX_SEARCHES", 16, int,
                 "Most searches one gateway process works on at once; beyond it a search is answered "

@@ -73,7 +73,7 @@ class DelfExtractor:
 
     model_name: a key of `models.MODEL_CONFIGS` (default: DELF_MODEL).
     device: "auto", "cpu", "cuda", "cuda:1" (default: DELF_DEVICE).
-    pca: "default" (the config's shipped artifact), a path to an artifact, a loaded
+    pca: "default" (DELF_PCA, else the config's shipped artifact), a path to an artifact, a loaded
         `pca.Pca`, or None for raw (L2-normalised, not reduced) descriptors.
     config: overrides the preset (e.g. ``dataclasses.replace(cfg, scales=...)``).
     fast: on CUDA, bf16 autocast and channels_last (the default); False gives the plain
@@ -95,7 +95,7 @@ class DelfExtractor:
         if self.fast:
             self.net = self.net.to(memory_format=torch.channels_last)
         if isinstance(pca, str) and pca == _DEFAULT:
-            pca = pca_mod.default_path(self.cfg)
+            pca = pca_mod.configured_path(self.cfg)  # DELF_PCA, else the shipped one
         if isinstance(pca, (str, Path)):
             pca = pca_mod.load_pca(pca)
         if pca is not None:

@@ -129,6 +129,25 @@ def default_path(cfg: models.ModelConfig) -> Path:
     return models.WEIGHTS_DIR / cfg.pca_file
 
 
+def configured_path(cfg: models.ModelConfig) -> Path:
+    """The PCA artifact DELF_PCA names (a path, or a shipped artifact's name), else the
+    model's shipped one."""
+    from delf_common import config
+
+    value = str(config.get("DELF_PCA") or "").strip()
+    if not value:
+        return default_path(cfg)
+    path = Path(value).expanduser()
+    if path.is_file():
+        return path
+    shipped = models.WEIGHTS_DIR / (value if value.endswith(".npz") else value + ".npz")
+    if "/" not in value and shipped.is_file():
+        return shipped
+    names = sorted(p.stem for p in models.WEIGHTS_DIR.glob("*pca*.npz"))
+    raise FileNotFoundError(f"DELF_PCA={value!r}: no such file, nor a shipped PCA of that name "
+                            f"(shipped: {', '.join(names)}); create one with `delf fit-pca --out PATH`")
+
+
 # --------------------------------------------------------------------------- photos
 
 
