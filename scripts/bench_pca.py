@@ -10,7 +10,9 @@ the shipped ranking after the verifier's RANSAC, over all 114 queries. Then the 
 500 queries against 1M clustered synthetic unit vectors of each dimension in a faiss
 IVF_FLAT index shaped like a Milvus Lite segment's (nlist 128, nprobe 8), median of 5.
 
-    .venv/bin/python scripts/bench_pca.py [--photos DIR] [--cache PATH] [--skip-knn]
+    .venv/bin/python scripts/bench_pca.py [--model effnet-lite0-cat32] [--photos DIR] [--cache PATH] [--skip-knn]
+
+--model: another preset (its raw descriptors and its shipped ``<model>-pca*.npz``).
 """
 from __future__ import annotations
 
@@ -32,11 +34,11 @@ REPO = Path(__file__).resolve().parents[1]
 QUERY_FEATURES, SHORTLIST, NEIGHBOURS, RATIO = 500, 50, 10, 0.9
 
 
-def raw_features(root: Path, rows, cache: Path) -> list[dict]:
+def raw_features(root: Path, rows, cache: Path, model: str = "effnet-lite0") -> list[dict]:
     if not cache.exists():
         from delf_extractor.extract import DelfExtractor
 
-        ex = DelfExtractor(pca=None)
+        ex = DelfExtractor(model, pca=None)
         out = []
         for path, _ in rows:
             f = ex.extract(decode_image((root / path).read_bytes()))
@@ -91,19 +93,22 @@ def knn_seconds(dim: int, n: int = 1_000_000, queries: int = 500) -> float:
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "landmarks-dev")
-    p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-pca.pkl"))
+    p.add_argument("--model", default="effnet-lite0")
+    p.add_argument("--cache", type=Path, default=None, help="default: /tmp/delf-bench-pca-<model>.pkl")
     p.add_argument("--skip-knn", action="store_true", help="accuracy only")
     args = p.parse_args()
     rows = read_manifest(args.photos / "MANIFEST.tsv")
     groups = [g for _, g in rows]
-    feats = raw_features(args.photos, rows, args.cache)
+    cache = args.cache or Path(f"/tmp/delf-bench-pca-{args.model}.pkl")
+    feats = raw_features(args.photos, rows, cache, args.model)
+    channels = models.get_config(args.model).channels
     variants = {}
-    for path in sorted(models.WEIGHTS_DIR.glob("effnet-lite0-pca*.npz")):
+    for path in sorted(models.WEIGHTS_DIR.glob(f"{args.model}-pca*.npz")):
         pca = pca_mod.load_pca(path)
         variants[f"{path.stem} ({pca.record['explained_variance_ratio']:.0%} variance)"] = (
             pca.dim, [l2n((f["desc"] - pca.mean) @ pca.components.T) for f in feats])
-    variants["no PCA (112-d, L2 only)"] = (112, [l2n(f["desc"]) for f in feats])
-    print(f"{len(rows)} photos, exact kNN voting, {QUERY_FEATURES} query descriptors")
+    variants[f"no PCA ({channels}-d, L2 only)"] = (channels, [l2n(f["desc"]) for f in feats])
+    print(f"{len(rows)} photos, {args.model}, exact kNN voting, {QUERY_FEATURES} query descriptors")
     print("| descriptors | dims | mAP (votes) | mAP (verified, shipped ranking) | "
           "kNN of 500 queries at 1M, IVF nlist 128 nprobe 8 (s) |")
     print("|---|---|---|---|---|")

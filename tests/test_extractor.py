@@ -316,6 +316,27 @@ def test_folded_batchnorm_gives_the_same_features():
     assert torch.allclose(folded_feats, feats, rtol=1e-3, atol=1e-3 * float(feats.abs().max()))
 
 
+def test_concat_preset_keeps_the_keypoints_and_appends_deeper_features(half_photo):
+    """effnet-lite0-cat32: the same keypoints, scores and geometry as effnet-lite0; each
+    descriptor is the stride-16 feature (L2) with the stride-32 block's upsampled output (L2)
+    appended, and every BatchNorm folds."""
+    plain = DelfExtractor("effnet-lite0", device="cpu", pca=None)
+    cat = DelfExtractor("effnet-lite0-cat32", device="cpu", pca=None)
+    assert cat.dim == 304 and cat.net.geometry(300, 400) == plain.net.geometry(300, 400)
+    a, b = plain.extract(half_photo), cat.extract(half_photo)
+    np.testing.assert_array_equal(a.locations, b.locations)
+    np.testing.assert_allclose(a.scores, b.scores, rtol=1e-5)
+    np.testing.assert_allclose(b.descriptors[:, :112] * np.sqrt(2), a.descriptors, atol=1e-5)
+    deep = b.descriptors[:, 112:] * np.sqrt(2)
+    np.testing.assert_allclose(np.linalg.norm(deep, axis=1), 1.0, atol=1e-5)
+    assert np.mean(np.abs(deep @ deep.T)) < 0.9  # not one constant vector
+
+    net = models.build_model("effnet-lite0-cat32")
+    assert models.fold_batchnorm(net) == 1 + 2 + 3 * 14  # stem, block 0, blocks 1-14
+    with pytest.raises(ValueError, match="concat_layer must be a later"):
+        models.build_model(dataclasses.replace(models.get_config("effnet-lite0-cat32"), concat_layer="blocks.3"))
+
+
 def test_small_photo_gives_empty_features_not_a_crash(extractor):
     f = extractor.extract(np.full((40, 40, 3), 90, np.uint8))
     assert len(f) == 0 and f.descriptors.shape == (0, 40) and f.image_size == (40, 40)
@@ -332,10 +353,11 @@ def test_rejects_non_rgb_arrays(extractor):
 # --------------------------------------------------------------------------- PCA
 
 
-def test_shipped_pca_artifact_matches_model():
-    cfg = models.get_config("effnet-lite0")
+@pytest.mark.parametrize("model", ["effnet-lite0", "effnet-lite0-cat32"])
+def test_shipped_pca_artifact_matches_model(model):
+    cfg = models.get_config(model)
     p = pca_mod.load_pca(pca_mod.default_path(cfg))
-    assert p.model == "effnet-lite0" and p.dim == cfg.pca_dim and p.input_dim == cfg.channels
+    assert p.model == model and p.dim == cfg.pca_dim and p.input_dim == cfg.channels
     assert p.pca_id == pca_mod.content_id(p.model, p.mean, p.components)
     np.testing.assert_allclose(p.components @ p.components.T, np.eye(p.dim), atol=1e-4)
     assert np.all(np.diff(p.explained_variance) <= 0)

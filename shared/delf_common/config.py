@@ -160,7 +160,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_COLLECTION", "delf", str,
                 "Name prefix of the Milvus collections (`<name>_features`, `<name>_images`).", "indexer"),
         Setting("DELF_MODEL", "effnet-lite0", str,
-                "Extractor model configuration (`effnet-lite0`, `effnet-lite0-attn`, `delf-resnet50`).", "extractor, gateway (stats)"),
+                "Extractor model configuration (`effnet-lite0`, `effnet-lite0-cat32`, `effnet-lite0-attn`, "
+                "`delf-resnet50`; README \"How a search works\").", "extractor, gateway (stats)"),
         Setting("DELF_DEVICE", "auto", str,
                 "Torch device for the extractor: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`.",
                 "extractor"),
@@ -169,11 +170,12 @@ SETTINGS: dict[str, Setting] = {
                 "the torch hub cache is searched too.", "extractor"),
         Setting("DELF_PCA", "", str,
                 "PCA that reduces the descriptors: a `.npz` written by `delf fit-pca --out PATH`, or "
-                "the name of one shipped in the extractor's weights folder (`effnet-lite0-pca64`: "
-                "64 dimensions, +0.012 landmarks-dev mAP over the default 40 for 1.6x the vectors "
-                "and about 1.5x the kNN time; BENCHMARKS.md). Empty: the model's shipped PCA "
-                "(`effnet-lite0-pca40.npz`). A collection keeps the PCA it was filled with (others "
-                "are refused): a new PCA needs a new `DELF_COLLECTION` and a re-ingest.", "extractor"),
+                "the name of one shipped in the extractor's weights folder: `effnet-lite0-pca64` "
+                "(64 dimensions: +0.013 landmarks-dev mAP over the default 40 for 1.6x the vectors "
+                "and about 1.4x the kNN time; BENCHMARKS.md) or, with `DELF_MODEL=effnet-lite0-cat32`, "
+                "`effnet-lite0-cat32-pca64`. The PCA must belong to `DELF_MODEL`. Empty: the model's "
+                "shipped 40-d PCA. A collection keeps the PCA it was filled with (others are "
+                "refused): a new PCA needs a new `DELF_COLLECTION` and a re-ingest.", "extractor"),
         Setting("DELF_MAX_IMAGE_BYTES", 20 * 1024 * 1024, int,
                 "Largest accepted encoded photo, in bytes.", "gateway, extractor"),
         Setting("DELF_MAX_IMAGE_PIXELS", 50_000_000, int,
