@@ -332,11 +332,15 @@ class EfficientNetLite0(nn.Module):
             self._bn1 = _bn(1280)
             self._fc = nn.Linear(1280, num_classes)
 
-    def features(self, x: torch.Tensor) -> torch.Tensor:
+    def features(self, x: torch.Tensor, tap: int | None = None):
+        """The last block's output; with ``tap``, (block ``tap``'s output, the last one's)."""
         x = F.relu6(self._bn0(self._conv_stem(x)), inplace=True)
-        for block in self._blocks:
+        tapped = x
+        for i, block in enumerate(self._blocks):
             x = block(x)
-        return x
+            if i == tap:
+                tapped = x
+        return x if tap is None else (tapped, x)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = self.features(x)
@@ -529,14 +533,8 @@ class _ConcatFeatures(nn.Module):
         object.__setattr__(self, "keypoint_part", part)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        net = self.net
-        x = F.relu6(net._bn0(net._conv_stem(x)), inplace=True)
-        keyed = x
-        for i, block in enumerate(net._blocks):
-            x = block(x)
-            if i == self.keypoint_block:
-                keyed = x
-        deep = F.interpolate(x, size=keyed.shape[-2:], mode="bilinear", align_corners=False)
+        keyed, deep = self.net.features(x, tap=self.keypoint_block)
+        deep = F.interpolate(deep, size=keyed.shape[-2:], mode="bilinear", align_corners=False)
         return keyed, torch.cat([F.normalize(keyed, dim=1), F.normalize(deep, dim=1)], 1)
 
 
