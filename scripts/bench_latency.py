@@ -65,7 +65,8 @@ def real_features(photos: Path, cache: Path):
     rows = read_manifest(photos / "MANIFEST.tsv")
     path = cache / "real.npz"
     ranking_cache = Path("/tmp/delf-bench-ranking.npz")  # scripts/bench_ranking.py's, same extractor
-    if not path.exists() and ranking_cache.exists():
+    default_extractor = not (os.environ.get("DELF_MODEL") or os.environ.get("DELF_PCA"))
+    if not path.exists() and ranking_cache.exists() and default_extractor:
         z = np.load(ranking_cache)
         n = np.bincount(z["I"], minlength=len(rows))
         # it lacks scales and scores: features come sorted by score, so rank stands in for it

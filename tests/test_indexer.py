@@ -170,6 +170,38 @@ def test_metadata_filter(store, monkeypatch):
             store.search(q, shortlist=3, filter=bad)
 
 
+def test_lite_segments_get_the_configured_ivf_lists(tmp_path, monkeypatch):
+    """DELF_LITE_NLIST reaches the faiss index Lite builds for each segment (clamped to the
+    segment's rows), and a collection keeps its lists when the setting changes later."""
+    import faiss
+
+    def lists(store):
+        segments, _ = store._lite_snapshot()
+        return sorted((seg.num_rows, seg.indexes["desc"]._index.nlist) for seg in segments if seg.num_rows)
+
+    monkeypatch.setenv("DELF_LITE_NLIST", "64")
+    store = DescriptorStore(str(tmp_path / "m.db"), collection="t")
+    try:
+        for i in range(3):
+            store.add(f"i{i}", feats(300, 80 + i), {})
+        store.search(feats(50, 1))  # settle: flush, index build
+        found = lists(store)
+        assert found and all(isinstance(seg, int) for seg, _ in found)
+        assert all(nlist == min(64, rows) for rows, nlist in found), found
+        assert isinstance(store._lite_collection()._read_snapshot()[0][0].indexes["desc"]._index,
+                          faiss.IndexIVFFlat)
+    finally:
+        store.close()
+    monkeypatch.setenv("DELF_LITE_NLIST", "8")
+    store = DescriptorStore(str(tmp_path / "m.db"), collection="t")
+    try:
+        store.add("i3", feats(300, 90), {})
+        store.search(feats(50, 1))
+        assert all(nlist == min(64, rows) for rows, nlist in lists(store))
+    finally:
+        store.close()
+
+
 @pytest.mark.parametrize("exact_rows", [20_000, 0])  # small segments scanned exactly / through IVF
 def test_direct_lite_search_matches_search_api(store, monkeypatch, exact_rows):
     """The indexer's direct read of Lite's faiss segments gives the same neighbours as Lite's
@@ -179,7 +211,8 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, exact_rows):
     from delf_indexer import store as store_module
 
     monkeypatch.setattr(store_module, "EXACT_SEGMENT_ROWS", exact_rows)
-    store.index = dataclasses.replace(store.index, search_params={"nprobe": 128}, direct_nprobe=128)
+    # nprobe above any segment's list count (faiss and the direct path clamp it): every list
+    store.index = dataclasses.replace(store.index, search_params={"nprobe": 4096}, direct_nprobe=4096)
     images = {f"i{i}": feats(300, 60 + i) for i in range(6)}
     for k, f in images.items():
         store.add(k, f, {"n": k})
@@ -327,7 +360,7 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
         DescriptorStore(str(tmp_path / "m.db"))
     monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
-    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 8
+    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 16
     monkeypatch.setenv("DELF_LITE_NPROBE", "4")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 4
     for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]")):

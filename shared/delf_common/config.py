@@ -140,10 +140,16 @@ SETTINGS: dict[str, Setting] = {
                 "A server: `http://host:19530`.", "indexer"),
         Setting("DELF_MILVUS_TOKEN", "", str,
                 "Milvus token (`user:password` or an API key) for a server.", "indexer"),
-        Setting("DELF_LITE_NPROBE", 8, _positive_int,
-                "IVF lists (of 128) the indexer's direct Milvus Lite search probes in each large "
-                "segment: fewer is faster, more finds more true neighbours; see BENCHMARKS.md "
-                "(search latency against index size).", "indexer"),
+        Setting("DELF_LITE_NLIST", 1024, _positive_int,
+                "IVF lists per Milvus Lite segment (of up to 100k descriptors), chosen when the "
+                "collection is created (an existing one keeps its own). 1024 (about 4 sqrt(rows)) "
+                "scans a smaller part of each segment than coarser lists at the same recall; see "
+                "BENCHMARKS.md (Lite IVF lists).", "indexer"),
+        Setting("DELF_LITE_NPROBE", 16, _positive_int,
+                "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
+                "(of DELF_LITE_NLIST; at most all of a segment's lists): fewer is faster, more finds "
+                "more true neighbours; see BENCHMARKS.md (search latency against index size).",
+                "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
                 "Vector index of a Milvus server's descriptor collection, chosen when the collection "
                 "is created: HNSW (auto: best latency and recall while the vectors fit in RAM, tens "

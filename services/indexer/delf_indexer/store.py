@@ -90,8 +90,9 @@ class IndexSettings:
     to pymilvus and back): ~0.3 s at 10k descriptors, ~0.9 s at 100k, several seconds at
     1M. Hence the indexer's direct path for Lite (``DescriptorStore._direct_knn``): the
     same segments, tombstones and filters searched through their faiss indexes with numpy
-    masks, ``direct_nprobe`` lists per large segment (8 of 128: with 500 query descriptors,
-    1M descriptors in 0.2-0.4 s on the loaded 2-core machine, same mAP; BENCHMARKS.md).
+    masks, ``direct_nprobe`` lists per large segment (16 of DELF_LITE_NLIST=1024: half the
+    vectors scanned of the earlier 8 of 128, at the same or better landmarks-dev mAP with
+    885k distractors; BENCHMARKS.md, "Lite IVF lists").
 
     Milvus Lite 3.x through its search API (measured on 2 cores, 100k x 40-d unit vectors, 1000 queries, k=11):
       * FLAT / BRUTE_FORCE: Lite computes distances with a (queries x rows x dim)
@@ -102,9 +103,10 @@ class IndexSettings:
         random data), and Lite rebuilds the index of every segment it compacts
         (segments grow to 100k rows) in a background thread.
       * IVF_FLAT: build 2-3 s per 100k rows; search 0.32 s per 1000 queries in one
-        call. Lite clamps nlist to the segment's rows, so few lists with a large
-        nprobe keep small, freshly flushed segments accurate: nlist 128, nprobe 32
-        scans ~1/4 of a segment.  -> chosen for Lite (small deployments).
+        call. Lite clamps nlist to the segment's rows; the API path probes a quarter
+        of the lists (nlist 1024, nprobe 256), so small, freshly flushed segments stay
+        accurate there; the direct path scans segments of up to 20k rows exactly.
+        -> chosen for Lite (small deployments).
       The time per call is dominated by Lite's per-hit Python work, not the ANN:
       1000 queries in one call ~0.33 s, in calls of 200 ~0.55 s, of 50 ~1.1 s, so
       queries go in batches of 500.
@@ -125,7 +127,7 @@ class IndexSettings:
     squared_l2: bool = True
     # IVF lists probed per Lite segment by the indexer's direct search (segments larger
     # than EXACT_SEGMENT_ROWS; smaller ones are scanned exactly); see BENCHMARKS.md.
-    direct_nprobe: int = 8
+    direct_nprobe: int = 16
 
     @classmethod
     def for_uri(cls, uri: str, index_type: str | None = None,
@@ -139,7 +141,9 @@ class IndexSettings:
                     f"DELF_MILVUS_INDEX={index_type} is for a Milvus server; Milvus Lite (a .db file) "
                     f"always uses IVF_FLAT, which the indexer's direct search reads. Unset it or "
                     f"point DELF_MILVUS_URI at a server")
-            return cls("IVF_FLAT", {"nlist": 128}, {"nprobe": 32}, query_batch=500,
+            nlist = int(config.get("DELF_LITE_NLIST"))
+            # The API path (DELF_LITE_DIRECT_SEARCH=0) probes a quarter of a segment's lists.
+            return cls("IVF_FLAT", {"nlist": nlist}, {"nprobe": max(1, nlist // 4)}, query_batch=500,
                        direct_nprobe=int(config.get("DELF_LITE_NPROBE")))
         index_type = "HNSW" if index_type == "auto" else index_type
         if index_type not in SERVER_INDEXES:
@@ -327,8 +331,13 @@ class DescriptorStore:
         s.add_field("generation", DataType.INT64)
         s.add_field("desc", DataType.FLOAT_VECTOR, dim=dim)
         ip = self.client.prepare_index_params()
-        ip.add_index("desc", index_type=self.index.index_type, metric_type="L2",
-                     params=self.index.build_params_for(dim))
+        params = self.index.build_params_for(dim)
+        if is_lite_uri(self.uri):
+            # pymilvus 3 sends index parameters as flat key/values (a server reads those);
+            # Milvus Lite 3.2 reads only a JSON "params" entry and silently builds its
+            # default (nlist 128) otherwise.
+            params = {"params": params}
+        ip.add_index("desc", index_type=self.index.index_type, metric_type="L2", params=params)
         # Strong consistency: a search right after an add/delete sees it (server).
         self.client.create_collection(self.features_name, schema=s, index_params=ip,
                                       consistency_level="Strong")
