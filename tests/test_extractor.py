@@ -362,7 +362,7 @@ def test_shipped_pca_artifact_matches_model(model):
     np.testing.assert_allclose(p.components @ p.components.T, np.eye(p.dim), atol=1e-4)
     assert np.all(np.diff(p.explained_variance) <= 0)
     assert "fit-pca" in p.record["command"] and p.record["num_descriptors"] > 10 * cfg.channels
-    assert pca_mod.default_path(cfg).stat().st_size < 100_000
+    assert pca_mod.default_path(cfg).stat().st_size < 150_000  # small enough to ship in git
 
 
 def test_pca_for_another_model_is_refused(tmp_path):
@@ -490,7 +490,7 @@ def test_extract_task_returns_contract_dict(worker):
     out = worker.extract(png_bytes(data.chelsea()), {})
     assert out["ok"] is True and set(out) == {"ok", "features"}
     f = DelfFeatures.from_wire(out["features"])
-    assert f.image_size == (451, 300) and 0 < len(f) <= 1000 and f.dim == 40
+    assert f.image_size == (451, 300) and 0 < len(f) <= 1000 and f.dim == 40  # the effnet-lite0 fixture
 
     bad = worker.extract(b"not an image", {})
     assert bad == {"ok": False, "error": {"code": "INVALID_ARGUMENT", "message": bad["error"]["message"]}}

@@ -153,7 +153,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
                 "Vector index of a Milvus server's descriptor collection, chosen when the collection "
                 "is created: HNSW (auto: best latency and recall while the vectors fit in RAM, tens "
-                "of millions of 40-d descriptors per node), IVF_FLAT (fast to build, for bulk loads), "
+                "of millions of 40- to 96-d descriptors per node), IVF_FLAT (fast to build, for bulk loads), "
                 "IVF_SQ8 (a quarter of the memory, small recall cost), IVF_PQ (compressed: hundreds "
                 "of millions of descriptors; the paper used PQ with an inverted file) or DISKANN "
                 "(vectors on SSD, a billion-descriptor index). An existing collection keeps its "
@@ -165,9 +165,11 @@ SETTINGS: dict[str, Setting] = {
                 "time. Empty: the defaults of the index type (BENCHMARKS.md).", "indexer"),
         Setting("DELF_COLLECTION", "delf", str,
                 "Name prefix of the Milvus collections (`<name>_features`, `<name>_images`).", "indexer"),
-        Setting("DELF_MODEL", "effnet-lite0", str,
-                "Extractor model configuration (`effnet-lite0`, `effnet-lite0-cat32`, `effnet-lite0-attn`, "
-                "`delf-resnet50`; README \"How a search works\").", "extractor, gateway (stats)"),
+        Setting("DELF_MODEL", "effnet-lite0-cat32", str,
+                "Extractor model configuration: `effnet-lite0-cat32` (EfficientNet-Lite0's stride-16 "
+                "features with its stride-32 stage appended), `effnet-lite0` (the stride-16 features "
+                "alone: 15% faster extraction, 0.04 lower mAP), `effnet-lite0-attn`, `delf-resnet50`; "
+                "README \"How a search works\".", "extractor, gateway (stats)"),
         Setting("DELF_DEVICE", "auto", str,
                 "Torch device for the extractor: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`.",
                 "extractor"),
@@ -176,11 +178,12 @@ SETTINGS: dict[str, Setting] = {
                 "the torch hub cache is searched too.", "extractor"),
         Setting("DELF_PCA", "", str,
                 "PCA that reduces the descriptors: a `.npz` written by `delf fit-pca --out PATH`, or "
-                "the name of one shipped in the extractor's weights folder: `effnet-lite0-pca64` "
-                "(64 dimensions: +0.013 landmarks-dev mAP over the default 40 for 1.6x the vectors "
-                "and about 1.4x the kNN time; BENCHMARKS.md) or, with `DELF_MODEL=effnet-lite0-cat32`, "
-                "`effnet-lite0-cat32-pca64`. The PCA must belong to `DELF_MODEL`. Empty: the model's "
-                "shipped 40-d PCA. A collection keeps the PCA it was filled with (others are "
+                "the name of one shipped in the extractor's weights folder. Shipped: for the default "
+                "`effnet-lite0-cat32`, `effnet-lite0-cat32-pca96` (its default), `-pca64` and `-pca40` "
+                "(fewer dimensions: smaller vectors and faster kNN for 0.005 / 0.024 less landmarks-dev "
+                "mAP); for `effnet-lite0` (and `-attn`), `effnet-lite0-pca40` (its default) and "
+                "`effnet-lite0-pca64`; BENCHMARKS.md. The PCA must belong to `DELF_MODEL`. Empty: the "
+                "model's default. A collection keeps the PCA it was filled with (others are "
                 "refused): a new PCA needs a new `DELF_COLLECTION` and a re-ingest.", "extractor"),
         Setting("DELF_MAX_IMAGE_BYTES", 20 * 1024 * 1024, int,
                 "Largest accepted encoded photo, in bytes.", "gateway, extractor"),

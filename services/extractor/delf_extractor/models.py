@@ -151,15 +151,19 @@ MODEL_CONFIGS["effnet-lite0-attn"] = dataclasses.replace(
 
 
 # effnet-lite0 whose descriptors also carry the stride-32 stage-6 output (192 channels) at
-# each stride-16 cell: the same keypoints, with more context in the descriptor. On
-# landmarks-dev (scripts/bench_pca.py) 0.915 mAP at PCA 40 and 0.934 at PCA 64, against
-# 0.899 / 0.912 for the stride-16 layer alone, for a few percent more extraction time.
+# each stride-16 cell: the same keypoints, with more context in the descriptor. The default
+# (DELF_MODEL). On landmarks-dev (scripts/bench_pca.py) 0.915 mAP at PCA 40, 0.934 at 64 and
+# 0.939 at 96, against 0.899 / 0.912 for the stride-16 layer alone, for about 15% more
+# extraction time. PCA 96 by default: the one setting measured 0.05 above the global GeM
+# descriptor through the system (BENCHMARKS.md, "Stride-32 context"); its kNN at 1M
+# descriptors costs about what PCA 40 did before the Lite index got its 1024 lists.
 MODEL_CONFIGS["effnet-lite0-cat32"] = dataclasses.replace(
     MODEL_CONFIGS["effnet-lite0"],
     name="effnet-lite0-cat32",
     concat_layer="blocks.14",  # end of stage 6: stride 32, 192 channels
     channels=112 + 192,
-    pca_file="effnet-lite0-cat32-pca40.npz",
+    pca_dim=96,
+    pca_file="effnet-lite0-cat32-pca96.npz",
 )
 
 

@@ -10,11 +10,13 @@ An artifact is an .npz with ``mean`` (D,), ``components`` (d, D), ``explained_va
 and ``record`` (JSON: the command, photos and counts used to fit it). The pca_id
 travels with every feature set, so an index can refuse descriptors of another projection.
 
-The shipped default ``weights/effnet-lite0-pca40.npz`` was produced by::
+The shipped artifacts (``weights/*-pca*.npz``; the default model's is
+``effnet-lite0-cat32-pca96.npz``, ``effnet-lite0``'s ``effnet-lite0-pca40.npz``) were
+produced like::
 
     python -c "import delf_extractor.pca as p; p.main(['--model', 'effnet-lite0', '--dim', '40'])"
 
-i.e. ``delf fit-pca --model effnet-lite0 --dim 40`` with no photos: scikit-image's
+i.e. ``delf fit-pca --model MODEL --dim D`` with no photos: scikit-image's
 bundled sample photos (`SAMPLE_PHOTOS`) plus seeded random crops, scalings and
 rotations of them (`sample_views`). The landmarks-dev photos are deliberately not
 used: they are the evaluation set.
