@@ -356,6 +356,9 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
     assert pq.build_params_for(42)["m"] == 21 and pq.search_params == {"nprobe": 16}
     monkeypatch.setenv("DELF_MILVUS_SEARCH_PARAMS", '{"nprobe": 48}')
     assert IndexSettings.for_uri(server).search_params == {"nprobe": 48}
+    monkeypatch.setenv("DELF_MILVUS_INDEX_PARAMS", '{"nlist": 4096}')
+    assert IndexSettings.for_uri(server).build_params_for(96) == {"nlist": 4096, "m": 24, "nbits": 8}
+    monkeypatch.delenv("DELF_MILVUS_INDEX_PARAMS")
     with pytest.raises(ValueError, match="Milvus Lite"):
         DescriptorStore(str(tmp_path / "m.db"))
     monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
@@ -363,7 +366,8 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 16
     monkeypatch.setenv("DELF_LITE_NPROBE", "4")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 4
-    for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]")):
+    for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]"),
+                         ("DELF_MILVUS_INDEX_PARAMS", "nlist=4")):
         monkeypatch.setenv(bad_env, bad)
         with pytest.raises(config.ConfigError, match=bad_env):
             IndexSettings.for_uri(server)

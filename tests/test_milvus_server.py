@@ -92,6 +92,7 @@ def test_server_index_chosen_per_deployment(server_uri, monkeypatch, index_type,
 
     monkeypatch.setenv("DELF_MILVUS_INDEX", index_type)
     monkeypatch.setenv("DELF_MILVUS_SEARCH_PARAMS", '{"%s": 64}' % search_key)
+    monkeypatch.setenv("DELF_MILVUS_INDEX_PARAMS", '{"nlist": 256}')
     name = f"idx{index_type.lower()}{int(time.time())}"
     s = DescriptorStore(server_uri, token="root:Milvus", collection=name)
     try:
@@ -99,7 +100,7 @@ def test_server_index_chosen_per_deployment(server_uri, monkeypatch, index_type,
         for k, f in images.items():
             s.add(k, f)
         built = s.client.describe_index(s.features_name, "desc")
-        assert built["index_type"] == index_type
+        assert built["index_type"] == index_type and int(built["nlist"]) == 256
         if index_type == "IVF_PQ":
             assert int(built["m"]) == 10  # 40-d descriptors, 4-d sub-vectors
         assert s.index.search_params[search_key] == 64

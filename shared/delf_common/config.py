@@ -159,6 +159,12 @@ SETTINGS: dict[str, Setting] = {
                 "(vectors on SSD, a billion-descriptor index). An existing collection keeps its "
                 "index. Milvus Lite (the embedded default) always uses IVF_FLAT, which the "
                 "indexer's direct search reads; another value with a Lite file is an error.", "indexer"),
+        Setting("DELF_MILVUS_INDEX_PARAMS", {}, _json_object,
+                'Build parameters for a Milvus server\'s index as JSON over the type\'s defaults, e.g. '
+                '{"nlist": 4096} for IVF_* (more lists: a smaller part of each segment scanned per '
+                'probe; about 4 sqrt(rows per segment) is usual) or {"M": 32} for HNSW. Used when the '
+                "collection is created. Empty: the defaults of the index type (BENCHMARKS.md).",
+                "indexer"),
         Setting("DELF_MILVUS_SEARCH_PARAMS", {}, _json_object,
                 'Search parameters for a Milvus server\'s index as JSON, e.g. {"ef": 128} for HNSW '
                 'or {"nprobe": 32} for IVF_*, {"search_list": 100} for DISKANN: more recall for more '

@@ -150,7 +150,11 @@ class IndexSettings:
             raise ValueError(f"unknown Milvus index type {index_type!r}; one of {', '.join(SERVER_INDEXES)}")
         build, search = SERVER_INDEXES[index_type]
         extra = config.get("DELF_MILVUS_SEARCH_PARAMS") if search_params is None else search_params
-        return cls(index_type, dict(build), {**search, **(extra or {})}, query_batch=500)
+        # Build parameters only matter for a collection about to be created; an adopted
+        # one (search_params given) is searched with its type's defaults.
+        build_extra = config.get("DELF_MILVUS_INDEX_PARAMS") if search_params is None else {}
+        return cls(index_type, {**build, **(build_extra or {})}, {**search, **(extra or {})},
+                   query_batch=500)
 
     def build_params_for(self, dim: int) -> dict:
         """Build parameters for `dim`-d vectors (IVF_PQ: sub-vectors of 4 dimensions
