@@ -174,7 +174,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_MODEL", "effnet-lite0-cat32", str,
                 "Extractor model configuration: `effnet-lite0-cat32` (EfficientNet-Lite0's stride-16 "
                 "features with its stride-32 stage appended), `effnet-lite0` (the stride-16 features "
-                "alone: 15% faster extraction, 0.04 lower mAP), `effnet-lite0-attn`, `delf-resnet50`; "
+                "alone: about 20% less extraction time, 0.04 lower mAP), `effnet-lite0-attn`, `delf-resnet50`; "
                 "README \"How a search works\".", "extractor, gateway (stats)"),
         Setting("DELF_DEVICE", "auto", str,
                 "Torch device for the extractor: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`.",

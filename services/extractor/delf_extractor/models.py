@@ -153,7 +153,7 @@ MODEL_CONFIGS["effnet-lite0-attn"] = dataclasses.replace(
 # effnet-lite0 whose descriptors also carry the stride-32 stage-6 output (192 channels) at
 # each stride-16 cell: the same keypoints, with more context in the descriptor. The default
 # (DELF_MODEL). On landmarks-dev (scripts/bench_pca.py) 0.915 mAP at PCA 40, 0.934 at 64 and
-# 0.939 at 96, against 0.899 / 0.912 for the stride-16 layer alone, for about 15% more
+# 0.939 at 96, against 0.899 / 0.912 for the stride-16 layer alone, for about 20% more
 # extraction time. PCA 96 by default: the one setting measured 0.05 above the global GeM
 # descriptor through the system (BENCHMARKS.md, "Stride-32 context"); its kNN at 1M
 # descriptors costs about what PCA 40 did before the Lite index got its 1024 lists.
