@@ -17,12 +17,13 @@ from delf_common.images import ImageRejected, decode_image, probe_image
 from delf_common.jobs import COMPLETED, RECEIVING, RUNNING, JobStore
 from photos import jpeg, png, sample_photo
 
-README = Path(__file__).resolve().parents[1] / "README.md"
+CONFIGURATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "CONFIGURATION.md"
 
 
-def test_readme_documents_every_setting_as_the_code_defines_it():
-    assert config.markdown_table() in README.read_text(), (
-        "README's configuration table is stale: paste `python -m delf_common.config --markdown`")
+def test_configuration_doc_documents_every_setting_as_the_code_defines_it():
+    assert config.CONFIGURATION_DOC == CONFIGURATION_DOC
+    assert config.markdown_table() in CONFIGURATION_DOC.read_text(), (
+        "docs/CONFIGURATION.md's settings table is stale: run `python -m delf_common.config --write-docs`")
 
 
 def test_settings_parse_from_the_environment(monkeypatch):

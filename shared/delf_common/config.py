@@ -1,9 +1,10 @@
 """Configuration of every service, read from the environment.
 
 Every setting has a default that runs on one machine (the embedded default that
-`make up` starts). The README's configuration table is generated from
-``SETTINGS`` below (``python -m delf_common.config --markdown``), so the two
-cannot drift apart.
+`make up` starts). The settings table of docs/CONFIGURATION.md is generated from
+``SETTINGS`` below (``python -m delf_common.config --write-docs``) and a test
+checks it is current, so the two cannot drift apart. Help texts say what a setting
+does; measured trade-offs belong in BENCHMARKS.md.
 """
 from __future__ import annotations
 
@@ -120,9 +121,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_GATEWAY", "127.0.0.1:50051", str,
                 "Gateway address the `delf` CLI and client library connect to.", "client"),
         Setting("DELF_AUTH_TOKENS", (), _csv,
-                "Bearer tokens the gateway accepts, separated by commas; every `delf.v1` call must "
-                "send `authorization: Bearer <token>` (health and reflection stay open). "
-                "Empty: no authentication (the local default).", "gateway"),
+                "Bearer tokens the gateway accepts, separated by commas; `delf.v1` calls must send "
+                "`authorization: Bearer <token>` (health and reflection stay open). "
+                "Empty: no authentication.", "gateway"),
         Setting("DELF_TLS_CERT", "", str,
                 "PEM certificate (chain) the gateway serves TLS with; set together with `DELF_TLS_KEY`. "
                 "Empty (both): plaintext.", "gateway, gateway healthcheck, up"),
@@ -141,41 +142,30 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_MILVUS_TOKEN", "", str,
                 "Milvus token (`user:password` or an API key) for a server.", "indexer"),
         Setting("DELF_LITE_NLIST", 1024, _positive_int,
-                "IVF lists per Milvus Lite segment (of up to 100k descriptors), chosen when the "
-                "collection is created (an existing one keeps its own). 1024 (about 4 sqrt(rows)) "
-                "scans a smaller part of each segment than coarser lists at the same recall; see "
-                "BENCHMARKS.md (Lite IVF lists).", "indexer"),
+                "IVF lists per Milvus Lite segment (up to 100k descriptors), set when the collection "
+                "is created; an existing collection keeps its own.", "indexer"),
         Setting("DELF_LITE_NPROBE", 16, _positive_int,
                 "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
-                "(of DELF_LITE_NLIST; at most all of a segment's lists): fewer is faster, more finds "
-                "more true neighbours; see BENCHMARKS.md (search latency against index size).",
+                "(at most all of them): fewer is faster, more finds more true neighbours.",
                 "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
-                "Vector index of a Milvus server's descriptor collection, chosen when the collection "
-                "is created: HNSW (auto: best latency and recall while the vectors fit in RAM, tens "
-                "of millions of 40- to 96-d descriptors per node), IVF_FLAT (fast to build, for bulk loads), "
-                "IVF_SQ8 (a quarter of the memory, small recall cost), IVF_PQ (compressed: hundreds "
-                "of millions of descriptors; the paper used PQ with an inverted file) or DISKANN "
-                "(vectors on SSD, a billion-descriptor index). An existing collection keeps its "
-                "index. Milvus Lite (the embedded default) always uses IVF_FLAT, which the "
-                "indexer's direct search reads; another value with a Lite file is an error.", "indexer"),
+                "Vector index of a Milvus server's descriptor collection, set when the collection "
+                "is created: `auto` (HNSW), `HNSW`, `IVF_FLAT`, `IVF_SQ8`, `IVF_PQ` or `DISKANN`; an "
+                "existing collection keeps its index. Milvus Lite always uses IVF_FLAT (another "
+                "value with a Lite file is an error).", "indexer"),
         Setting("DELF_MILVUS_INDEX_PARAMS", {}, _json_object,
-                'Build parameters for a Milvus server\'s index as JSON over the type\'s defaults, e.g. '
-                '{"nlist": 4096} for IVF_* (more lists: a smaller part of each segment scanned per '
-                'probe; about 4 sqrt(rows per segment) is usual) or {"M": 32} for HNSW. Used when the '
-                "collection is created. Empty: the defaults of the index type (BENCHMARKS.md).",
-                "indexer"),
+                'Build parameters of a Milvus server\'s index as a JSON object over the index type\'s '
+                'defaults, e.g. {"nlist": 4096} for IVF_* or {"M": 32} for HNSW; used when the '
+                "collection is created. Empty: the type's defaults.", "indexer"),
         Setting("DELF_MILVUS_SEARCH_PARAMS", {}, _json_object,
-                'Search parameters for a Milvus server\'s index as JSON, e.g. {"ef": 128} for HNSW '
-                'or {"nprobe": 32} for IVF_*, {"search_list": 100} for DISKANN: more recall for more '
-                "time. Empty: the defaults of the index type (BENCHMARKS.md).", "indexer"),
+                'Search parameters of a Milvus server\'s index as a JSON object, e.g. {"ef": 128} for '
+                'HNSW, {"nprobe": 32} for IVF_*, {"search_list": 100} for DISKANN. '
+                "Empty: the type's defaults.", "indexer"),
         Setting("DELF_COLLECTION", "delf", str,
                 "Name prefix of the Milvus collections (`<name>_features`, `<name>_images`).", "indexer"),
         Setting("DELF_MODEL", "effnet-lite0-cat32", str,
-                "Extractor model configuration: `effnet-lite0-cat32` (EfficientNet-Lite0's stride-16 "
-                "features with its stride-32 stage appended), `effnet-lite0` (the stride-16 features "
-                "alone: about 20% less extraction time, 0.04 lower mAP), `effnet-lite0-attn`, `delf-resnet50`; "
-                "README \"How a search works\".", "extractor, gateway (stats)"),
+                "Extractor preset: `effnet-lite0-cat32`, `effnet-lite0`, `effnet-lite0-attn` or "
+                "`delf-resnet50` (docs/METHOD.md).", "extractor, gateway (stats)"),
         Setting("DELF_DEVICE", "auto", str,
                 "Torch device for the extractor: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`.",
                 "extractor"),
@@ -184,13 +174,9 @@ SETTINGS: dict[str, Setting] = {
                 "the torch hub cache is searched too.", "extractor"),
         Setting("DELF_PCA", "", str,
                 "PCA that reduces the descriptors: a `.npz` written by `delf fit-pca --out PATH`, or "
-                "the name of one shipped in the extractor's weights folder. Shipped: for the default "
-                "`effnet-lite0-cat32`, `effnet-lite0-cat32-pca96` (its default), `-pca64` and `-pca40` "
-                "(fewer dimensions: smaller vectors and faster kNN for 0.005 / 0.024 less landmarks-dev "
-                "mAP); for `effnet-lite0` (and `-attn`), `effnet-lite0-pca40` (its default) and "
-                "`effnet-lite0-pca64`; BENCHMARKS.md. The PCA must belong to `DELF_MODEL`. Empty: the "
-                "model's default. A collection keeps the PCA it was filled with (others are "
-                "refused): a new PCA needs a new `DELF_COLLECTION` and a re-ingest.", "extractor"),
+                "the name of one shipped in the extractor's weights folder (docs/METHOD.md); it must "
+                "belong to `DELF_MODEL`. Empty: the model's default. A collection refuses "
+                "descriptors of another PCA.", "extractor"),
         Setting("DELF_MAX_IMAGE_BYTES", 20 * 1024 * 1024, int,
                 "Largest accepted encoded photo, in bytes.", "gateway, extractor"),
         Setting("DELF_MAX_IMAGE_PIXELS", 50_000_000, int,
@@ -203,18 +189,16 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_SHORTLIST", 50, int,
                 "Images kept after nearest-neighbour voting and passed to RANSAC.", "gateway, indexer"),
         Setting("DELF_FILTER_MAX_IMAGES", 10000, int,
-                "Most photos a search's metadata filter may match and still restrict the "
-                "nearest-neighbour search itself (an `image_id in [...]` expression in Milvus); "
-                "a broader filter is applied to the voted images instead.", "indexer"),
+                "Most photos a metadata filter may match and still restrict the nearest-neighbour "
+                "search itself; a broader filter is applied to the voted images instead.", "indexer"),
         Setting("DELF_LITE_DIRECT_SEARCH", True, _bool,
-                "Milvus Lite only: search the descriptors through Lite's per-segment faiss indexes "
-                "in the indexer's process instead of Lite's search API (same rows, tombstones and "
-                "filters; several times faster on large indexes). 0: always the search API.",
+                "Milvus Lite only: search Lite's per-segment faiss indexes in the indexer's process "
+                "(same rows, deletions and filters) instead of Lite's search API. "
+                "0: always the search API.",
                 "indexer"),
         Setting("DELF_QUERY_FEATURES", 500, int,
-                "Most query descriptors (the best-scored) that search the index and can vote; "
-                "0: all (up to the extractor's 1000). 500 halves the kNN work at the same "
-                "landmarks-dev mAP (BENCHMARKS.md).", "indexer"),
+                "Most query descriptors (the best-scored) that search the index and vote; "
+                "0: all of them.", "indexer"),
         Setting("DELF_NEIGHBOURS", 10, int,
                 "Nearest neighbours per query descriptor that may vote "
                 "(one more is fetched for the ratio test).", "indexer"),
@@ -238,71 +222,54 @@ SETTINGS: dict[str, Setting] = {
                 "(1/0). Off: URL items are refused.", "gateway, extractor"),
         Setting("DELF_URL_ALLOWED_HOSTS", (), _csv,
                 "Hosts URL items may name, separated by commas; an entry allows that host and its "
-                "subdomains (`example.com` allows `img.example.com`). Empty: any public host "
-                "(when `DELF_URL_INGEST` is on).", "gateway, extractor"),
+                "subdomains. Empty: any public host.", "gateway, extractor"),
         Setting("DELF_URL_ALLOW_PRIVATE", False, _bool,
-                "Let URL items reach loopback and private addresses (127/8, 10/8, 172.16/12, "
-                "192.168/16, 100.64/10, ::1, fc00::/7). Link-local (169.254/16, fe80::/10: cloud "
-                "metadata), multicast, unspecified and reserved addresses stay refused.",
+                "Let URL items reach loopback and private addresses. Link-local (cloud metadata), "
+                "multicast, unspecified and reserved addresses stay refused.",
                 "gateway, extractor"),
         Setting("DELF_JOB_RESUME_AFTER_S", 7200.0, float,
-                "Ingest jobs with no progress for this many seconds (RUNNING, or RECEIVING with no "
-                "item arriving) are resumed by the gateway itself, as by `ResumeJob`: their "
-                "unfinished path and URL items are sent again (closes lost-message gaps, e.g. a "
-                "worker killed between taking a task and recording it). Keep it above "
-                "`DELF_VISIBILITY_TIMEOUT_S` plus the longest task. Bytes items cannot be re-sent by the "
-                "server: they are counted as awaiting upload (`delf ingest PATH --resume JOB`). "
+                "The gateway resumes an ingest job with no progress for this many seconds, as "
+                "`ResumeJob` does; keep it above `DELF_VISIBILITY_TIMEOUT_S` plus the longest task. "
                 "0: off (resume by hand).",
                 "gateway"),
         Setting("DELF_URL_TIMEOUT_S", 30.0, float,
                 "Longest one URL fetch may take (connect and read, redirects included); slower "
                 "servers are retried with backoff, then the item fails.", "extractor"),
         Setting("DELF_WORKER_BATCH", 0, _non_negative_int,
-                "Most ingest photos an extractor worker runs through the network together (it "
-                "works on twice as many at once: one batch in the network, the next being read "
-                "and decoded). 0: automatic, 16 on CUDA, 1 on CPU (batching does not pay on CPU, "
-                "see BENCHMARKS.md).", "extractor"),
+                "Most ingest photos an extractor worker runs through the network together (it holds "
+                "twice as many). 0: automatic, 16 on CUDA, 1 on CPU.", "extractor"),
         Setting("DELF_WORKER_BATCH_WAIT_MS", 100.0, _non_negative_float,
                 "Longest an ingest photo waits for others to fill its batch, in milliseconds; a "
                 "batch starts at once when no other photo is being read by the worker.",
                 "extractor"),
         Setting("DELF_VISIBILITY_TIMEOUT_S", 3600.0, float,
-                "Seconds before a task taken by a worker that died without acknowledging it "
-                "(killed, out of memory, host lost) is handed to another worker; keep it above the "
-                "longest task, retries included. A warm shutdown (SIGTERM) hands tasks back at once.",
+                "Seconds before a task held by a worker that died without acknowledging it is "
+                "handed to another worker; keep it above the longest task, retries included.",
                 "extractor, indexer, verifier"),
         Setting("DELF_MALLOC_TUNE", True, _bool,
                 "Let the extractor keep freed memory for the next photo instead of handing it back "
-                "to the OS (glibc mallopt: mmap threshold 32 MiB, trim threshold and top pad 1 GiB). "
-                "Each pyramid level allocates hundreds of MiB; on a 2-core VM without transparent "
-                "huge pages, page-faulting them afresh for every photo took 45% of CPU extraction "
-                "time (2.1 -> 1.2 s per 1024 px photo, BENCHMARKS.md). The worker's resident memory "
-                "then stays near its peak. Off: glibc's defaults.", "extractor"),
+                "to the OS (glibc mallopt: mmap threshold 32 MiB, trim threshold and top pad 1 GiB, "
+                "one arena); resident memory stays near its peak. Off: glibc's defaults.",
+                "extractor"),
         Setting("DELF_QUERY_MAX_SCALE", 0.0, float,
                 "When set (e.g. 1.0), search queries are extracted without the pyramid levels above "
-                "this scale (indexed photos keep every level of the model). On landmarks-dev, 1.0 "
-                "cut query extraction from 0.58 to 0.19 s for the same mAP (0.898 vs 0.899) and "
-                "brings a 1M-descriptor search under 1 s on a slow 2-core VM, but the matched "
-                "region's corners get coarser (54 warped photos: 87% within 10 px, largest error "
-                "14 px, against 98% and 12 px with every level; scripts/bench_corners.py). "
-                "0: every level (the default).",
+                "this scale (indexed photos keep every level): faster queries, coarser region "
+                "corners. 0: every level.",
                 "extractor"),
         Setting("DELF_MAX_SEARCHES", 16, int,
                 "Most searches one gateway process works on at once; beyond it a search is answered "
-                "RESOURCE_EXHAUSTED at once, instead of queueing behind work it could not finish within "
-                "its deadline. 0: no limit.", "gateway"),
+                "RESOURCE_EXHAUSTED at once. 0: no limit.", "gateway"),
         Setting("DELF_MAX_QUEUE", 1000, int,
                 "Most tasks waiting in one service's queue: beyond it the gateway answers searches and "
-                "`AddImage` with RESOURCE_EXHAUSTED, refuses new ingest jobs and slows running ones "
-                "(it waits, within the caller's deadline, before sending the next photo).", "gateway"),
+                "`AddImage` with RESOURCE_EXHAUSTED, refuses new ingest jobs and slows running ones.",
+                "gateway"),
         Setting("DELF_METRICS_PORT", 0, int,
                 "Port of the Prometheus `/metrics` HTTP endpoint of each service (gateway and workers). "
-                "0: off (the local default).", "gateway, extractor, indexer, verifier"),
+                "0: off.", "gateway, extractor, indexer, verifier"),
         Setting("DELF_LOG_LEVEL", "INFO", str, "Log level of every service.", "all"),
         Setting("DELF_LOG_FORMAT", "text", _log_format,
-                "Log format of every service: `text` (for people) or `json` (one JSON object per line "
-                "with `ts`, `level`, `service`, `logger`, `message` and, when known, `request_id`, "
-                "`job_id`, `image_id`, `task_id`).", "all"),
+                "Log format of every service: `text` (for people) or `json` (one object per line).",
+                "all"),
         Setting("DELF_HEARTBEAT_S", 5.0, _positive_float,
                 "How often each worker writes its heartbeat (liveness and, for the indexer, Milvus "
                 "reachability) to Redis; a heartbeat expires after 3 intervals.",
@@ -312,8 +279,7 @@ SETTINGS: dict[str, Setting] = {
                 "for its grpc.health.v1 service.", "gateway"),
         Setting("DELF_HEALTH_REQUIRE", ("redis", "extractor", "indexer", "verifier", "milvus"), _health_deps,
                 "Dependencies, separated by commas, that must be up for the gateway's overall health "
-                "(`\"\"` and `delf.v1.ImageSearch`) to be SERVING; each is also reported under its own "
-                "name. Choose from redis, extractor, indexer, verifier, milvus.", "gateway"),
+                "to be SERVING: any of redis, extractor, indexer, verifier, milvus.", "gateway"),
     ]
 }
 
@@ -364,9 +330,29 @@ def markdown_table() -> str:
     return "\n".join(lines)
 
 
+# The document that holds the generated table (in a source checkout; service images
+# do not carry docs/), and the two lines the table sits between.
+CONFIGURATION_DOC = Path(__file__).resolve().parents[2] / "docs" / "CONFIGURATION.md"
+TABLE_BEGIN = "<!-- settings table: generated by `python -m delf_common.config --write-docs` -->"
+TABLE_END = "<!-- end of settings table -->"
+
+
+def write_docs(path: Path = CONFIGURATION_DOC) -> None:
+    """Replace the generated table between TABLE_BEGIN and TABLE_END in ``path``."""
+    text = path.read_text()
+    head, begin, rest = text.partition(TABLE_BEGIN)
+    _, end, tail = rest.partition(TABLE_END)
+    if not begin or not end:
+        raise SystemExit(f"{path}: no {TABLE_BEGIN!r} ... {TABLE_END!r} block to replace")
+    path.write_text(f"{head}{TABLE_BEGIN}\n{markdown_table()}\n{TABLE_END}{tail}")
+
+
 if __name__ == "__main__":  # pragma: no cover
     if "--markdown" in sys.argv:
         print(markdown_table())
+    elif "--write-docs" in sys.argv:
+        write_docs()
+        print(f"wrote the settings table into {CONFIGURATION_DOC}")
     else:
         for name in SETTINGS:
             print(f"{name}={get(name)!r}")
