@@ -30,8 +30,7 @@ ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "deploy" / "kubernetes"
 HELM_VALUES = "milvus-values.yaml"  # helm values for the Milvus chart, not a manifest
 DELF_SERVICES = ("gateway", "extractor", "indexer", "verifier")
-# The oldest Kubernetes these manifests target (KEDA 2.15+ supports 1.28+) and the newest
-# the package knows.
+# The oldest Kubernetes these manifests are checked for, and the newest the package knows.
 KUBERNETES_VERSIONS = ("1.28.0", kv.latest_version())
 UID = 10001  # the `app` user of every services/*/Dockerfile
 
