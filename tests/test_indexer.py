@@ -207,7 +207,7 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, exact_rows):
     search API: after replacements and deletes (tombstones), with exclusions and filters.
     Both probe every IVF list here, so both are exact and must agree."""
     import dataclasses
-    from delf_indexer import store as store_module
+    from delf_indexer import lite as store_module
 
     monkeypatch.setattr(store_module, "EXACT_SEGMENT_ROWS", exact_rows)
     # nprobe above any segment's list count (faiss and the direct path clamp it): every list

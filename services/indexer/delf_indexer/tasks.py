@@ -24,7 +24,8 @@ from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
 from delf_common.metrics import DESCRIPTORS_INDEXED, install_worker_hooks
 
-from delf_indexer.store import DescriptorStore, check_filter
+from delf_indexer.checks import check_filter
+from delf_indexer.store import DescriptorStore
 
 log = logging.getLogger(__name__)
 

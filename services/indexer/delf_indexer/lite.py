@@ -1,0 +1,265 @@
+"""The Milvus Lite fast path: the one module that reads Milvus Lite's private internals.
+
+Milvus Lite (milvus-lite 3.2.x, pinned in pyproject.toml) runs inside the indexer process:
+a pure-Python engine of immutable Parquet segments (one faiss index each), a memtable
+and tombstones. Its public search and query APIs do per-row Python work over every row
+of every segment on each call (a validity mask, a dict per hit, gRPC to pymilvus and back),
+which grows with the index (BENCHMARKS.md, "Search latency against index size"). The
+``LiteFastPath`` reads the same snapshot of segments and tombstones (taken under Lite's
+lock) with numpy masks and the segments' own faiss indexes instead.
+
+Everything here touches names Lite does not promise to keep (``server_manager_instance
+._servers``, ``_memtable``, ``_read_snapshot``, the delta log's ``_map``, segment
+``table``/``pks``/``seqs``/``indexes``/``vector_data``, ``_wait_for_bg``). So a Lite upgrade
+touches this file only, and every method answers None (or does nothing) when the internals
+are not as expected: the store then uses the public API, which gives the same answers.
+"""
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+
+log = logging.getLogger(__name__)
+
+# Lite segments up to this many rows are searched exactly (BLAS) by the direct path: a
+# freshly flushed segment of a few photos has few vectors per IVF list, so a small nprobe
+# would miss most of them; an exact scan of 20k rows costs ~1 GFLOP per 1000 queries.
+EXACT_SEGMENT_ROWS = 20_000
+
+# What a Lite internal that is not as expected raises (the fast path then declines).
+_INTERNALS_DIFFER = (AttributeError, KeyError, TypeError)
+
+ROW_FIELDS = ("idx", "x", "y", "scale", "score", "desc")
+
+
+class LiteFastPath:
+    """Direct reads of one Milvus Lite collection (the descriptors) in this process.
+
+    ``knn`` and ``rows`` are valid only when nothing waits in Lite's memtable: flush the
+    collection first (``DescriptorStore._settle``); they answer None otherwise.
+    """
+
+    def __init__(self, uri: str, collection: str):
+        self.uri = uri
+        self.collection = collection
+        self._seg_cols: dict = {}  # (segment file, rows) -> column arrays
+
+    # ------------------------------------------------------------ the Lite server
+    def _engine(self):
+        """Milvus Lite's in-process collection engine, or None."""
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+
+            entry = server_manager_instance._servers.get(self.uri)
+            return entry[1].get_collection(self.collection) if entry is not None else None
+        except Exception:  # pragma: no cover - depends on milvus-lite internals
+            return None
+
+    def wait_for_index(self, timeout: float = 600) -> None:
+        """Wait for Lite's background compaction and index build after a flush.
+
+        Lite searches its memtable and any segment whose index is not built yet by a
+        numpy broadcast (queries x rows x dim floats: gigabytes for a few hundred
+        queries), and builds indexes in a background thread after a flush. Without
+        this hook (other internals) the store only flushes.
+        """
+        try:
+            from milvus_lite.server_manager import server_manager_instance
+
+            entry = server_manager_instance._servers.get(self.uri)
+            if entry is not None:
+                entry[1].get_collection(self.collection)._wait_for_bg(timeout=timeout)
+        except Exception:  # pragma: no cover - depends on milvus-lite internals
+            log.warning("could not wait for Milvus Lite's background index build", exc_info=True)
+
+    def release(self) -> None:
+        """Stop the in-process Lite server of this file (after the client closed), so its
+        files are flushed and another store (or process) can open them."""
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(self.uri)
+
+    def snapshot(self):
+        """(segments, tombstones) of the collection as Milvus Lite holds them now, or None
+        when the direct path cannot answer (no Lite engine, or rows still in its memtable).
+        Raises AttributeError/KeyError/TypeError when Lite's internals differ."""
+        col = self._engine()
+        if col is None or col._memtable.size() != 0:
+            return None
+        segments, delta = col._read_snapshot()
+        tomb = _tombstones(delta)
+        return None if tomb is None else (segments, tomb)
+
+    # ------------------------------------------------------------ reads
+    def rows(self, image_id: str, generation: int, dim: int) -> dict | None:
+        """One image's descriptor rows of one generation ({idx, x, y, scale, score, desc}
+        arrays, in segment order), read straight from the segments: a filtered query
+        scans every row in Python. None: use the query API."""
+        try:
+            import pyarrow as pa
+
+            snapshot = self.snapshot()
+            if snapshot is None:
+                return None
+            segments, tomb = snapshot
+            parts: dict[str, list] = {k: [] for k in ROW_FIELDS}
+            for seg in segments:
+                if seg.num_rows == 0:
+                    continue
+                cols = self._segment_columns(seg)
+                code = np.flatnonzero(cols["names"] == image_id)
+                if len(code) == 0:
+                    continue
+                rows = np.flatnonzero((cols["code"] == code[0]) & ~_deleted(cols, tomb))
+                if len(rows) == 0:
+                    continue
+                gen = seg.table.column("generation").take(pa.array(rows)).to_numpy()
+                rows = rows[gen == generation]
+                take = pa.array(rows)
+                for name in ("idx", "scale", "score"):
+                    parts[name].append(seg.table.column(name).take(take).to_numpy())
+                parts["x"].append(cols["x"][rows])
+                parts["y"].append(cols["y"][rows])
+                vectors, _ = seg.vector_data("desc")
+                parts["desc"].append(np.asarray(vectors[rows], np.float32))
+            if not parts["idx"]:
+                return {k: np.zeros((0, dim) if k == "desc" else 0, np.float32) for k in parts}
+            return {k: np.concatenate(v) for k, v in parts.items()}
+        except _INTERNALS_DIFFER as exc:  # pragma: no cover - other internals
+            log.warning("Milvus Lite direct read unavailable (%s); using the query API", exc)
+            return None
+
+    def knn(self, q: np.ndarray, k: int, nprobe: int, deny: set, allow: set | None):
+        """The k nearest descriptors of each query row, or None to use the search API.
+
+        Per query row: (distances, image ids, x, y, scale) lists, nearest first, plain
+        (not squared) L2 - what ``DescriptorStore._milvus_knn`` answers. Rows deleted by a
+        later tombstone or of denied / non-allowed images are left out through a faiss
+        IDSelectorBitmap. Segments over ``EXACT_SEGMENT_ROWS`` rows with an IVF index are
+        searched through it (``nprobe`` lists); smaller ones (or not yet indexed) exactly.
+        """
+        try:
+            snapshot = self.snapshot()
+            if snapshot is None:
+                return None
+            segments, tomb = snapshot
+            live = {(seg.file_path, seg.num_rows) for seg in segments}
+            for key in [key for key in self._seg_cols if key not in live]:
+                del self._seg_cols[key]
+            parts_d, parts_i, tables = [], [], []
+            for seg in segments:
+                if seg.num_rows == 0:
+                    continue
+                cols = self._segment_columns(seg)
+                valid = ~_deleted(cols, tomb)
+                if deny or allow is not None:
+                    ok = np.array([(allow is None or n in allow) and n not in deny
+                                   for n in cols["names"]], bool)
+                    valid &= ok[cols["code"]]
+                if not valid.any():
+                    continue
+                d, i = _search_segment(seg, q, k, nprobe, valid)
+                parts_d.append(d)
+                parts_i.append(np.where(i >= 0, i + (len(tables) << 32), -1))
+                tables.append(cols)
+            if not tables:
+                return [([], [], [], [], []) for _ in range(len(q))]
+            return _merge(parts_d, parts_i, tables, k)
+        except _INTERNALS_DIFFER as exc:  # pragma: no cover - other internals
+            log.warning("Milvus Lite direct search unavailable (%s); using the search API", exc)
+            return None
+
+    def _segment_columns(self, seg) -> dict:
+        """Per Lite segment (immutable Parquet file): pks, delete seqs, image names per row
+        (dictionary codes), x, y, scale as arrays; cached while the segment lives."""
+        key = (seg.file_path, seg.num_rows)
+        cols = self._seg_cols.get(key)
+        if cols is None:
+            enc = seg.table.column("image_id").combine_chunks().dictionary_encode()
+            cols = {
+                "pk": np.asarray(seg.pks, np.int64),
+                "seq": np.asarray(seg.seqs, np.int64),
+                "code": enc.indices.to_numpy(zero_copy_only=False).astype(np.int32),
+                "names": np.array(enc.dictionary.to_pylist(), dtype=object),
+                "x": seg.table.column("x").to_numpy().astype(np.float32),
+                "y": seg.table.column("y").to_numpy().astype(np.float32),
+                "scale": seg.table.column("scale").to_numpy().astype(np.float32),
+            }
+            self._seg_cols[key] = cols
+        return cols
+
+
+def _tombstones(delta):
+    """Lite's tombstones (pk -> delete seq) as sorted arrays; None if unreadable."""
+    tomb = getattr(delta, "_map", None)
+    if tomb is None:
+        return None
+    if not tomb:
+        return ()
+    t_pk = np.fromiter(tomb.keys(), np.int64, len(tomb))
+    t_seq = np.fromiter(tomb.values(), np.int64, len(tomb))
+    order = np.argsort(t_pk)
+    return t_pk[order], t_seq[order]
+
+
+def _deleted(cols: dict, tomb) -> np.ndarray:
+    """Rows of a segment shadowed by a later tombstone."""
+    if not tomb:
+        return np.zeros(len(cols["pk"]), bool)
+    t_pk, t_seq = tomb
+    pos = np.minimum(np.searchsorted(t_pk, cols["pk"]), len(t_pk) - 1)
+    return (t_pk[pos] == cols["pk"]) & (t_seq[pos] > cols["seq"])
+
+
+def _search_segment(seg, q: np.ndarray, k: int, nprobe: int, valid: np.ndarray):
+    """(squared distances (nq, k'), segment rows (nq, k')) of the k nearest valid rows of
+    one segment; missing hits have row -1 and distance inf."""
+    import faiss
+
+    n_valid = int(valid.sum())
+    kk = min(k, n_valid)
+    index = seg.indexes.get("desc")
+    fi = getattr(index, "_index", None)
+    if (fi is not None and isinstance(fi, faiss.IndexIVF) and fi.ntotal == seg.num_rows
+            and seg.num_rows > EXACT_SEGMENT_ROWS):
+        params = faiss.SearchParametersIVF()
+        params.nprobe = min(nprobe, fi.nlist)
+        if n_valid < seg.num_rows:
+            bits = np.packbits(valid, bitorder="little")
+            params.sel = faiss.IDSelectorBitmap(seg.num_rows, faiss.swig_ptr(bits))
+        d, i = fi.search(q, kk, params=params)
+    else:  # a small segment (or one without an IVF index yet): exact
+        rows = np.flatnonzero(valid)
+        vectors, _ = seg.vector_data("desc")
+        d, i = faiss.knn(q, np.ascontiguousarray(vectors[rows], np.float32), kk)
+        i = np.where(i >= 0, rows[np.maximum(i, 0)], -1)
+    return np.where(i >= 0, d, np.inf).astype(np.float32), i
+
+
+def _merge(parts_d: list, parts_i: list, tables: list, k: int) -> list:
+    """The k nearest over every segment, per query row as (distances, image ids, x, y,
+    scale) lists; ``parts_i`` hold (segment number << 32) + segment row."""
+    dist = np.concatenate(parts_d, axis=1)
+    ids = np.concatenate(parts_i, axis=1)
+    order = np.argsort(dist, axis=1, kind="stable")[:, :k]
+    dist = np.take_along_axis(dist, order, 1)
+    ids = np.take_along_axis(ids, order, 1)
+    found = np.isfinite(dist) & (ids >= 0)
+    seg_of, local = ids >> 32, ids & 0xFFFFFFFF
+    img = np.empty(ids.shape, object)
+    xs = np.zeros(ids.shape, np.float32)
+    ys = np.zeros(ids.shape, np.float32)
+    ss = np.zeros(ids.shape, np.float32)
+    for t, cols in enumerate(tables):
+        m = found & (seg_of == t)
+        rows = local[m]
+        img[m] = cols["names"][cols["code"][rows]]
+        xs[m], ys[m], ss[m] = cols["x"][rows], cols["y"][rows], cols["scale"][rows]
+    dist = np.sqrt(np.maximum(dist, 0.0))
+    out = []
+    for qi in range(len(dist)):
+        n = int(found[qi].sum())  # found hits come first (sorted by distance)
+        out.append((dist[qi, :n].tolist(), img[qi, :n].tolist(), xs[qi, :n].tolist(),
+                    ys[qi, :n].tolist(), ss[qi, :n].tolist()))
+    return out

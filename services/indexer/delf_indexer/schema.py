@@ -1,0 +1,86 @@
+"""The index's two Milvus collections: their schemas, what an existing one holds, and
+reading one page by page. (What the fields mean: the module docstring of ``store``.)"""
+from __future__ import annotations
+
+from typing import Iterator
+
+from delf_indexer.checks import MAX_ID_LENGTH, METADATA_MAX_LENGTH
+from delf_indexer.settings import IndexSettings
+
+QUERY_PAGE = 10000      # rows per query page (Milvus caps offset + limit at 16384)
+QUERY_MAX_LIMIT = 16384
+
+
+def create_collections(client, features_name: str, images_name: str, dim: int,
+                       index: IndexSettings, lite: bool) -> None:
+    """Create and load the descriptors collection (``dim``-d vectors, ``index``) and the
+    images collection, both with strong consistency."""
+    from pymilvus import DataType, MilvusClient
+
+    s = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
+    s.add_field("pk", DataType.INT64, is_primary=True)
+    s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH)
+    s.add_field("idx", DataType.INT32)
+    s.add_field("x", DataType.FLOAT)
+    s.add_field("y", DataType.FLOAT)
+    s.add_field("scale", DataType.FLOAT)
+    s.add_field("score", DataType.FLOAT)
+    s.add_field("generation", DataType.INT64)
+    s.add_field("desc", DataType.FLOAT_VECTOR, dim=dim)
+    ip = client.prepare_index_params()
+    params = index.build_params_for(dim)
+    if lite:
+        # pymilvus 3 sends index parameters as flat key/values (a server reads those);
+        # Milvus Lite 3.2 reads only a JSON "params" entry and silently builds its
+        # default (nlist 128) otherwise.
+        params = {"params": params}
+    ip.add_index("desc", index_type=index.index_type, metric_type="L2", params=params)
+    # Strong consistency: a search right after an add/delete sees it (server).
+    client.create_collection(features_name, schema=s, index_params=ip, consistency_level="Strong")
+
+    s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
+    s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH, is_primary=True)
+    s.add_field("metadata", DataType.VARCHAR, max_length=METADATA_MAX_LENGTH)
+    s.add_field("meta", DataType.JSON)
+    s.add_field("width", DataType.INT64)
+    s.add_field("height", DataType.INT64)
+    s.add_field("num_features", DataType.INT64)
+    s.add_field("pca_id", DataType.VARCHAR, max_length=256)
+    s.add_field("model", DataType.VARCHAR, max_length=256)
+    s.add_field("generation", DataType.INT64)
+    s.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
+    ip = client.prepare_index_params()
+    ip.add_index("dummy", index_type="FLAT", metric_type="L2")
+    client.create_collection(images_name, schema=s, index_params=ip, consistency_level="Strong")
+    client.load_collection(features_name)
+    client.load_collection(images_name)
+
+
+def vector_dim(client, features_name: str) -> int:
+    """The dimension of an existing descriptors collection's vectors."""
+    desc = client.describe_collection(features_name)
+    for f in desc["fields"]:
+        if f["name"] == "desc":
+            return int(f["params"]["dim"])
+    raise RuntimeError(f"{features_name} has no desc field")
+
+
+def has_field(client, collection: str, field: str) -> bool:
+    """Whether an existing collection has the field (collections created before the
+    images' ``meta`` JSON field lack it)."""
+    desc = client.describe_collection(collection)
+    return any(f["name"] == field for f in desc["fields"])
+
+
+def query_pages(client, collection: str, expr: str, fields: list[str]) -> Iterator[list[dict]]:
+    """The rows matching ``expr``, ``QUERY_PAGE`` at a time (a query iterator: Milvus caps
+    one query's offset + limit)."""
+    it = client.query_iterator(collection, batch_size=QUERY_PAGE, filter=expr, output_fields=fields)
+    try:
+        while True:
+            page = it.next()
+            if not page:
+                break
+            yield page
+    finally:
+        it.close()
