@@ -1,0 +1,122 @@
+"""Request checks: what the gateway verifies before any task is sent.
+
+Each check either returns the cleaned value or raises RequestError, which the error
+interceptor (delf_gateway.interceptors) turns into a gRPC status with a message a
+person can act on (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...).
+"""
+from __future__ import annotations
+
+import re
+
+import grpc
+import numpy as np
+
+from delf_common import fetch
+from delf_common.images import ImageRejected, probe_image
+
+MAX_ID_LENGTH = 256
+MAX_METADATA_BYTES = 16 * 1024
+# Metadata filters (SearchRequest.filter): same limits as the indexer's check_filter.
+FILTER_KEY = re.compile(r"^[\w.:/-]{1,128}$")
+FILTER_MAX_PAIRS = 16
+FILTER_MAX_VALUE_BYTES = 1024
+
+
+class RequestError(Exception):
+    """Ends a call with a gRPC status; raised anywhere below a handler."""
+
+    def __init__(self, code: grpc.StatusCode, message: str):
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+
+def status_code(name: str) -> grpc.StatusCode:
+    """The gRPC status code named `name` (a worker's error code), INTERNAL when unknown."""
+    return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)
+
+
+def check_image_id(image_id: str) -> str:
+    if not image_id:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "image_id is empty")
+    if len(image_id) > MAX_ID_LENGTH:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"image_id is {len(image_id)} characters; the limit is {MAX_ID_LENGTH}",
+        )
+    if any(ord(c) < 32 or ord(c) == 127 for c in image_id):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "image_id contains control characters")
+    return image_id
+
+
+def check_metadata(metadata) -> dict[str, str]:
+    meta = dict(metadata)
+    size = sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
+    if size > MAX_METADATA_BYTES:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"metadata is {size} bytes; the limit is {MAX_METADATA_BYTES}",
+        )
+    return meta
+
+
+def check_location(location: str) -> None:
+    """URL locations: the checks that need no network (URL ingest on, http/https, host
+    allowed, no literal private address); the extractor resolves and checks again before
+    it connects. Paths are checked by the extractor (DELF_INGEST_ROOTS)."""
+    if not location:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the location is empty")
+    if fetch.is_url(location):
+        try:
+            fetch.check_url(location)
+        except fetch.FetchError as exc:
+            raise RequestError(status_code(exc.code), exc.message) from None
+
+
+def check_photo(data: bytes) -> tuple[int, int]:
+    """Header-level checks (bytes, pixels, format); the extractor decodes fully."""
+    try:
+        width, height, _ = probe_image(data)
+    except ImageRejected as exc:
+        raise RequestError(status_code(exc.code), exc.message) from None
+    return width, height
+
+
+def check_filter(pairs) -> dict[str, str]:
+    """The metadata filter: every key/value pair must equal the image's (exact strings).
+    The indexer applies the same rules (delf_indexer.store.check_filter)."""
+    pairs = dict(pairs)
+    if len(pairs) > FILTER_MAX_PAIRS:
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                           f"the filter has {len(pairs)} pairs; the limit is {FILTER_MAX_PAIRS}")
+    for key, value in pairs.items():
+        if not FILTER_KEY.match(key):
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"filter key {key[:40]!r} must be 1-128 letters, digits or _ . : / - "
+                f"(no spaces or quotes)")
+        if len(value.encode("utf-8")) > FILTER_MAX_VALUE_BYTES:
+            raise RequestError(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"the filter value of {key!r} is {len(value.encode('utf-8'))} bytes; "
+                f"the limit is {FILTER_MAX_VALUE_BYTES}")
+        if any(ord(c) < 32 or ord(c) == 127 for c in value):
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
+                               f"the filter value of {key!r} contains control characters")
+    return pairs
+
+
+def check_box(box, width: int, height: int) -> tuple[float, float, float, float]:
+    """The query box clipped to the image; it must keep some area inside it."""
+    values = (box.x0, box.y0, box.x1, box.y1)
+    if not all(np.isfinite(values)):
+        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the box has a non-finite coordinate")
+    x0, y0 = max(box.x0, 0.0), max(box.y0, 0.0)
+    x1, y1 = min(box.x1, float(width)), min(box.y1, float(height))
+    if x1 <= x0 or y1 <= y0:
+        raise RequestError(
+            grpc.StatusCode.INVALID_ARGUMENT,
+            f"the box ({box.x0:g},{box.y0:g})-({box.x1:g},{box.y1:g}) does not overlap the "
+            f"{width}x{height} image (x0 < x1 and y0 < y1 are required)",
+        )
+    return x0, y0, x1, y1

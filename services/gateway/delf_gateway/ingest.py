@@ -1,0 +1,255 @@
+"""Bulk ingestion jobs: StartIngestJob and the job RPCs around it.
+
+Each streamed item is checked, recorded in the job (delf_common.jobs) before it is sent,
+and sent as an extract | index Celery chain. A job whose stream broke or whose messages
+were lost is resumed: by ResumeJob, by a new stream with `delf-resume-job`, or by the
+stall sweeper (DELF_JOB_RESUME_AFTER_S). Items already finished are never redone.
+"""
+from __future__ import annotations
+
+import logging
+import threading
+import time
+
+import grpc
+
+from delf_common import celery_app as tasks
+from delf_common.jobs import JobStatus
+from delf_common.proto.delf.v1 import delf_pb2
+from delf_gateway.backpressure import WorkerCalls
+from delf_gateway.checks import (MAX_ID_LENGTH, RequestError, check_image_id, check_location, check_metadata,
+                                 check_photo)
+
+log = logging.getLogger("delf.gateway")
+
+# StartIngestJob metadata naming a job the stream continues (resume).
+RESUME_METADATA_KEY = "delf-resume-job"
+# Initial metadata of a StartIngestJob answer: the job's id, sent before the stream is read.
+JOB_ID_METADATA_KEY = "delf-job-id"
+# A RECEIVING job whose last item arrived this recently may still have a live stream.
+RESUME_STREAM_IDLE_S = 30.0
+
+_JOB_STATES = {
+    "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
+    "RUNNING": delf_pb2.JOB_STATE_RUNNING,
+    "COMPLETED": delf_pb2.JOB_STATE_COMPLETED,
+    "CANCELLED": delf_pb2.JOB_STATE_CANCELLED,
+}
+
+
+class IngestJobs(WorkerCalls):
+    """The job RPCs of the gateway's servicer (StartIngestJob, GetJob, ResumeJob, CancelJob,
+    WatchJob) and the stall sweeper."""
+
+    def StartIngestJob(self, request_iterator, context):
+        resume_id = resume_job_id(context)
+        self._admit("extract")  # before a job exists: a full system takes no new job
+        if resume_id:
+            job_id = resume_id
+            self._check_resumable(self._job(job_id), stream=True)
+            self.jobs.reopen(job_id, receiving=True)
+        else:
+            job_id = self.jobs.create()
+        if context is not None:  # the client learns the id at once, even if its stream breaks later
+            context.send_initial_metadata(((JOB_ID_METADATA_KEY, job_id),))
+        seen: set[str] = set()
+        skipped = 0
+        try:
+            for n, item in enumerate(request_iterator):
+                if resume_id and item.image_id and item.image_id not in seen \
+                        and self.jobs.is_finished(job_id, item.image_id):
+                    seen.add(item.image_id)
+                    skipped += 1  # finished before: not checked, not redone
+                    continue
+                self._dispatch_item(job_id, n, item, seen, context)
+            resent, awaiting = self._resend_unfinished(job_id, context, exclude=seen) if resume_id else (0, 0)
+        except Exception:
+            # The client went away mid-stream: keep what was dispatched, end the job; it
+            # may be resumed (ResumeJob, or a stream with `delf-resume-job`).
+            self.jobs.finish_receiving(job_id)
+            self.jobs.cancel(job_id, interrupted=True)
+            raise
+        self.jobs.finish_receiving(job_id)
+        if resume_id:
+            log.info("job %s: resumed by a stream (%d items skipped as finished, %d re-sent, %d awaiting upload)",
+                     job_id, skipped, resent, awaiting)
+            job = job_proto(self._job(job_id))
+            job.resent, job.awaiting_upload = resent, awaiting
+            return job
+        log.info("job %s: %d items received", job_id, self.jobs.recorded(job_id))
+        return job_proto(self.jobs.get(job_id))
+
+    def _dispatch_item(self, job_id: str, n: int, item, seen: set[str], context=None) -> None:
+        image_id = item.image_id
+        try:
+            check_image_id(image_id)
+            if image_id in seen:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "this image_id appeared earlier in the same job")
+            metadata = check_metadata(item.metadata)
+            source = item.WhichOneof("source")
+            if source == "image":
+                check_photo(item.image)
+            elif source == "location":
+                check_location(item.location)
+            else:
+                raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the item has neither image bytes nor a location")
+            if self.jobs.is_cancelled(job_id):
+                raise RequestError(grpc.StatusCode.CANCELLED, "job cancelled")
+        except RequestError as exc:
+            key = image_id if image_id and image_id not in seen and len(image_id) <= MAX_ID_LENGTH else f"#{n}: {image_id[:64]!r}"
+            self.jobs.record_item(job_id, key, refused=True)
+            self.jobs.mark_failed(job_id, key, exc.message)
+            return
+        seen.add(image_id)
+        location = item.location if source == "location" else None
+        # Recorded before it is sent: a job whose messages are lost can be resumed.
+        self.jobs.record_item(job_id, image_id, metadata, location)
+        self._send_item(job_id, image_id, metadata, item.image if source == "image" else None, location, context)
+
+    def _send_item(self, job_id: str, image_id: str, metadata: dict, image: bytes | None,
+                   location: str | None, context=None) -> None:
+        # A full queue slows the stream down (the client's sends block on gRPC flow
+        # control) rather than piling photos up in Redis.
+        self._wait_for_room(context, "extract")
+        payload = {"image_id": image_id, "metadata": metadata, "image": image, "location": location}
+        extract = self.app.signature(
+            tasks.INGEST_EXTRACT, args=(payload, job_id), queue=tasks.queue_for_task(tasks.INGEST_EXTRACT)
+        )
+        index = self.app.signature(
+            tasks.INGEST_INDEX, args=(job_id,), queue=tasks.queue_for_task(tasks.INGEST_INDEX)
+        )
+        (extract | index).apply_async()
+
+    def GetJob(self, request, context):
+        return job_proto(self._job(request.job_id))
+
+    def ResumeJob(self, request, context):
+        """Re-sends the recorded items of a stalled or interrupted job that are neither done
+        nor failed. Location (path, URL) items go to the workers again; bytes items, which
+        the server does not keep, are counted in `awaiting_upload` (the client streams them
+        again with `delf-resume-job`). Finished items are never redone."""
+        status = self._job(request.job_id)
+        self._check_resumable(status, stream=False)
+        self._admit("extract")
+        job_id = status.job_id
+        reopened = self.jobs.reopen(job_id, receiving=True)  # cannot complete while re-sending
+        try:
+            resent, awaiting = self._resend_unfinished(job_id, context)
+        finally:
+            self.jobs.finish_receiving(job_id)
+        log.info("job %s: resumed (%d re-sent, %d awaiting upload, %d cancelled items reopened)",
+                 job_id, resent, awaiting, reopened)
+        job = job_proto(self._job(job_id))
+        job.resent, job.awaiting_upload = resent, awaiting
+        return job
+
+    def resume_stalled_jobs(self, idle_s: float) -> dict[str, tuple[int, int]]:
+        """One sweep (DELF_JOB_RESUME_AFTER_S): every RUNNING job with no progress for `idle_s`,
+        and every RECEIVING one with no item for that long (its stream died with its gateway),
+        is resumed as by ResumeJob. Returns job id -> (re-sent, awaiting upload)."""
+        out: dict[str, tuple[int, int]] = {}
+        now = time.time()
+        for job_id in list(self.jobs.job_ids()):
+            status = self.jobs.get(job_id)
+            if status is None or status.state not in ("RUNNING", "RECEIVING"):
+                continue
+            idle = now - status.updated_at if status.state == "RUNNING" else self.jobs.stream_idle_s(job_id)
+            if idle < idle_s or not self.jobs.claim_sweep(job_id, idle_s):
+                continue
+            self.jobs.reopen(job_id, receiving=True)
+            try:
+                out[job_id] = self._resend_unfinished(job_id, None)
+            finally:
+                self.jobs.finish_receiving(job_id)
+            resent, awaiting = out[job_id]
+            log.warning("job %s: no progress for %.0f s: resumed (%d re-sent%s)", job_id, idle, resent,
+                        f"; {awaiting} bytes items need `delf ingest PATH --resume {job_id}`" if awaiting else "")
+        return out
+
+    def sweep_forever(self, idle_s: float, stop: threading.Event) -> None:
+        interval = min(60.0, max(1.0, idle_s / 4))
+        while not stop.wait(interval):
+            try:
+                self.resume_stalled_jobs(idle_s)
+            except Exception:  # noqa: BLE001 - Redis away, queue full: the next round tries again
+                log.exception("resuming stalled jobs failed")
+
+    def _check_resumable(self, status: JobStatus, stream: bool) -> None:
+        if status.state == "COMPLETED":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {status.job_id} has completed; nothing to resume (ingest the photos "
+                               f"again in a new job to redo them: an id ingested again is replaced)")
+        if status.state == "CANCELLED" and not self.jobs.is_interrupted(status.job_id):
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {status.job_id} was cancelled; a cancelled job is not resumed "
+                               f"(start a new job)")
+        if status.state == "RECEIVING" and self.jobs.stream_idle_s(status.job_id) < RESUME_STREAM_IDLE_S:
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {status.job_id} is still receiving items from its client; resume it "
+                               f"once its stream has stopped (no item for {RESUME_STREAM_IDLE_S:.0f} s)")
+
+    def _resend_unfinished(self, job_id: str, context, exclude: set[str] = frozenset()) -> tuple[int, int]:
+        """Sends the job's unfinished location items (not in `exclude`) again;
+        returns (re-sent, unfinished bytes items left for the client)."""
+        resent = awaiting = 0
+        for image_id, record in sorted(self.jobs.unfinished(job_id).items()):
+            if image_id in exclude:
+                continue
+            if record["location"] is None:
+                awaiting += 1
+                continue
+            self._send_item(job_id, image_id, record["metadata"], None, record["location"], context)
+            resent += 1
+        return resent, awaiting
+
+    def CancelJob(self, request, context):
+        status = self._job(request.job_id)
+        if status.state == "COMPLETED":
+            raise RequestError(grpc.StatusCode.FAILED_PRECONDITION,
+                               f"job {request.job_id} has already completed; nothing to cancel")
+        self.jobs.cancel(request.job_id)
+        log.info("job %s: cancelled (%d of %d items finished)", request.job_id, status.finished, status.total)
+        return job_proto(self._job(request.job_id))
+
+    def WatchJob(self, request, context):
+        last = None
+        while context.is_active():
+            status = self._job(request.job_id)
+            current = job_proto(status)
+            if current != last:
+                yield current
+                last = current
+            if status.state in ("COMPLETED", "CANCELLED"):
+                return
+            time.sleep(0.3)
+
+    def _job(self, job_id: str) -> JobStatus:
+        status = self.jobs.get(job_id) if job_id else None
+        if status is None:
+            raise RequestError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id!r}")
+        return status
+
+
+def resume_job_id(context) -> str:
+    """The job a StartIngestJob stream continues (metadata `delf-resume-job`), or ""."""
+    if context is None:
+        return ""
+    for key, value in context.invocation_metadata() or ():
+        if key == RESUME_METADATA_KEY:
+            return value.decode() if isinstance(value, bytes) else value
+    return ""
+
+
+def job_proto(status: JobStatus) -> delf_pb2.Job:
+    return delf_pb2.Job(
+        job_id=status.job_id,
+        state=_JOB_STATES.get(status.state, delf_pb2.JOB_STATE_UNSPECIFIED),
+        total=status.total,
+        done=status.done,
+        failed=status.failed,
+        errors=[delf_pb2.ItemError(image_id=i, reason=r) for i, r in status.errors],
+        created_at=status.created_at,
+        updated_at=status.updated_at,
+        rate=status.rate,
+        eta_s=status.eta_s,
+    )

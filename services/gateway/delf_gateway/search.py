@@ -1,0 +1,126 @@
+"""Search orchestration: one Search call through the workers.
+
+The query's features come from the extractor (photo bytes) or the indexer (an indexed
+image_id), optionally cut to a box; the indexer votes for a shortlist of candidates;
+the verifiers check them geometrically in parallel chunks; the ranked matches become
+the SearchResponse.
+"""
+from __future__ import annotations
+
+import time
+
+import grpc
+import numpy as np
+
+from delf_common import celery_app as tasks
+from delf_common import config
+from delf_common.features import DelfFeatures, encode_array
+from delf_common.proto.delf.v1 import delf_pb2
+from delf_common.ranking import rank_matches
+from delf_gateway.backpressure import WorkerCalls
+from delf_gateway.checks import RequestError, check_box, check_filter, check_image_id, check_photo
+
+DEFAULT_TOP_K = 10
+MAX_TOP_K = 100
+VERIFY_CHUNK = 10  # candidates per verify task; chunks run in parallel on the verifier workers
+
+
+class SearchCalls(WorkerCalls):
+    """The Search RPC of the gateway's servicer."""
+
+    def Search(self, request, context):
+        with self._search_slot():
+            return self._search(request, context)
+
+    def _search(self, request, context):
+        started = time.monotonic()
+        top_k = request.top_k or DEFAULT_TOP_K
+        if top_k > MAX_TOP_K:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, f"top_k is {top_k}; the limit is {MAX_TOP_K}")
+        filter = check_filter(request.filter)
+        features, (width, height), exclude = self._query_features(request, context)
+
+        box = None
+        if request.HasField("box"):
+            box = check_box(request.box, width, height)
+            features = features.inside(box)
+
+        response = delf_pb2.SearchResponse(query_features=len(features))
+        if len(features) == 0:
+            response.elapsed_s = time.monotonic() - started
+            return response
+
+        shortlist = max(config.get("DELF_SHORTLIST"), top_k)
+        options = {"shortlist": shortlist, "exclude": exclude}
+        if filter:
+            options["filter"] = filter
+        reply = self._call(tasks.INDEX_SEARCH, features.to_wire(), options, context=context, what="indexer")
+        candidates = reply["candidates"]
+        metadata = {c["image_id"]: c.get("metadata") or {} for c in candidates}
+        matches = self._verify(features, (width, height), box, candidates, context)
+        for m in rank_matches(matches)[:top_k]:
+            response.matches.append(match_proto(m, metadata.get(m["image_id"], {}), len(features)))
+        response.elapsed_s = time.monotonic() - started
+        return response
+
+    def _query_features(self, request, context) -> tuple[DelfFeatures, tuple[int, int], list[str]]:
+        """The query's features, its image size and the ids to leave out of the answer
+        (an indexed query image does not find itself)."""
+        which = request.WhichOneof("query")
+        exclude: list[str] = []
+        if which == "image":
+            width, height = check_photo(request.image)
+            self._admit("extract", "index", "verify")
+            reply = self._call(tasks.EXTRACT, request.image, {}, context=context, what="extractor")
+            features = DelfFeatures.from_wire(reply["features"])
+        elif which == "image_id":
+            image_id = check_image_id(request.image_id)
+            self._admit("index", "verify")
+            reply = self._call(tasks.INDEX_FEATURES, image_id, context=context, what="indexer")
+            features = DelfFeatures.from_wire(reply["features"])
+            width, height = features.image_size
+            exclude.append(image_id)
+        else:
+            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "give the query as image bytes or an image_id")
+        return features, (width, height), exclude
+
+    def _verify(self, features: DelfFeatures, size, box, candidates: list[dict], context) -> list[dict]:
+        if not candidates:
+            return []
+        query = {
+            "locations": encode_array(features.locations),
+            "scales": encode_array(np.asarray(features.scales, np.float32)),
+            "image_size": list(size),
+            "box": list(box) if box else None,
+        }
+        options = {
+            "min_inliers": config.get("DELF_MIN_INLIERS"),
+            "min_inlier_ratio": config.get("DELF_MIN_INLIER_RATIO"),
+            "ransac_px": config.get("DELF_RANSAC_PX"),
+        }
+        pending = [
+            self._send(tasks.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options, context=context)
+            for i in range(0, len(candidates), VERIFY_CHUNK)
+        ]
+        matches: list[dict] = []
+        for result in pending:
+            matches.extend(self._wait(result, context, "verifier")["matches"])
+        return matches
+
+
+def match_proto(m: dict, metadata: dict, n_query: int) -> delf_pb2.Match:
+    """A verified match scores its inliers; an unverified one its share of the query's votes."""
+    verified = bool(m["verified"])
+    score = float(m["inliers"]) if verified else float(m["votes"]) / max(n_query, 1)
+    match = delf_pb2.Match(
+        image_id=m["image_id"],
+        metadata=metadata,
+        inliers=int(m["inliers"]),
+        score=score,
+        verified=verified,
+        votes=int(m["votes"]),
+        transform=[float(v) for v in m.get("transform") or []],
+    )
+    for x, y in m.get("corners") or []:
+        match.corners.append(delf_pb2.Point(x=float(x), y=float(y)))
+    return match
