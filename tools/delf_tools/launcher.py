@@ -15,7 +15,7 @@ its last log lines, stops the others and exits non-zero. Ctrl-C or SIGTERM stops
 everything (SIGTERM to each child, SIGKILL after a grace period, the embedded
 Redis last) and exits 0.
 
-Usage: ``delf up [options]`` or ``python -m delf_common.launcher [options]``.
+Usage: ``delf up [options]`` or ``python -m delf_tools.launcher [options]``.
 """
 from __future__ import annotations
 
@@ -813,4 +813,4 @@ def main(argv: list[str] | None = None, prog: str = "delf up") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m delf_common.launcher"))
+    sys.exit(main(prog="python -m delf_tools.launcher"))

@@ -259,7 +259,7 @@ def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands implemented by other modules take their own arguments.
     if argv and argv[0] == "up":
-        from delf_common import launcher
+        from delf_tools import launcher
 
         return launcher.main(argv[1:]) or 0
     if argv and argv[0] == "fit-pca":
@@ -267,18 +267,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return pca.main(argv[1:]) or 0
     if argv and argv[0] in ("train-attention", "finetune"):
-        from delf_extractor import train
+        from delf_tools import train
 
         run = train.main_attention if argv[0] == "train-attention" else train.main_finetune
         return run(argv[1:]) or 0
     if argv and argv[0] == "eval":
-        from delf_common import eval_command as evaluate
+        from delf_tools import eval_command as evaluate
 
         return evaluate.main(argv[1:]) or 0
     p = parser()
     args, rest = p.parse_known_args(argv)
     if args.command == "eval":  # global options first: `delf --gateway ADDR eval MANIFEST ...`
-        from delf_common import eval_command as evaluate
+        from delf_tools import eval_command as evaluate
 
         return evaluate.main(rest, gateway=args.gateway, token=args.token, tls_ca=args.tls_ca,
                              timeout=args.timeout) or 0

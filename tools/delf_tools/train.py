@@ -87,7 +87,7 @@ class Photo:
 def load_manifest_photos(manifest: str | Path, split: str = "train", limit: int | None = None) -> list[Photo]:
     """Decoded photos of a manifest: ``split`` "train" (training groups), "heldout" or "all"
     (non-distractor groups). TrainError on a missing or malformed manifest."""
-    from delf_common.evaluation import read_manifest
+    from delf_tools.evaluation import read_manifest
     from delf_common.images import ImageRejected, decode_image
 
     manifest = Path(manifest)
@@ -450,7 +450,7 @@ def _parent_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                     "and 'group' columns (e.g. ../shared/data/landmarks-dev/MANIFEST.tsv)")
     p.add_argument("--model", default="effnet-lite0", help="preset whose backbone is used (default effnet-lite0)")
     p.add_argument("--split", default="train", choices=("train", "heldout", "all"),
-                   help="which groups to train on (default: train; see `delf_extractor.train.split_groups`)")
+                   help="which groups to train on (default: train; see `delf_tools.train.split_groups`)")
     p.add_argument("--out", default=None, help="output file, or a folder for the content-named default "
                                                "(default: the current folder)")
     p.add_argument("--epochs", type=int, default=None)

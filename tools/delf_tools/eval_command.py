@@ -4,7 +4,7 @@
                        [--methods delf,global-gem,sift] [--limit N]
 
 MANIFEST is a tab-separated file with a header row and `path` (relative to the
-manifest's folder) and `group` columns (`delf_common.evaluation`). Every photo is
+manifest's folder) and `group` columns (`delf_tools.evaluation`). Every photo is
 in the database; every photo whose group has another is a query, left out of its
 own ranking; its positives are the other photos of its group. Ids are the path
 without its extension (`a/b.jpg` -> `a/b`).
@@ -51,7 +51,7 @@ from typing import Callable
 import numpy as np
 
 from delf_common import config
-from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
+from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
 
 METHODS = ("delf", "global-gem", "sift")
 TOP_K = 100
