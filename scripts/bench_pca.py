@@ -24,7 +24,7 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_tools.eval_command import ExactVoter, LocalFeatures, rerank
+from delf_tools.eval_local import ExactVoter, LocalFeatures, rerank
 from delf_tools.evaluation import average_precision, read_manifest
 from delf_common.images import decode_image
 from delf_extractor import models

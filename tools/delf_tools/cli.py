@@ -64,7 +64,6 @@ def cmd_ingest(args) -> int:
     from tqdm import tqdm
 
     from delf_common.client import photos_in
-
     from delf_common.manifest import ManifestError, is_manifest, read_manifest
 
     folder = Path(args.path)
@@ -189,7 +188,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", default=None, metavar="PEM",
                    help="connect with TLS, trusting this CA or self-signed certificate (default: $DELF_TLS_CA)")
     sub = p.add_subparsers(dest="command", required=True)
+    _tool_commands(sub)
+    _job_commands(sub)
+    _index_commands(sub)
+    return p
 
+
+def _tool_commands(sub) -> None:
+    """Subcommands implemented by other modules, which parse their own arguments."""
     sub.add_parser("up", help="start the whole system on this machine (see `delf up --help`)", add_help=False)
     sub.add_parser("fit-pca", help="learn the descriptor PCA (see `delf fit-pca --help`)", add_help=False)
     sub.add_parser("train-attention", help="train the keypoint attention head on a manifest's group labels "
@@ -199,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="retrieval quality against two baselines on a manifest "
                                 "(ingests into the running index; see `delf eval --help`)", add_help=False)
 
+
+def _job_commands(sub) -> None:
     s = sub.add_parser("ingest", help="index every photo below a folder, or listed in a .csv/.jsonl "
                                       "manifest, as one asynchronous job")
     s.add_argument("path", help="a folder, or a manifest: .csv (columns id, location, metadata ...) or "
@@ -227,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("job_id")
     s.set_defaults(func=cmd_cancel)
 
+
+def _index_commands(sub) -> None:
     s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
     s.add_argument("photo", nargs="?", default=None)
     s.add_argument("--id", default=None, metavar="ID", help="search with an indexed photo instead of PHOTO")
@@ -252,7 +262,6 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="index size and queue depths")
     s.set_defaults(func=cmd_stats)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
