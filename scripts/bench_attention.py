@@ -9,7 +9,7 @@ method; everything else is the same: the effnet-lite0 preset's backbone, pyramid
 photo, shortlist max(DELF_SHORTLIST, 100)); then, as the system does, RANSAC re-ranking
 (`eval_command.rerank`, DELF_MIN_INLIERS, DELF_RANSAC_PX, DELF_MIN_INLIER_RATIO).
 
-Queries: only photos of the HELD-OUT groups (`delf_extractor.train.split_groups`; groups
+Queries: only photos of the HELD-OUT groups (`delf_tools.train_data.split_groups`; groups
 never seen by `delf train-attention --split train`), each with another photo in its group;
 the database holds all photos (training groups and the distractor included). For
 reference, with ``--all-queries``, the table also gives mAP over the training-group
@@ -41,12 +41,12 @@ import torch
 from torch import nn
 
 from delf_common import config
-from delf_common.eval_command import ExactVoter, LocalFeatures, rerank
-from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
+from delf_tools.eval_local import ExactVoter, LocalFeatures, rerank
+from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
 from delf_common.images import decode_image
 from delf_extractor import models
 from delf_extractor.extract import DelfExtractor
-from delf_extractor.train import split_groups
+from delf_tools.train_data import split_groups
 
 TOP_K = 100
 

@@ -30,8 +30,8 @@ sys.path.insert(0, str(REPO / "tests"))
 
 from photos import SAMPLE_PHOTOS, map_points, sample_photo, warped_query  # noqa: E402
 
-from delf_common.eval_command import ExactVoter, LocalFeatures  # noqa: E402
-from delf_common.evaluation import read_manifest  # noqa: E402
+from delf_tools.eval_local import ExactVoter, LocalFeatures  # noqa: E402
+from delf_tools.evaluation import read_manifest  # noqa: E402
 from delf_common.images import decode_image  # noqa: E402
 from delf_extractor.extract import DelfExtractor  # noqa: E402
 from delf_verifier.ransac import box_corners, project, verify  # noqa: E402

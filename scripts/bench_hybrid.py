@@ -35,8 +35,10 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_common.eval_command import ExactVoter, GemExtractor, LocalFeatures, load_rgb
-from delf_common.evaluation import average_precision, read_manifest
+from delf_tools.eval_local import ExactVoter, LocalFeatures
+from delf_tools.eval_methods import GemExtractor
+from delf_tools.eval_set import load_rgb
+from delf_tools.evaluation import average_precision, read_manifest
 from delf_common.images import decode_image
 from delf_verifier.ransac import verify
 

@@ -59,7 +59,7 @@ def pct(values, q):
 
 def real_features(photos: Path, cache: Path):
     """Per-photo DelfFeatures of landmarks-dev (default extractor), cached as npz."""
-    from delf_common.evaluation import read_manifest
+    from delf_tools.evaluation import read_manifest
     from delf_common.features import DelfFeatures
 
     rows = read_manifest(photos / "MANIFEST.tsv")
@@ -261,7 +261,7 @@ def run_size(kind, size, args, real, distractors, queries, extract_s, log, serve
 
 
 def measure(store, indexed, real, queries, extract_s, map_queries) -> dict:
-    from delf_common.evaluation import average_precision
+    from delf_tools.evaluation import average_precision
 
     store.search(queries[0][1])  # warm-up (loads segments and indexes)
     knn, ver, tot = [], [], []

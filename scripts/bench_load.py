@@ -68,7 +68,7 @@ def running_system(tmp: Path, extractors: int = 1, verifiers: int = 1, env_extra
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
     env.update(env_extra or {})
     ready = tmp / "ready"
-    argv = [sys.executable, "-m", "delf_common.launcher", "--data-dir", str(tmp / "data"), "--grpc-addr", address,
+    argv = [sys.executable, "-m", "delf_tools.launcher", "--data-dir", str(tmp / "data"), "--grpc-addr", address,
             "--ready-file", str(ready), "--log-dir", str(tmp / "logs"),
             "--extractors", str(extractors), "--verifiers", str(verifiers)]
     if "DELF_REDIS_URL" not in env:

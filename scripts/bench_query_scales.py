@@ -18,8 +18,8 @@ from pathlib import Path
 
 import numpy as np
 
-from delf_common.eval_command import ExactVoter, LocalFeatures
-from delf_common.evaluation import average_precision, read_manifest
+from delf_tools.eval_local import ExactVoter, LocalFeatures
+from delf_tools.evaluation import average_precision, read_manifest
 from delf_common.images import decode_image
 from delf_extractor import models
 from delf_extractor.extract import DelfExtractor

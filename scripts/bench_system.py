@@ -49,7 +49,7 @@ def start_system(tmp: Path, env_extra: dict[str, str] | None = None) -> tuple[su
     env.update(env_extra or {})
     ready = tmp / "ready"
     proc = subprocess.Popen(
-        [sys.executable, "-m", "delf_common.launcher", "--data-dir", str(tmp / "data"), "--grpc-addr", address,
+        [sys.executable, "-m", "delf_tools.launcher", "--data-dir", str(tmp / "data"), "--grpc-addr", address,
          "--redis-port", "0", "--ready-file", str(ready), "--log-dir", str(tmp / "logs")],
         env=env, start_new_session=True,
     )
@@ -71,7 +71,7 @@ def main() -> int:
         raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
 
     from delf_common.client import DelfClient
-    from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
+    from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
 
     groups = {path.rsplit(".", 1)[0]: group for path, group in read_manifest(args.photos / "MANIFEST.tsv")}
     queries = queries_and_positives(groups)

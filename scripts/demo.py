@@ -1,7 +1,7 @@
 """A first look at DELF search (`make demo`).
 
 Writes a few scikit-image sample photos into a temporary folder, starts the whole
-system there (`python -m delf_common.launcher`, embedded Redis, free ports), then
+system there (`python -m delf_tools.launcher`, embedded Redis, free ports), then
 runs the `delf` CLI as a user would:
 
     delf ingest FOLDER          index the photos as one job, with a progress bar
@@ -86,7 +86,7 @@ def banner(text: str) -> None:
 def delf(args: list[str], env: dict[str, str]) -> str:
     """Run `delf ARGS` like a user would, echo its output, and return its stdout."""
     print(f"$ delf {' '.join(shlex.quote(a) for a in args)}", flush=True)
-    proc = subprocess.Popen([sys.executable, "-m", "delf_common.cli", *args], env=env,
+    proc = subprocess.Popen([sys.executable, "-m", "delf_tools.cli", *args], env=env,
                             stdout=subprocess.PIPE, text=True)  # stderr (progress bars) goes straight through
     assert proc.stdout is not None
     lines = []
@@ -103,7 +103,7 @@ def start_system(work: Path, port: int, ready_file: Path) -> subprocess.Popen:
     # A private system: its own embedded Redis and Milvus Lite in the temp folder.
     for name in ("DELF_REDIS_URL", "DELF_MILVUS_URI", "DELF_MILVUS_TOKEN"):
         env.pop(name, None)
-    command = [sys.executable, "-m", "delf_common.launcher",
+    command = [sys.executable, "-m", "delf_tools.launcher",
                "--data-dir", str(work / "data"), "--grpc-addr", f"127.0.0.1:{port}",
                "--redis-port", "0", "--ready-file", str(ready_file), "--log-dir"]
     # Its own session: a Ctrl-C reaches only this script, which then stops it once.

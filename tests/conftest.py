@@ -1,6 +1,6 @@
 """Shared fixtures: a real running system (gateway, Celery workers, Redis, Milvus Lite).
 
-`system` starts the whole system as `make up` does (`python -m delf_common.launcher`),
+`system` starts the whole system as `make up` does (`python -m delf_tools.launcher`),
 in its own processes, on the machine's Redis (a database and queue prefix of
 its own, so it never touches other data) and a Milvus Lite file in a temp folder.
 """
@@ -52,7 +52,7 @@ class RunningSystem:
     def start(self) -> None:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "delf_common.launcher", "--data-dir", self.env["DELF_DATA_DIR"],
+            [sys.executable, "-m", "delf_tools.launcher", "--data-dir", self.env["DELF_DATA_DIR"],
              "--grpc-addr", self.address, "--ready-file", str(self.ready_file)],
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

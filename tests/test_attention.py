@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import torch
 
-from delf_common import cli
-from delf_extractor import models, train
+from delf_tools import cli
+from delf_extractor import models
+from delf_tools import train
 from delf_extractor.extract import DelfExtractor
 from photos import jpeg, landmarks_dir, sample_photo
 

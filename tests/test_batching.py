@@ -190,7 +190,7 @@ def test_a_lone_photo_is_not_kept_waiting_and_searches_go_first(extractor):
 
 def start_batching_extractor(cluster: Cluster, name: str, metrics_port: int = 0) -> None:
     """An extractor worker as the launcher starts it (threads), batching BATCH photos."""
-    from delf_common.launcher import EXTRACTOR_POOL_ARGS
+    from delf_tools.launcher import EXTRACTOR_POOL_ARGS
 
     cluster.env.update(DELF_WORKER_BATCH=str(BATCH), DELF_WORKER_BATCH_WAIT_MS="2000",
                        DELF_METRICS_PORT=str(metrics_port))

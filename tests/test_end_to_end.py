@@ -126,7 +126,7 @@ def test_cli_search_prints_a_ranked_table(system, indexed, tmp_path):
     path = tmp_path / "query.jpg"
     path.write_bytes(jpeg(query))
     out = subprocess.run(
-        [sys.executable, "-m", "delf_common.cli", "--gateway", system.address, "search", str(path), "--top-k", "3"],
+        [sys.executable, "-m", "delf_tools.cli", "--gateway", system.address, "search", str(path), "--top-k", "3"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
     rows = [line.split() for line in out.splitlines()[2:]]

@@ -14,8 +14,8 @@ import cv2
 import numpy as np
 import pytest
 
-from delf_common import cli
-from delf_common import eval_command as ev
+from delf_tools import cli
+from delf_tools import eval_command as ev
 from photos import jpeg, sample_photo, warped_query
 
 PAIRS = ("astronaut", "coffee", "rocket")

@@ -146,7 +146,7 @@ def wait_job(client, job_id: str, finished: int | None = None, timeout: float = 
 
 
 def cli(system, *args: str, check: bool = False) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "delf_common.cli", "--gateway", system.address, *args],
+    return subprocess.run([sys.executable, "-m", "delf_tools.cli", "--gateway", system.address, *args],
                           capture_output=True, text=True, timeout=300, check=check)
 
 
@@ -225,7 +225,7 @@ def test_the_cli_reports_a_bad_manifest_before_sending_anything(tmp_path):
     path.write_text('{"id": "a", "location": "x.jpg"}\nnot json\n{"id": "b"}\n')
     (tmp_path / "x.jpg").write_bytes(b"a photo")
     # No gateway listens there: the manifest is refused before any connection.
-    out = subprocess.run([sys.executable, "-m", "delf_common.cli", "--gateway", "127.0.0.1:9", "ingest", str(path)],
+    out = subprocess.run([sys.executable, "-m", "delf_tools.cli", "--gateway", "127.0.0.1:9", "ingest", str(path)],
                          capture_output=True, text=True, timeout=120)
     assert out.returncode == 2
     assert f"{path}:2: not a JSON object" in out.stderr and f"{path}:3: missing location" in out.stderr

@@ -14,7 +14,7 @@ import pytest
 
 import numpy as np
 
-from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
+from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
 from delf_common.images import decode_image
 from delf_common.proto.delf.v1 import delf_pb2
 from photos import jpeg, landmarks_dir, map_points, warped_query

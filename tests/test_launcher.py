@@ -106,7 +106,7 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
     output = tmp_path / "launcher.out"
     with open(output, "wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "delf_common.launcher",
+            [sys.executable, "-m", "delf_tools.launcher",
              "--data-dir", str(data_dir),
              "--grpc-addr", f"127.0.0.1:{grpc_port}",
              "--redis-port", str(redis_port),

@@ -84,11 +84,11 @@ def test_bad_filters_are_refused(client, copies, flt, message):
 def test_cli_filter(system, copies):
     tag, ids, _ = copies
     env = {**os.environ, "DELF_GATEWAY": system.address}
-    run = subprocess.run([sys.executable, "-m", "delf_common.cli", "search", "--id", ids["a"],
+    run = subprocess.run([sys.executable, "-m", "delf_tools.cli", "search", "--id", ids["a"],
                           "--filter", f"run={tag}", "--filter", "copy=b"],
                          env=env, capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     assert ids["b"] in run.stdout and ids["other"] not in run.stdout
-    bad = subprocess.run([sys.executable, "-m", "delf_common.cli", "search", "--id", ids["a"],
+    bad = subprocess.run([sys.executable, "-m", "delf_tools.cli", "search", "--id", ids["a"],
                           "--filter", "novalue"], env=env, capture_output=True, text=True, timeout=120)
     assert bad.returncode != 0 and "KEY=VALUE" in bad.stderr

@@ -191,7 +191,7 @@ def test_without_tokens_auth_is_off(no_delf_env):
 
 
 def test_the_client_library_and_cli_send_the_token(auth_gateway, no_delf_env, capsys):
-    from delf_common import cli
+    from delf_tools import cli
 
     with DelfClient(auth_gateway.address, token=TOKENS[1], timeout=10) as client:
         code, _ = code_of(lambda: client.get_job("no-such-job"))

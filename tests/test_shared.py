@@ -138,7 +138,7 @@ def test_job_counts_each_item_once_and_completes(jobs):
 
 
 def test_average_precision_and_queries_follow_the_protocol(tmp_path):
-    from delf_common.evaluation import average_precision, queries_and_positives, read_manifest
+    from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
 
     assert average_precision(["a", "x", "b"], {"a", "b"}) == pytest.approx((1 / 1 + 2 / 3) / 2)
     assert average_precision(["x", "a"], {"a", "b"}) == pytest.approx((1 / 2) / 2)  # b never returned

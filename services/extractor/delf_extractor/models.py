@@ -30,7 +30,7 @@ raw feature, which is what the notes measured. A trained head (1x1 conv -> ReLU 
 ``attention_weights`` naming a state-dict file of `AttentionHead`;
 ``score_threshold`` must then be calibrated for those weights (the paper's 100
 belongs to the paper's weights). ``effnet-lite0-attn`` ships one, trained by
-``delf train-attention`` (`delf_extractor.train`); ``backbone_weights`` loads a
+``delf train-attention`` (`delf_tools.train`); ``backbone_weights`` loads a
 backbone fine-tuned by ``delf finetune``.
 """
 from __future__ import annotations

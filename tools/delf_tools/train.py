@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import hashlib
 import json
-import math
 import sys
 import time
 from pathlib import Path
@@ -48,215 +47,12 @@ import torch.nn.functional as F
 from torch import nn
 
 from delf_extractor import models
+from delf_tools.train_data import (SPLIT_SALT, VIEW_SIZE, Photo, TrainError, ViewCache, build_cache, cap_side,
+                                   load_cache, load_manifest_photos, random_view, save_cache)
+# Also reachable as `train.<name>` (tests and scripts/bench_attention.py use them).
+from delf_tools.train_data import is_training_group, split_groups  # noqa: F401
 
-SPLIT_SALT = "delf-attention-split:"
 TARGETS = ("classification", "homography")
-VIEW_SIZE = 320           # training view side, pixels (20 x 20 feature cells)
-WORK_SIDE = 1024          # photos are capped to this long side first (the extractor's working image)
-
-
-class TrainError(Exception):
-    """A problem the user must fix (bad manifest, too few photos); the message says what."""
-
-
-# --------------------------------------------------------------------------- data
-
-
-def is_training_group(group: str) -> bool:
-    """The deterministic split: training group iff sha256(salt + group) is even; never distractors."""
-    if group.startswith("distractor_"):
-        return False
-    return int(hashlib.sha256((SPLIT_SALT + group).encode()).hexdigest(), 16) % 2 == 0
-
-
-def split_groups(groups) -> tuple[list[str], list[str]]:
-    """(training groups, held-out groups) among ``groups``, sorted; distractors in neither."""
-    uniq = sorted(set(groups))
-    train = [g for g in uniq if is_training_group(g)]
-    held = [g for g in uniq if not g.startswith("distractor_") and g not in train]
-    return train, held
-
-
-@dataclasses.dataclass
-class Photo:
-    rel: str
-    group: str
-    rgb: np.ndarray
-
-
-def load_manifest_photos(manifest: str | Path, split: str = "train", limit: int | None = None) -> list[Photo]:
-    """Decoded photos of a manifest: ``split`` "train" (training groups), "heldout" or "all"
-    (non-distractor groups). TrainError on a missing or malformed manifest."""
-    from delf_common.evaluation import read_manifest
-    from delf_common.images import ImageRejected, decode_image
-
-    manifest = Path(manifest)
-    if not manifest.is_file():
-        raise TrainError(f"no manifest at {manifest} (a tab-separated file with a header row and "
-                         f"'path' and 'group' columns)")
-    try:
-        rows = read_manifest(manifest)
-    except ValueError as exc:
-        raise TrainError(str(exc)) from None
-    except (IndexError, UnicodeDecodeError) as exc:
-        raise TrainError(f"{manifest}: not a readable tab-separated manifest ({exc})") from None
-    train, held = split_groups(g for _, g in rows)
-    keep = {"train": set(train), "heldout": set(held), "all": set(train) | set(held)}.get(split)
-    if keep is None:
-        raise TrainError(f"unknown split {split!r} (train, heldout, all)")
-    photos = []
-    for rel, group in rows:
-        if group not in keep:
-            continue
-        path = manifest.parent / rel
-        if not path.is_file():
-            raise TrainError(f"{manifest}: photo {rel} not found below {manifest.parent}")
-        try:
-            photos.append(Photo(rel, group, decode_image(path.read_bytes())))
-        except ImageRejected as exc:
-            raise TrainError(f"{path}: {exc.message}") from None
-        if limit and len(photos) >= limit:
-            break
-    if len({p.group for p in photos}) < 2:
-        raise TrainError(f"{manifest}: need photos of at least 2 {split} groups, found "
-                         f"{len({p.group for p in photos})} (split rule: sha256('{SPLIT_SALT}' + group) even "
-                         f"= train; distractor_* never)")
-    return photos
-
-
-def cap_side(rgb: np.ndarray, side: int = WORK_SIDE) -> np.ndarray:
-    import cv2
-
-    h, w = rgb.shape[:2]
-    if max(h, w) <= side:
-        return rgb
-    f = side / max(h, w)
-    return cv2.resize(rgb, (max(1, round(w * f)), max(1, round(h * f))), interpolation=cv2.INTER_AREA)
-
-
-def random_view(rgb: np.ndarray, rng: np.random.Generator, size: int = VIEW_SIZE,
-                centre: tuple[float, float] | None = None, scales=(0.35, 1.4142)) -> tuple[np.ndarray, np.ndarray]:
-    """A size x size view of ``rgb``: random scale (log-uniform in ``scales``, not below what
-    keeps 3/4 of the view inside the photo), crop around ``centre`` (photo pixels; random if
-    None), rotation +-15 degrees, corner jitter up to 8 % (perspective), brightness/contrast.
-
-    Returns (view RGB uint8, H) where H (3x3) maps view pixels to ``rgb`` pixels.
-    """
-    import cv2
-
-    h, w = rgb.shape[:2]
-    lo = max(scales[0], 0.75 * size / min(h, w))
-    hi = max(lo, scales[1])
-    s = math.exp(rng.uniform(math.log(lo), math.log(hi)))
-    sh, sw = max(1, round(h * s)), max(1, round(w * s))
-    scaled = cv2.resize(rgb, (sw, sh), interpolation=cv2.INTER_AREA if s < 1 else cv2.INTER_LINEAR)
-    if centre is None:
-        cx, cy = rng.uniform(0, w), rng.uniform(0, h)
-    else:
-        cx, cy = centre
-    cx, cy = cx * sw / w, cy * sh / h
-    half = size / 2
-    cx = float(np.clip(cx + rng.uniform(-0.1, 0.1) * size, min(half, sw / 2), max(sw - half, sw / 2)))
-    cy = float(np.clip(cy + rng.uniform(-0.1, 0.1) * size, min(half, sh / 2), max(sh - half, sh / 2)))
-    angle = math.radians(rng.uniform(-15, 15))
-    c, sn = math.cos(angle), math.sin(angle)
-    square = np.float32([[0, 0], [size, 0], [size, size], [0, size]])
-    quad = []
-    for x, y in square - half:
-        x, y = x + rng.uniform(-0.08, 0.08) * size, y + rng.uniform(-0.08, 0.08) * size
-        quad.append([cx + c * x - sn * y, cy + sn * x + c * y])
-    H_view_scaled = cv2.getPerspectiveTransform(square, np.float32(quad))
-    view = cv2.warpPerspective(scaled, H_view_scaled, (size, size),
-                               flags=cv2.INTER_LINEAR | cv2.WARP_INVERSE_MAP, borderMode=cv2.BORDER_CONSTANT)
-    gain, bias = rng.uniform(0.7, 1.3), rng.uniform(-25, 25)
-    view = np.clip(view.astype(np.float32) * gain + bias, 0, 255).astype(np.uint8)
-    H = np.diag([w / sw, h / sh, 1.0]) @ H_view_scaled
-    return np.ascontiguousarray(view), H
-
-
-@dataclasses.dataclass
-class ViewCache:
-    """Frozen-backbone features of all views: feats (N, C, h, w) float16, labels (N,),
-    photo index (N,), H (N, 3, 3) view -> photo pixels, pair partner index (N,)."""
-
-    feats: torch.Tensor
-    labels: torch.Tensor
-    photo: np.ndarray
-    H: np.ndarray
-    partner: np.ndarray
-    groups: list[str]
-    centres_y: np.ndarray
-    centres_x: np.ndarray
-    stride: int
-    mask: torch.Tensor       # (h, w) bool: cells the extractor would keep (border dropped)
-
-
-def backbone_features(net: models.DelfNet, views: np.ndarray, device: torch.device, batch: int = 16) -> torch.Tensor:
-    out = []
-    with torch.inference_mode():
-        for s in range(0, len(views), batch):
-            x = torch.from_numpy(views[s:s + batch]).to(device).permute(0, 3, 1, 2).float()
-            x = (x - net.mean) / net.std
-            out.append(net.backbone(x).to(torch.float16).cpu())
-    return torch.cat(out)
-
-
-def build_cache(net: models.DelfNet, photos: list[Photo], views_per_photo: int, seed: int,
-                device: torch.device, log=print) -> ViewCache:
-    """Random view pairs of every photo through the frozen backbone (`random_view`)."""
-    rng = np.random.default_rng(seed)
-    groups = sorted({p.group for p in photos})
-    label_of = {g: i for i, g in enumerate(groups)}
-    pairs = max(1, views_per_photo // 2)
-    feats, labels, owner, Hs, partner = [], [], [], [], []
-    t0 = time.perf_counter()
-    for pi, p in enumerate(photos):
-        rgb = cap_side(p.rgb)
-        h, w = rgb.shape[:2]
-        views = []
-        for _ in range(pairs):
-            centre = (rng.uniform(0.15, 0.85) * w, rng.uniform(0.15, 0.85) * h)
-            for _ in range(2):
-                v, H = random_view(rgb, rng, centre=centre)
-                views.append(v)
-                Hs.append(H)
-        base = len(labels)
-        for k in range(len(views)):
-            partner.append(base + (k ^ 1))
-            labels.append(label_of[p.group])
-            owner.append(pi)
-        feats.append(backbone_features(net, np.stack(views), device))
-        if (pi + 1) % 10 == 0 or pi + 1 == len(photos):
-            log(f"views: {pi + 1}/{len(photos)} photos, {time.perf_counter() - t0:.0f} s")
-    feats_t = torch.cat(feats)
-    gy, gx = net.geometry(VIEW_SIZE, VIEW_SIZE)
-    fh, fw = feats_t.shape[-2:]
-    cy, cx = gy.centre(np.arange(fh)), gx.centre(np.arange(fw))
-    m = net.cfg.border_px
-    mask = torch.from_numpy(((cy >= m) & (cy <= VIEW_SIZE - 1 - m))[:, None] & ((cx >= m) & (cx <= VIEW_SIZE - 1 - m))[None, :])
-    return ViewCache(feats_t, torch.tensor(labels), np.array(owner), np.stack(Hs), np.array(partner),
-                     groups, cy, cx, gy.stride, mask)
-
-
-def save_cache(cache: ViewCache, path: Path, key: dict) -> None:
-    """The view cache as a torch file of tensors, strings and numbers (loads with weights_only)."""
-    torch.save({"key": json.dumps(key, sort_keys=True), "feats": cache.feats, "labels": cache.labels,
-                "photo": torch.from_numpy(cache.photo), "H": torch.from_numpy(cache.H),
-                "partner": torch.from_numpy(cache.partner), "groups": list(cache.groups),
-                "centres_y": torch.from_numpy(np.asarray(cache.centres_y, np.float64)),
-                "centres_x": torch.from_numpy(np.asarray(cache.centres_x, np.float64)),
-                "stride": int(cache.stride), "mask": cache.mask}, path)
-
-
-def load_cache(path: Path, key: dict) -> ViewCache | None:
-    """The cache at ``path`` if it was built with the same ``key`` (photos, views, seed, model), else None."""
-    if not path.is_file():
-        return None
-    z = torch.load(path, map_location="cpu", weights_only=True)
-    if z.get("key") != json.dumps(key, sort_keys=True):
-        return None
-    return ViewCache(z["feats"], z["labels"], z["photo"].numpy(), z["H"].numpy(), z["partner"].numpy(),
-                     list(z["groups"]), z["centres_y"].numpy(), z["centres_x"].numpy(), int(z["stride"]), z["mask"])
 
 
 # --------------------------------------------------------------------------- label-free target
@@ -450,7 +246,7 @@ def _parent_parser(prog: str, description: str) -> argparse.ArgumentParser:
                                     "and 'group' columns (e.g. ../shared/data/landmarks-dev/MANIFEST.tsv)")
     p.add_argument("--model", default="effnet-lite0", help="preset whose backbone is used (default effnet-lite0)")
     p.add_argument("--split", default="train", choices=("train", "heldout", "all"),
-                   help="which groups to train on (default: train; see `delf_extractor.train.split_groups`)")
+                   help="which groups to train on (default: train; see `delf_tools.train_data.split_groups`)")
     p.add_argument("--out", default=None, help="output file, or a folder for the content-named default "
                                                "(default: the current folder)")
     p.add_argument("--epochs", type=int, default=None)
@@ -469,9 +265,11 @@ def _out_path(out: str | None, name: str) -> Path:
     return p / name if p.is_dir() else p
 
 
-def main_attention(argv: list[str] | None = None) -> int:
-    """``delf train-attention MANIFEST [--target classification|homography] ...``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def _attention_parser() -> argparse.ArgumentParser:
     p = _parent_parser("delf train-attention", (
         "Train the attention head of a preset's frozen backbone with image-level labels (DELF stage 2: "
         "classifier on the attention-weighted sum of L2-normalised features), or label-free "
@@ -483,47 +281,57 @@ def main_attention(argv: list[str] | None = None) -> int:
     p.add_argument("--cache", default=None, metavar="PATH",
                    help="reuse (or create) this file of the views' backbone features: a second run with "
                         "the same photos, views, seed and model (e.g. the other --target) skips the backbone")
+    return p
+
+
+def _train_attention(args, log=_log):
+    """(preset, photos, device, head, losses, info, start time) of one `delf train-attention` run.
+    TrainError, ValueError or FileNotFoundError on a problem the user must fix."""
+    if args.epochs < 1 or args.views < 2:
+        raise TrainError("--epochs must be >= 1 and --views >= 2")
+    cfg = models.get_config(args.model)
+    cfg = dataclasses.replace(cfg, score="norm", score_threshold=None, attention_weights=None,
+                              backbone_weights=args.backbone_weights or cfg.backbone_weights)
+    photos = load_manifest_photos(args.manifest, args.split, args.limit)
+    device = models.resolve_device(args.device)
+    t0 = time.perf_counter()
+    net = models.build_model(cfg).to(device)
+    log(f"{len(photos)} photos of {len({q.group for q in photos})} groups, {args.views} views each")
+    key = {"photos": [q.rel for q in photos], "manifest": str(Path(args.manifest).resolve()),
+           "views": args.views, "seed": args.seed, "model": cfg.name, "view_size": VIEW_SIZE,
+           "backbone_weights": cfg.backbone_weights}
+    cache = load_cache(Path(args.cache), key) if args.cache else None
+    if cache is None:
+        cache = build_cache(net, photos, args.views, args.seed, device, log)
+        if args.cache:
+            save_cache(cache, Path(args.cache), key)
+    else:
+        log(f"views: {len(cache.labels)} cached in {args.cache}")
+    targets = None
+    if args.target == "homography":
+        from delf_extractor import pca as pca_mod
+
+        pca = None
+        try:
+            pca = pca_mod.load_pca(pca_mod.default_path(cfg))
+        except FileNotFoundError:
+            pass
+        targets = matchability_targets(cache, seed=args.seed, pca=pca)
+    head, losses, info = train_head(cache, args.target, args.epochs, args.seed, device, lr=args.lr,
+                                    hidden=cfg.attention_hidden, log=log, targets=targets)
+    return cfg, photos, device, head, losses, info, t0
+
+
+def main_attention(argv: list[str] | None = None) -> int:
+    """``delf train-attention MANIFEST [--target classification|homography] ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _attention_parser()
     args = p.parse_args(argv)
     args.epochs = 15 if args.epochs is None else args.epochs
     args.views = 24 if args.views is None else args.views
     args.lr = 1e-3 if args.lr is None else args.lr
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     try:
-        if args.epochs < 1 or args.views < 2:
-            raise TrainError("--epochs must be >= 1 and --views >= 2")
-        cfg = models.get_config(args.model)
-        cfg = dataclasses.replace(cfg, score="norm", score_threshold=None, attention_weights=None,
-                                  backbone_weights=args.backbone_weights or cfg.backbone_weights)
-        photos = load_manifest_photos(args.manifest, args.split, args.limit)
-        device = models.resolve_device(args.device)
-        t0 = time.perf_counter()
-        net = models.build_model(cfg).to(device)
-        log(f"{len(photos)} photos of {len({q.group for q in photos})} groups, {args.views} views each")
-        key = {"photos": [q.rel for q in photos], "manifest": str(Path(args.manifest).resolve()),
-               "views": args.views, "seed": args.seed, "model": cfg.name, "view_size": VIEW_SIZE,
-               "backbone_weights": cfg.backbone_weights}
-        cache = load_cache(Path(args.cache), key) if args.cache else None
-        if cache is None:
-            cache = build_cache(net, photos, args.views, args.seed, device, log)
-            if args.cache:
-                save_cache(cache, Path(args.cache), key)
-        else:
-            log(f"views: {len(cache.labels)} cached in {args.cache}")
-        targets = None
-        if args.target == "homography":
-            from delf_extractor import pca as pca_mod
-
-            pca = None
-            try:
-                pca = pca_mod.load_pca(pca_mod.default_path(cfg))
-            except FileNotFoundError:
-                pass
-            targets = matchability_targets(cache, seed=args.seed, pca=pca)
-        head, losses, info = train_head(cache, args.target, args.epochs, args.seed, device, lr=args.lr,
-                                        hidden=cfg.attention_hidden, log=log, targets=targets)
+        cfg, photos, device, head, losses, info, t0 = _train_attention(args)
     except (TrainError, ValueError, FileNotFoundError) as exc:
         print(f"delf train-attention: {exc}", file=sys.stderr)
         return 2
@@ -540,8 +348,8 @@ def main_attention(argv: list[str] | None = None) -> int:
         tmp_cfg = dataclasses.replace(cfg, score="attention", attention_weights=str(out.resolve()))
         thr, cal = calibrate_threshold(tmp_cfg, photos, device=str(device))
         record.update(score_threshold=thr, calibration=cal)
-        log(f"score threshold {thr} ({cal['photos_below_cap']} of {len(photos)} training photos keep fewer "
-            f"than {cfg.max_features} features)")
+        _log(f"score threshold {thr} ({cal['photos_below_cap']} of {len(photos)} training photos keep fewer "
+             f"than {cfg.max_features} features)")
     out.with_suffix(".json").write_text(json.dumps(record, indent=1) + "\n")
     print(f"{out} (sha256 {sha[:8]}): loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     return 0
@@ -563,9 +371,7 @@ class FinetuneNet(nn.Module):
         return self.fc(F.normalize(f.pow(3).mean((2, 3)).pow(1 / 3), dim=1) * 16.0)
 
 
-def main_finetune(argv: list[str] | None = None) -> int:
-    """``delf finetune MANIFEST [--epochs N] [--device cuda] ...``"""
-    argv = list(sys.argv[1:] if argv is None else argv)
+def _finetune_parser() -> argparse.ArgumentParser:
     p = _parent_parser("delf finetune", (
         "Fine-tune a preset's backbone (up to its descriptor layer) with cross-entropy on the manifest's "
         "group labels (DELF stage 1; random crops of 250-px-rescaled views, as the paper's 224 crops). "
@@ -573,57 +379,73 @@ def main_finetune(argv: list[str] | None = None) -> int:
         "and a .json record."))
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--image-size", type=int, default=224, help="training crop side (default 224)")
+    return p
+
+
+def _step(model: nn.Module, opt: torch.optim.Optimizer, x: torch.Tensor, y: torch.Tensor) -> tuple[float, int]:
+    """One optimiser step on a batch: (its mean loss, its correct predictions)."""
+    logits = model(x)
+    loss = F.cross_entropy(logits, y)
+    opt.zero_grad()
+    loss.backward()
+    opt.step()
+    return loss.item(), int((logits.argmax(1) == y).sum())
+
+
+def _finetune(args, log=_log):
+    """(preset, photos, trained model, loss per epoch, start time) of one `delf finetune` run.
+    TrainError, ValueError or FileNotFoundError on a problem the user must fix."""
+    if args.epochs < 1 or args.views < 1 or args.batch_size < 1 or args.image_size < 64:
+        raise TrainError("--epochs, --views and --batch-size must be >= 1, --image-size >= 64")
+    cfg = models.get_config(args.model)
+    photos = load_manifest_photos(args.manifest, args.split, args.limit)
+    device = models.resolve_device(args.device)
+    torch.manual_seed(args.seed)
+    rng = np.random.default_rng(args.seed)
+    net = models.build_model(dataclasses.replace(cfg, score="norm", attention_weights=None))
+    groups = sorted({q.group for q in photos})
+    label_of = {g: i for i, g in enumerate(groups)}
+    model = FinetuneNet(net.backbone, cfg.channels, len(groups)).to(device)
+    mean, std = net.mean.to(device), net.std.to(device)
+    # BatchNorm statistics stay frozen (batches of a few landmarks are too small to estimate them).
+    bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
+    opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": args.lr},
+                             {"params": model.fc.parameters(), "lr": args.lr * 100}], weight_decay=1e-4)
+    log(f"{len(photos)} photos of {len(groups)} groups on {device}")
+    t0 = time.perf_counter()
+    capped = [cap_side(q.rgb, 2 * args.image_size) for q in photos]
+    losses = []
+    for epoch in range(args.epochs):
+        model.train()
+        for m in bns:
+            m.eval()
+        items = [(i, k) for i in range(len(photos)) for k in range(args.views)]
+        rng.shuffle(items)
+        total, correct = 0.0, 0
+        for s in range(0, len(items), args.batch_size):
+            chunk = items[s:s + args.batch_size]
+            views = np.stack([random_view(capped[i], rng, size=args.image_size, scales=(0.5, 1.0))[0]
+                              for i, _ in chunk])
+            y = torch.tensor([label_of[photos[i].group] for i, _ in chunk], device=device)
+            x = (torch.from_numpy(views).to(device).permute(0, 3, 1, 2).float() - mean) / std
+            loss, right = _step(model, opt, x, y)
+            total += loss * len(chunk)
+            correct += right
+        losses.append(total / len(items))
+        log(f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}, train accuracy {correct / len(items):.3f}")
+    return cfg, photos, model, losses, t0
+
+
+def main_finetune(argv: list[str] | None = None) -> int:
+    """``delf finetune MANIFEST [--epochs N] [--device cuda] ...``"""
+    argv = list(sys.argv[1:] if argv is None else argv)
+    p = _finetune_parser()
     args = p.parse_args(argv)
     args.epochs = 20 if args.epochs is None else args.epochs
     args.views = 8 if args.views is None else args.views
     args.lr = 1e-4 if args.lr is None else args.lr
-
-    def log(msg: str) -> None:
-        print(msg, file=sys.stderr, flush=True)
-
     try:
-        if args.epochs < 1 or args.views < 1 or args.batch_size < 1 or args.image_size < 64:
-            raise TrainError("--epochs, --views and --batch-size must be >= 1, --image-size >= 64")
-        cfg = models.get_config(args.model)
-        photos = load_manifest_photos(args.manifest, args.split, args.limit)
-        device = models.resolve_device(args.device)
-        torch.manual_seed(args.seed)
-        rng = np.random.default_rng(args.seed)
-        net = models.build_model(dataclasses.replace(cfg, score="norm", attention_weights=None))
-        groups = sorted({q.group for q in photos})
-        label_of = {g: i for i, g in enumerate(groups)}
-        model = FinetuneNet(net.backbone, cfg.channels, len(groups)).to(device)
-        mean, std = net.mean.to(device), net.std.to(device)
-        # BatchNorm statistics stay frozen (batches of a few landmarks are too small to estimate them).
-        bns = [m for m in model.modules() if isinstance(m, nn.BatchNorm2d)]
-        opt = torch.optim.AdamW([{"params": model.backbone.parameters(), "lr": args.lr},
-                                 {"params": model.fc.parameters(), "lr": args.lr * 100}], weight_decay=1e-4)
-        log(f"{len(photos)} photos of {len(groups)} groups on {device}")
-        t0 = time.perf_counter()
-        capped = [cap_side(q.rgb, 2 * args.image_size) for q in photos]
-        losses = []
-        for epoch in range(args.epochs):
-            model.train()
-            for m in bns:
-                m.eval()
-            items = [(i, k) for i in range(len(photos)) for k in range(args.views)]
-            rng.shuffle(items)
-            total, correct = 0.0, 0
-            for s in range(0, len(items), args.batch_size):
-                chunk = items[s:s + args.batch_size]
-                views = np.stack([random_view(capped[i], rng, size=args.image_size, scales=(0.5, 1.0))[0]
-                                  for i, _ in chunk])
-                y = torch.tensor([label_of[photos[i].group] for i, _ in chunk], device=device)
-                x = (torch.from_numpy(views).to(device).permute(0, 3, 1, 2).float() - mean) / std
-                logits = model(x)
-                loss = F.cross_entropy(logits, y)
-                opt.zero_grad()
-                loss.backward()
-                opt.step()
-                total += loss.item() * len(chunk)
-                correct += int((logits.argmax(1) == y).sum())
-            losses.append(total / len(items))
-            log(f"epoch {epoch + 1}/{args.epochs}: loss {losses[-1]:.4f}, train accuracy {correct / len(items):.3f}")
+        cfg, photos, model, losses, t0 = _finetune(args)
     except (TrainError, ValueError, FileNotFoundError) as exc:
         print(f"delf finetune: {exc}", file=sys.stderr)
         return 2
