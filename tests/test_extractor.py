@@ -9,7 +9,7 @@ import sys
 import uuid
 from pathlib import Path
 
-from conftest import redis_db_url  # noqa: E402
+from conftest import redis_db_url
 
 os.environ.setdefault("DELF_REDIS_URL", redis_db_url(11))
 os.environ.setdefault("DELF_QUEUE_PREFIX", f"test-extractor-{uuid.uuid4().hex[:8]}")
