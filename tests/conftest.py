@@ -1,8 +1,14 @@
 """Shared fixtures: a real running system (gateway, Celery workers, Redis, Milvus Lite).
 
 `system` starts the whole system as `make up` does (`python -m delf_tools.launcher`),
-in its own processes, on the machine's Redis (a database and queue prefix of
-its own, so it never touches other data) and a Milvus Lite file in a temp folder.
+in its own processes, on the tests' Redis (a database and queue prefix of its own,
+so it never touches other data) and a Milvus Lite file in a temp folder.
+
+The tests' Redis is the one at DELF_TEST_REDIS_URL (default redis://127.0.0.1:6379/14)
+when it answers; otherwise the session starts an embedded one (the redis-server `make up`
+uses, on a free port, keeping nothing) and stops it at the end, so `make test` needs no
+Redis on the machine. Tests reach it through `TEST_REDIS_URL`, or `redis_db_url(n)` for a
+database of their own on the same server.
 """
 from __future__ import annotations
 
@@ -15,14 +21,56 @@ import sys
 import time
 import uuid
 from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
 
 import pytest
 import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-TEST_REDIS_URL = os.environ.get("DELF_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
+from embedded_redis import EmbeddedRedis  # noqa: E402
+
+CONFIGURED_REDIS_URL = os.environ.get("DELF_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 STARTUP_TIMEOUT_S = 240
+
+_test_redis: dict[str, object] = {}  # "url": the session's Redis URL, "embedded": its EmbeddedRedis
+
+
+def redis_db_url(db: int | None = None) -> str:
+    """The tests' Redis URL (database `db`, or the configured one): DELF_TEST_REDIS_URL
+    when a Redis answers there, else an embedded Redis, started on first use."""
+    if "url" not in _test_redis:
+        if redis_available(CONFIGURED_REDIS_URL):
+            _test_redis["url"] = CONFIGURED_REDIS_URL
+        else:
+            embedded = EmbeddedRedis().start()
+            _test_redis["embedded"] = embedded
+            _test_redis["url"] = embedded.url(_db_of(CONFIGURED_REDIS_URL))
+    url = str(_test_redis["url"])
+    if db is None:
+        return url
+    parts = urlsplit(url)
+    return urlunsplit(parts._replace(path=f"/{db}"))
+
+
+def _db_of(url: str) -> int:
+    path = urlsplit(url).path.strip("/")
+    return int(path) if path.isdigit() else 0
+
+
+def __getattr__(name: str) -> str:
+    # `from conftest import TEST_REDIS_URL` resolves (and if need be starts) the Redis
+    # only in sessions that use it.
+    if name == "TEST_REDIS_URL":
+        return redis_db_url()
+    raise AttributeError(name)
+
+
+def pytest_unconfigure(config):
+    embedded = _test_redis.pop("embedded", None)
+    if embedded is not None:
+        embedded.stop()
+    _test_redis.pop("url", None)
 
 
 def free_port() -> int:
@@ -92,7 +140,7 @@ class RunningSystem:
 def system_env(root: Path, **extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith("DELF_")}
     env.update(
-        DELF_REDIS_URL=TEST_REDIS_URL,
+        DELF_REDIS_URL=redis_db_url(),
         DELF_QUEUE_PREFIX=f"delftest-{uuid.uuid4().hex[:8]}",
         DELF_DATA_DIR=str(root / "data"),
         DELF_GRPC_ADDR=f"127.0.0.1:{free_port()}",
@@ -106,8 +154,8 @@ def system_env(root: Path, **extra: str) -> dict[str, str]:
 @pytest.fixture(scope="session")
 def system(tmp_path_factory):
     """The whole system, started once for the test session."""
-    if not redis_available(TEST_REDIS_URL):
-        pytest.fail(f"no Redis at {TEST_REDIS_URL}: start one (`.ci/run` does) or set DELF_TEST_REDIS_URL")
+    if not redis_available(redis_db_url()):
+        pytest.fail(f"no Redis at {redis_db_url()}")
     root = tmp_path_factory.mktemp("system")
     running = RunningSystem(root, system_env(root, DELF_MAX_IMAGE_BYTES=str(8 * 1024 * 1024),
                                              DELF_INGEST_ROOTS=str(root / "photos")))

@@ -9,7 +9,9 @@ import sys
 import uuid
 from pathlib import Path
 
-os.environ.setdefault("DELF_REDIS_URL", "redis://127.0.0.1:6379/11")
+from conftest import redis_db_url
+
+os.environ.setdefault("DELF_REDIS_URL", redis_db_url(11))
 os.environ.setdefault("DELF_QUEUE_PREFIX", f"test-extractor-{uuid.uuid4().hex[:8]}")
 
 import cv2  # noqa: E402

@@ -4,6 +4,7 @@ import uuid
 import numpy as np
 import pytest
 
+from conftest import redis_db_url
 from delf_common.features import DelfFeatures, decode_array
 from delf_indexer.store import DescriptorStore, quote
 
@@ -284,7 +285,7 @@ def test_filter_on_collection_without_meta_field(tmp_path):
 def tasks(tmp_path, monkeypatch):
     monkeypatch.setenv("DELF_MILVUS_URI", str(tmp_path / "tasks.db"))
     monkeypatch.setenv("DELF_COLLECTION", "tk")
-    monkeypatch.setenv("DELF_REDIS_URL", "redis://127.0.0.1:6379/12")
+    monkeypatch.setenv("DELF_REDIS_URL", redis_db_url(12))
     monkeypatch.setenv("DELF_QUEUE_PREFIX", f"test-indexer-{uuid.uuid4().hex[:8]}")
     from delf_indexer import tasks as t
     t.reset_store()

@@ -18,12 +18,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from conftest import free_port, redis_available
+from conftest import free_port, redis_available, redis_db_url
 from delf_common import config
 from delf_common.client import DelfClient
 from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
 
-REDIS_URL = "redis://127.0.0.1:6379/10"
+REDIS_URL = redis_db_url(10)
 TOKENS = ("s3cret-one", "s3cret-two")
 ROOT = Path(__file__).resolve().parents[1]
 

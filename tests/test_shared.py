@@ -15,6 +15,7 @@ from delf_common import config
 from delf_common.features import DelfFeatures, decode_array, encode_array
 from delf_common.images import ImageRejected, decode_image, probe_image
 from delf_common.jobs import COMPLETED, RECEIVING, RUNNING, JobStore
+from conftest import redis_db_url
 from photos import jpeg, png, sample_photo
 
 CONFIGURATION_DOC = Path(__file__).resolve().parents[1] / "docs" / "CONFIGURATION.md"
@@ -110,11 +111,11 @@ def test_pixel_and_byte_limits(monkeypatch):
 @pytest.fixture
 def jobs(monkeypatch):
     monkeypatch.setenv("DELF_QUEUE_PREFIX", f"jobtest-{uuid.uuid4().hex[:6]}")
-    client = redis.Redis.from_url("redis://127.0.0.1:6379/15")
+    client = redis.Redis.from_url(redis_db_url(15))
     try:
         client.ping()
     except redis.RedisError:
-        pytest.fail("no Redis at 127.0.0.1:6379 (.ci/run starts one)")
+        pytest.fail(f"no Redis at {redis_db_url(15)}")
     return JobStore(client)
 
 
