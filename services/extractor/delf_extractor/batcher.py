@@ -1,5 +1,5 @@
 """The extract worker's batcher: one thread that runs the network on the photos that many
-task threads hand in, and the process's extractor behind it.
+task threads hand in.
 
 Batching (DELF_WORKER_BATCH, DELF_WORKER_BATCH_WAIT_MS): the worker runs 2 x
 DELF_WORKER_BATCH tasks at once (`worker_threads`), each an ordinary Celery task with its
@@ -19,31 +19,14 @@ import logging
 import threading
 import time
 from concurrent.futures import Future
+from typing import TYPE_CHECKING, Callable
 
 from delf_common import config
 
+if TYPE_CHECKING:  # the extractor imports torch; this module does not
+    from delf_extractor.extract import DelfExtractor
+
 log = logging.getLogger(__name__)
-
-_extractor = None
-_lock = threading.Lock()
-
-
-def get_extractor():
-    """The worker process's extractor (DELF_MODEL on DELF_DEVICE), created on first use."""
-    global _extractor
-    if _extractor is None:
-        with _lock:
-            if _extractor is None:
-                from delf_extractor.extract import DelfExtractor
-
-                t = time.perf_counter()
-                ex = DelfExtractor()
-                log.info("extractor ready: model %s, pca %s, device %s (%.1f s)",
-                         ex.model_name, ex.pca_id, ex.device, time.perf_counter() - t)
-                _extractor = ex
-    return _extractor
-
-
 
 CUDA_BATCH = 16  # DELF_WORKER_BATCH=0 (automatic) on a GPU
 CPU_BATCH = 1    # ... and on a CPU: batching does not pay there (BENCHMARKS.md)
@@ -200,19 +183,21 @@ class Batcher:
 
 
 _batcher: Batcher | None = None
+_lock = threading.Lock()
 
 
-def get_batcher() -> Batcher:
-    """The worker process's batcher (DELF_WORKER_BATCH, DELF_WORKER_BATCH_WAIT_MS)."""
+def get_batcher(extractor: Callable[[], DelfExtractor]) -> Batcher:
+    """The worker process's batcher (DELF_WORKER_BATCH, DELF_WORKER_BATCH_WAIT_MS).
+
+    ``extractor()`` gives the process's `DelfExtractor`; it is called for every batch, so the
+    batcher always runs the model the worker holds at that moment."""
     global _batcher
     if _batcher is None:
         with _lock:
             if _batcher is None:
                 query_scale = config.get("DELF_QUERY_MAX_SCALE") or None
-                _batcher = Batcher(lambda images: get_extractor().extract_batch(images), worker_batch(),
+                _batcher = Batcher(lambda images: extractor().extract_batch(images), worker_batch(),
                                    float(config.get("DELF_WORKER_BATCH_WAIT_MS")) / 1000.0,
-                                   run_urgent=lambda images: get_extractor().extract_batch(
+                                   run_urgent=lambda images: extractor().extract_batch(
                                        images, max_scale=query_scale))
     return _batcher
-
-

@@ -20,6 +20,7 @@ that cannot be used, ``{"ok": False, "error": {"code", "message"}}``.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 
 from celery.signals import celeryd_after_setup, worker_process_init
@@ -29,7 +30,8 @@ from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worke
 from delf_common.images import INVALID_ARGUMENT, ImageRejected, decode_image
 from delf_common.jobs import JobStore
 from delf_common.metrics import install_worker_hooks
-from delf_extractor.batcher import Batcher, get_batcher, get_extractor, worker_threads
+from delf_extractor import batcher
+from delf_extractor.batcher import Batcher, worker_threads
 from delf_extractor.memory import tune_malloc
 from delf_extractor.sources import item_bytes, read_location, read_url, resolve_location
 
@@ -43,6 +45,31 @@ configure_worker(app)  # publish retries that ride out a Redis restart
 tune_malloc()  # DELF_MALLOC_TUNE: before the pool's threads take malloc arenas
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 app.conf.worker_concurrency = worker_threads()  # the --pool threads worker's threads
+
+_extractor = None
+_lock = threading.Lock()
+
+
+def get_extractor():
+    """The worker process's extractor (DELF_MODEL on DELF_DEVICE), created on first use."""
+    global _extractor
+    if _extractor is None:
+        with _lock:
+            if _extractor is None:
+                from delf_extractor.extract import DelfExtractor
+
+                t = time.perf_counter()
+                ex = DelfExtractor()
+                log.info("extractor ready: model %s, pca %s, device %s (%.1f s)",
+                         ex.model_name, ex.pca_id, ex.device, time.perf_counter() - t)
+                _extractor = ex
+    return _extractor
+
+
+def get_batcher() -> Batcher:
+    """The worker process's batcher, running this process's extractor (`get_extractor`)."""
+    return batcher.get_batcher(get_extractor)
+
 
 _jobs: JobStore | None = None
 
