@@ -24,7 +24,7 @@ from skimage import data  # noqa: E402
 from torch import nn  # noqa: E402
 
 from delf_common.features import DelfFeatures  # noqa: E402
-from delf_extractor import models, pca as pca_mod, tasks  # noqa: E402
+from delf_extractor import fit_pca, models, pca as pca_mod, tasks  # noqa: E402
 from delf_extractor.extract import DelfExtractor  # noqa: E402
 
 
@@ -417,7 +417,7 @@ def test_fit_pca_cli_on_a_folder(tmp_path):
     for name in ("chelsea", "coffee"):
         (photos / f"{name}.png").write_bytes(png_bytes(getattr(data, name)()[::2, ::2].copy()))
     out = tmp_path / "pca.npz"
-    assert pca_mod.main(["--model", "effnet-lite0", "--dim", "8", "--out", str(out), str(photos)]) == 0
+    assert fit_pca.main(["--model", "effnet-lite0", "--dim", "8", "--out", str(out), str(photos)]) == 0
     p = pca_mod.load_pca(out)
     assert p.dim == 8 and p.pca_id.startswith("effnet-lite0-pca8-")
     assert sorted(p.record["photos"]) == ["chelsea.png", "coffee.png"]

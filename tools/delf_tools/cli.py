@@ -272,9 +272,9 @@ def main(argv: list[str] | None = None) -> int:
 
         return launcher.main(argv[1:]) or 0
     if argv and argv[0] == "fit-pca":
-        from delf_extractor import pca
+        from delf_extractor import fit_pca
 
-        return pca.main(argv[1:]) or 0
+        return fit_pca.main(argv[1:]) or 0
     if argv and argv[0] in ("train-attention", "finetune"):
         from delf_tools import train
 

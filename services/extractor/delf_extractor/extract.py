@@ -1,6 +1,6 @@
 """DELF local feature extraction: image pyramid -> dense features -> keypoint selection -> PCA.
 
-Pipeline for one photo (DELF-NOTES.md, "Extraction"):
+Pipeline for one photo (the method and its deviations from the paper: docs/METHOD.md):
 
 1. If the config has ``max_image_side``, the photo is downscaled so its longer side
    fits (never upscaled); this is the *working* image.
@@ -15,7 +15,7 @@ Pipeline for one photo (DELF-NOTES.md, "Extraction"):
    pixels with the pixel-centre convention of the resize:
    ``x = (x_level + 0.5) * W / w_level - 0.5`` (i.e. divided by the scale).
 4. Cells whose centre lies within ``border_px`` of the working image's border are
-   dropped (zero-padding artefacts; the notes measured mAP 0.820 -> 0.852), the
+   dropped (zero-padding artefacts make them unreliable; they cost mAP), the
    threshold on the score applies, and the ``max_features`` best-scoring cells over
    all levels are kept.
 5. Descriptors: L2-normalise, PCA, L2-normalise.
@@ -25,25 +25,9 @@ photo), so ``rf * scales`` is a feature's receptive field in the photo's own
 pixels, consistent with the locations; without a ``max_image_side`` downscale it
 equals DELF's 1 / pyramid scale.
 
-Default CPU settings (effnet-lite0): max side 1024, scales 0.25 .. 1.41 (DELF's
-pyramid without its 2.0 level). scripts/bench_extractor.py on landmarks-dev
-(115 photos; 2-core CPU shared with other jobs, so times are noisy; kNN-vote mAP;
-PCA fitted on skimage samples with the 0.25-1.0 pyramid unless noted):
-
-    setting                     s/photo (median wall)   mAP
-    1024, 0.25-2.0 (DELF, 7)    2.15 (mean 3.4)         0.905
-    1024, 0.25-1.41 (6)         0.59                    0.908   <- default (0.64 s, 0.899 with
-                                                                   the shipped, refitted PCA)
-    1024, 0.35-1.41 (5)         0.49                    0.905
-    1024, 0.25-1.0  (5)         0.19                    0.889
-    1024, 0.5-1.0   (3)         0.22                    0.901
-    768,  0.25-1.41 (6)         0.26                    0.904
-    768,  0.35-1.41 (5)         0.26                    0.898 (shipped PCA)
-    512,  0.25-2.0  (7)         0.27                    0.892
-
-The 2.0 level alone costs about 3/4 of the full pyramid (its early activations no
-longer fit in cache) and did not help; mAP differences of +-0.01 are within the
-noise of 115 photos.
+The presets' pyramids and image sizes were chosen by scripts/bench_extractor.py on
+landmarks-dev; the settings tried and their time and mAP are in BENCHMARKS.md
+("Extractor on CPU").
 """
 from __future__ import annotations
 
@@ -129,9 +113,9 @@ class DelfExtractor:
         """Features of each photo; photos of equal size share each level's forward pass.
 
         max_scale: leave out pyramid levels above this scale (None: the preset's levels).
-        Search queries may use it (DELF_QUERY_MAX_SCALE): the 1.41 level is about two thirds
-        of the work, and a query matches the indexed photos about as well without it, with
-        coarser region corners."""
+        Search queries may use it (DELF_QUERY_MAX_SCALE): the 1.41 level is most of the work,
+        and a query matches the indexed photos about as well without it, with coarser region
+        corners (BENCHMARKS.md, "Query-side pyramid levels")."""
         for rgb in images:
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {rgb.dtype} {rgb.shape}")

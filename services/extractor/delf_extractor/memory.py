@@ -15,8 +15,8 @@ def tune_malloc() -> bool:
 
     CPU inference allocates each pyramid level's activations afresh; with glibc's dynamic
     mmap threshold and heap trimming those pages go back to the OS after every layer and
-    are page-faulted in again (on the 2-core VM of BENCHMARKS.md, 45% of extraction time
-    went to the kernel). A fixed 32 MiB mmap threshold, 1 GiB trim threshold and 1 GiB top
+    are page-faulted in again (most of the kernel time of CPU extraction; BENCHMARKS.md,
+    "Faster CPU extraction"). A fixed 32 MiB mmap threshold, 1 GiB trim threshold and 1 GiB top
     pad keep them, and one malloc arena for all threads. Process-wide and idempotent (call
     it before starting threads: a thread keeps the arena it already has); returns whether
     it applied."""
@@ -36,7 +36,8 @@ def tune_malloc() -> bool:
     M_TRIM_THRESHOLD, M_TOP_PAD, M_MMAP_THRESHOLD, M_ARENA_MAX = -1, -2, -3, -8
     # One arena: threads other than the main one (the worker's batch thread runs the network)
     # otherwise get arenas of 64 MiB heaps that are unmapped and faulted in again all the time
-    # (160k page faults per photo, +40% time, against 7k in the main arena).
+    # (far more page faults per photo than in the main arena; BENCHMARKS.md, "The 1M-descriptor
+    # target on the second machine").
     ok = all(mallopt(opt, value) == 1 for opt, value in (
         (M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 1 << 30), (M_TOP_PAD, 1 << 30),
         (M_ARENA_MAX, 1)))
