@@ -35,10 +35,12 @@ def rootsift(rgb: np.ndarray, max_features: int = SIFT_FEATURES) -> LocalFeature
 
 
 class ExactVoter:
-    """The indexer's voting (`DescriptorStore.search`) with exact numpy kNN."""
+    """The indexer's voting (``delf_indexer.voting.vote``, as `DescriptorStore.search` calls
+    it) over exact numpy kNN."""
 
     def __init__(self, features: dict[str, LocalFeatures]):
         self.ids = list(features)
+        self.names = np.array(self.ids, dtype=object)
         counts = [len(features[i].desc) for i in self.ids]
         self.desc = np.concatenate([features[i].desc for i in self.ids]).astype(np.float32)
         self.xy = np.concatenate([features[i].xy for i in self.ids]).astype(np.float32)
@@ -79,38 +81,20 @@ class ExactVoter:
         fetched neighbour in that image), or with ``voting_only`` only from neighbours
         that passed the ratio test (an experiment of scripts/bench_ranking.py).
         """
+        from delf_indexer.voting import vote
+
         if len(q) == 0 or shortlist <= 0:
             return []
-        k = neighbours + 1
-        dists, rows = self.knn(np.ascontiguousarray(q, np.float32), k, exclude)
-        votes: dict[int, int] = {}
-        vote_dist: dict[int, float] = {}
-        nearest: dict[int, dict[int, tuple[float, int]]] = {}
-        for qi in range(len(q)):
-            d_row, r_row = dists[qi], rows[qi]
-            bar = ratio * d_row[-1] if len(d_row) >= k else np.inf
-            voted = set()
-            for j in range(len(d_row)):
-                img, d, r = int(self.owner[r_row[j]]), float(d_row[j]), int(r_row[j])
-                votes_here = j < neighbours and d < bar and img not in voted
-                if votes_here or not voting_only:
-                    near = nearest.setdefault(img, {})
-                    if qi not in near or d < near[qi][0]:
-                        near[qi] = (d, r)
-                if votes_here:
-                    voted.add(img)
-                    votes[img] = votes.get(img, 0) + 1
-                    vote_dist[img] = vote_dist.get(img, 0.0) + d
-        ranked = sorted(votes, key=lambda i: (-votes[i], vote_dist[i], self.ids[i]))[:shortlist]
+        dists, rows = self.knn(np.ascontiguousarray(q, np.float32), neighbours + 1, exclude)
         out = []
-        for img in ranked:
-            near = nearest[img]
-            qidx = np.array(sorted(near), np.int64)
-            rows = [near[i][1] for i in qidx]
-            out.append({"image_id": self.ids[img], "votes": votes[img], "query_idx": qidx,
-                        "db_xy": self.xy[rows].reshape(-1, 2)})
+        for c in vote(dists, self.names[self.owner[rows]], neighbours, ratio, shortlist,
+                      voting_only=voting_only):
+            db = rows[c.query_idx, c.neighbour]
+            cand = {"image_id": c.image_id, "votes": c.votes, "query_idx": c.query_idx,
+                    "db_xy": self.xy[db].reshape(-1, 2)}
             if self.scale is not None:
-                out[-1]["db_scale"] = self.scale[rows]
+                cand["db_scale"] = self.scale[db]
+            out.append(cand)
         return out
 
 
