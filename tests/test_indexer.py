@@ -172,47 +172,59 @@ def test_metadata_filter(store, monkeypatch):
 
 
 def test_lite_segments_get_the_configured_ivf_lists(tmp_path, monkeypatch):
-    """DELF_LITE_NLIST reaches the faiss index Lite builds for each segment (clamped to the
-    segment's rows), and a collection keeps its lists when the setting changes later."""
+    """DELF_LITE_NLIST and DELF_MILVUS_INDEX reach the faiss index Lite builds for each segment
+    (lists clamped to the segment's rows), and a collection keeps its index type and lists
+    when the settings change later (the compression is a collection setting)."""
     import faiss
 
-    def lists(store):
+    def lists(store, kind):
         segments, _ = store._lite_snapshot()
         built = [(seg.num_rows, seg.indexes["desc"]._index) for seg in segments if seg.num_rows]
-        assert built and all(isinstance(index, faiss.IndexIVFFlat) for _, index in built)
+        assert built and all(type(index) is kind for _, index in built), built
         return sorted((rows, index.nlist) for rows, index in built)
 
     monkeypatch.setenv("DELF_LITE_NLIST", "64")
-    store = DescriptorStore(str(tmp_path / "m.db"), collection="t")
+    store = DescriptorStore(str(tmp_path / "m.db"), collection="t")  # auto: IVF_SQ8
     try:
         for i in range(3):
             store.add(f"i{i}", feats(300, 80 + i), {})
         store.search(feats(50, 1))  # settle: flush, index build
-        found = lists(store)
+        found = lists(store, faiss.IndexIVFScalarQuantizer)
         assert all(nlist == min(64, rows) for rows, nlist in found), found
     finally:
         store.close()
     monkeypatch.setenv("DELF_LITE_NLIST", "8")
+    monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
     store = DescriptorStore(str(tmp_path / "m.db"), collection="t")
     try:
+        assert store.index.index_type == "IVF_SQ8"
         store.add("i3", feats(300, 90), {})
         store.search(feats(50, 1))
-        assert all(nlist == min(64, rows) for rows, nlist in lists(store))
+        assert all(nlist == min(64, rows) for rows, nlist in lists(store, faiss.IndexIVFScalarQuantizer))
+    finally:
+        store.close()
+    store = DescriptorStore(str(tmp_path / "flat.db"), collection="t")  # a new one: IVF_FLAT
+    try:
+        store.add("i0", feats(300, 80), {})
+        store.search(feats(50, 1))
+        assert all(nlist == min(8, rows) for rows, nlist in lists(store, faiss.IndexIVFFlat))
     finally:
         store.close()
 
 
-@pytest.mark.parametrize("exact_rows", [20_000, 0])  # small segments scanned exactly / through IVF
-def test_direct_lite_search_matches_search_api(store, monkeypatch, exact_rows):
+# small segments scanned exactly / through IVF; IVF_SQ8: both paths read the same 8-bit codes
+@pytest.mark.parametrize("index_type,exact_rows", [("IVF_FLAT", 20_000), ("IVF_FLAT", 0), ("IVF_SQ8", 0)])
+def test_direct_lite_search_matches_search_api(store, monkeypatch, index_type, exact_rows):
     """The indexer's direct read of Lite's faiss segments gives the same neighbours as Lite's
     search API: after replacements and deletes (tombstones), with exclusions and filters.
-    Both probe every IVF list here, so both are exact and must agree."""
+    Both probe every IVF list here, so both are exact (on the same codes) and must agree."""
     import dataclasses
     from delf_indexer import lite as store_module
 
     monkeypatch.setattr(store_module, "EXACT_SEGMENT_ROWS", exact_rows)
     # nprobe above any segment's list count (faiss and the direct path clamp it): every list
-    store.index = dataclasses.replace(store.index, search_params={"nprobe": 4096}, direct_nprobe=4096)
+    store.index = dataclasses.replace(store.index, index_type=index_type, search_params={"nprobe": 4096},
+                                      direct_nprobe=4096)
     images = {f"i{i}": feats(300, 60 + i) for i in range(6)}
     for k, f in images.items():
         store.add(k, f, {"n": k})
@@ -363,6 +375,8 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
         DescriptorStore(str(tmp_path / "m.db"))
     monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
+    monkeypatch.setenv("DELF_MILVUS_INDEX", "auto")
+    assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_SQ8"
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 16
     monkeypatch.setenv("DELF_LITE_NPROBE", "4")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 4

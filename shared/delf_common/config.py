@@ -144,15 +144,18 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_LITE_NLIST", 1024, _positive_int,
                 "IVF lists per Milvus Lite segment (up to 100k descriptors), set when the collection "
                 "is created; an existing collection keeps its own.", "indexer"),
+        Setting("DELF_STORED_FEATURES", 300, _non_negative_int,
+                "Descriptors the indexer keeps per indexed photo: the best-scored ones; 0: all the "
+                "extractor finds. Queries keep DELF_QUERY_FEATURES (docs/SCALING.md).", "indexer"),
         Setting("DELF_LITE_NPROBE", 16, _positive_int,
                 "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
                 "(at most all of them): fewer is faster, more finds more true neighbours.",
                 "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
-                "Vector index of a Milvus server's descriptor collection, set when the collection "
-                "is created: `auto` (HNSW), `HNSW`, `IVF_FLAT`, `IVF_SQ8`, `IVF_PQ` or `DISKANN`; an "
-                "existing collection keeps its index. Milvus Lite always uses IVF_FLAT (another "
-                "value with a Lite file is an error).", "indexer"),
+                "Vector index of the descriptor collection, set when it is created; an existing "
+                "collection keeps its own. A server: `auto` (HNSW), `HNSW`, `IVF_FLAT`, `IVF_SQ8`, "
+                "`IVF_PQ` or `DISKANN`. Milvus Lite: `auto` (IVF_SQ8), `IVF_SQ8` or `IVF_FLAT` "
+                "(another value is an error).", "indexer"),
         Setting("DELF_MILVUS_INDEX_PARAMS", {}, _json_object,
                 'Build parameters of a Milvus server\'s index as a JSON object over the index type\'s '
                 'defaults, e.g. {"nlist": 4096} for IVF_* or {"M": 32} for HNSW; used when the '

@@ -60,6 +60,13 @@ class DelfFeatures:
             descriptors=self.descriptors[keep],
         )
 
+    def best(self, n: int) -> "DelfFeatures":
+        """The ``n`` best-scored features (all when ``n`` is 0 or not below their
+        number), in their original order."""
+        if n <= 0 or n >= len(self):
+            return self
+        return self.subset(np.sort(np.argsort(-self.scores, kind="stable")[:n]))
+
     def inside(self, box: tuple[float, float, float, float]) -> "DelfFeatures":
         """The features whose keypoint lies in box = (x0, y0, x1, y1)."""
         x0, y0, x1, y1 = box

@@ -1,7 +1,7 @@
 """The descriptor index's settings: which vector index a deployment gets, and its knobs.
 
 ``IndexSettings.for_uri`` picks the index for a Milvus URI (a ``.db`` file: Milvus Lite,
-IVF_FLAT; ``http://...``: a server, ``DELF_MILVUS_INDEX``); ``is_lite_uri`` tells the two
+``DELF_MILVUS_INDEX``, auto: IVF_SQ8; ``http://...``: a server, ``DELF_MILVUS_INDEX``); ``is_lite_uri`` tells the two
 deployments apart. How the choices were measured: BENCHMARKS.md ("Milvus Lite index
 choice", "Lite IVF lists", "Search latency against index size").
 """
@@ -36,7 +36,8 @@ class IndexSettings:
       * IVF_FLAT: builds in a fraction of HNSW's time. Lite clamps nlist to the
         segment's rows; the API path probes a quarter of the lists, so small, freshly
         flushed segments stay accurate there; the direct path scans small segments
-        exactly. -> chosen for Lite (small deployments).
+        exactly. -> chosen for Lite; IVF_SQ8 (the same lists, 8-bit codes) holds a row
+        in less memory (BENCHMARKS.md "Scale in photos").
       The time per call is dominated by Lite's per-hit Python work, not the ANN, and
       falls with the queries per call, so queries go in batches of 500.
     Milvus server (C++ knowhere, proper growing-segment handling): chosen per deployment
@@ -61,19 +62,11 @@ class IndexSettings:
     @classmethod
     def for_uri(cls, uri: str, index_type: str | None = None,
                 search_params: dict | None = None) -> "IndexSettings":
-        """The index for a deployment: Lite -> IVF_FLAT; a server -> DELF_MILVUS_INDEX
+        """The index for a deployment: Lite -> ``for_lite``; a server -> DELF_MILVUS_INDEX
         (auto: HNSW) with DELF_MILVUS_SEARCH_PARAMS over that type's defaults."""
-        index_type = index_type or config.get("DELF_MILVUS_INDEX")
         if is_lite_uri(uri):
-            if index_type not in ("auto", "IVF_FLAT"):
-                raise ValueError(
-                    f"DELF_MILVUS_INDEX={index_type} is for a Milvus server; Milvus Lite (a .db file) "
-                    f"always uses IVF_FLAT, which the indexer's direct search reads. Unset it or "
-                    f"point DELF_MILVUS_URI at a server")
-            nlist = int(config.get("DELF_LITE_NLIST"))
-            # The API path (DELF_LITE_DIRECT_SEARCH=0) probes a quarter of a segment's lists.
-            return cls("IVF_FLAT", {"nlist": nlist}, {"nprobe": max(1, nlist // 4)}, query_batch=500,
-                       direct_nprobe=int(config.get("DELF_LITE_NPROBE")))
+            return cls.for_lite(index_type)
+        index_type = index_type or config.get("DELF_MILVUS_INDEX")
         index_type = "HNSW" if index_type == "auto" else index_type
         if index_type not in SERVER_INDEXES:
             raise ValueError(f"unknown Milvus index type {index_type!r}; one of {', '.join(SERVER_INDEXES)}")
@@ -84,6 +77,23 @@ class IndexSettings:
         build_extra = config.get("DELF_MILVUS_INDEX_PARAMS") if search_params is None else {}
         return cls(index_type, {**build, **(build_extra or {})}, {**search, **(extra or {})},
                    query_batch=500)
+
+    @classmethod
+    def for_lite(cls, index_type: str | None = None) -> "IndexSettings":
+        """Milvus Lite: DELF_MILVUS_INDEX (auto: IVF_SQ8) or `index_type` (an existing
+        collection's), an IVF index that the indexer's direct search reads; the other types
+        are a server's and are refused."""
+        index_type = index_type or config.get("DELF_MILVUS_INDEX")
+        index_type = LITE_DEFAULT_INDEX if index_type == "auto" else index_type
+        if index_type not in LITE_INDEXES:
+            raise ValueError(
+                f"DELF_MILVUS_INDEX={index_type} is for a Milvus server; Milvus Lite (a .db file) "
+                f"takes {' or '.join(LITE_INDEXES)} (auto: {LITE_DEFAULT_INDEX}), which the indexer's "
+                f"direct search reads. Change it or point DELF_MILVUS_URI at a server")
+        nlist = int(config.get("DELF_LITE_NLIST"))
+        # The API path (DELF_LITE_DIRECT_SEARCH=0) probes a quarter of a segment's lists.
+        return cls(index_type, {"nlist": nlist}, {"nprobe": max(1, nlist // 4)}, query_batch=500,
+                   direct_nprobe=int(config.get("DELF_LITE_NPROBE")))
 
     def build_params_for(self, dim: int) -> dict:
         """Build parameters for `dim`-d vectors (IVF_PQ: sub-vectors of 4 dimensions
@@ -106,6 +116,11 @@ SERVER_INDEXES: dict[str, tuple[dict, dict]] = {
     "IVF_PQ": ({"nlist": 1024, "m": 0, "nbits": 8}, {"nprobe": 16}),
     "DISKANN": ({}, {"search_list": 100}),
 }
+
+
+# Milvus Lite's IVF index types (faiss IndexIVF underneath, which the direct search reads).
+LITE_INDEXES = ("IVF_SQ8", "IVF_FLAT")
+LITE_DEFAULT_INDEX = "IVF_SQ8"  # BENCHMARKS.md, "Scale in photos"
 
 
 def is_lite_uri(uri: str) -> bool:

@@ -47,7 +47,7 @@ import logging
 import os
 import threading
 import time
-from typing import Iterable
+from typing import Iterable, Sequence
 
 import numpy as np
 
@@ -58,15 +58,16 @@ from delf_indexer.checks import (  # noqa: F401 - re-exported: the store's names
     FILTER_KEY, FILTER_MAX_PAIRS, FILTER_MAX_VALUE_BYTES, MAX_ID_LENGTH, METADATA_MAX_LENGTH,
     check_filter, check_image_id, metadata_matches, metadata_text, quote)
 from delf_indexer.filters import SearchScope, matching_images, search_scope
+from delf_indexer import rows
 from delf_indexer.lite import LiteFastPath
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, create_collections, has_field, query_pages, vector_dim)
-from delf_indexer.settings import SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
+from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
 from delf_indexer.voting import vote
 
 log = logging.getLogger(__name__)
 
-INSERT_BATCH = 2000     # rows per insert call
+INSERT_BATCH = 10000    # rows per insert call
 IMAGE_FIELDS = ["image_id", "metadata", "width", "height", "num_features", "pca_id",
                 "model", "generation"]
 
@@ -90,6 +91,8 @@ class DescriptorStore:
         self.features_name = f"{name}_features"
         self.images_name = f"{name}_images"
         self.index = index or IndexSettings.for_uri(self.uri)
+        # Each indexed photo keeps its best-scored descriptors (DELF_STORED_FEATURES).
+        self.stored_features = int(config.get("DELF_STORED_FEATURES"))
         self._lock = threading.RLock()
         self._fast = LiteFastPath(self.uri, self.features_name) if self.lite else None
         self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
@@ -98,7 +101,7 @@ class DescriptorStore:
         self._has_meta = True  # the images collection has the `meta` JSON field
         if self.client.has_collection(self.features_name):
             self._dim = vector_dim(self.client, self.features_name)
-            if not self.lite and index is None:
+            if index is None:
                 self._adopt_existing_index()
             self._has_meta = has_field(self.client, self.images_name, "meta")
             self.client.load_collection(self.features_name)
@@ -131,18 +134,20 @@ class DescriptorStore:
 
     # ------------------------------------------------------------ schema
     def _adopt_existing_index(self) -> None:
-        """A server collection keeps the index it was created with: search it with that
-        type's parameters, whatever DELF_MILVUS_INDEX says now."""
+        """A collection keeps the index it was created with: search it with that type's
+        parameters, whatever DELF_MILVUS_INDEX says now."""
         try:
             found = str(self.client.describe_index(self.features_name, "desc").get("index_type", ""))
         except Exception:  # pragma: no cover - an index-less collection or an older server
             log.warning("could not read the index of %s", self.features_name, exc_info=True)
             return
-        if found and found != self.index.index_type and found in SERVER_INDEXES:
-            log.warning("%s was created with a %s index; DELF_MILVUS_INDEX asks for %s, which only "
+        known = LITE_INDEXES if self.lite else SERVER_INDEXES
+        if found and found != self.index.index_type and found in known:
+            log.warning("%s was created with a %s index; the settings ask for %s, which only "
                         "applies to a new collection. Searching it as %s.", self.features_name,
                         found, self.index.index_type, found)
-            self.index = IndexSettings.for_uri(self.uri, found, search_params={})
+            self.index = (IndexSettings.for_lite(found) if self.lite
+                          else IndexSettings.for_uri(self.uri, found, search_params={}))
 
     def _create(self, dim: int) -> None:
         create_collections(self.client, self.features_name, self.images_name, dim, self.index,
@@ -155,6 +160,12 @@ class DescriptorStore:
         return self._dim is not None
 
     # ------------------------------------------------------------ Lite upkeep
+    def settle(self) -> None:
+        """Make every write so far searchable through the ANN index (Milvus Lite; a no-op
+        on a server)."""
+        with self._lock:
+            self._settle()
+
     def _settle(self) -> None:
         """Milvus Lite only: make every row searchable through the ANN index.
 
@@ -221,82 +232,79 @@ class DescriptorStore:
         return rows[0]["pca_id"] if rows else None
 
     # ------------------------------------------------------------ writes
-    @staticmethod
-    def feature_rows(image_id: str, features: DelfFeatures, generation: int) -> list[dict]:
-        """The descriptor collection's rows for one image (one per feature)."""
-        return [
-            {
-                "image_id": image_id,
-                "idx": i,
-                "x": float(features.locations[i, 0]),
-                "y": float(features.locations[i, 1]),
-                "scale": float(features.scales[i]),
-                "score": float(features.scores[i]),
-                "generation": generation,
-                "desc": features.descriptors[i],
-            }
-            for i in range(len(features))
-        ]
+    feature_rows = staticmethod(rows.feature_rows)
 
     def add(self, image_id: str, features: DelfFeatures, metadata: dict | None = None) -> dict:
         """Index (or replace) one image; returns its info."""
-        check_image_id(image_id)
-        metadata, meta_text = metadata_text(metadata)
-        n = len(features)
-        if n and not np.all(np.isfinite(features.descriptors)):
-            raise ValueError("descriptors contain NaN or infinity")
-        with self._lock:
-            if not self.exists:
-                if n == 0:
-                    raise ValueError("the first image of an empty index must have descriptors "
-                                     "(they fix the index's dimension)")
-                self._create(features.dim)
-            if n and features.dim != self._dim:
-                raise ValueError(f"descriptors have {features.dim} dimensions; this index holds "
-                                 f"{self._dim}-dimensional descriptors")
-            old = self._image_rows([image_id])
-            self._check_projection(image_id, features, replacing=bool(old))
-            generation = time.time_ns()
-            rows = self.feature_rows(image_id, features, generation)
-            for i in range(0, n, INSERT_BATCH):
-                self.client.insert(self.features_name, rows[i:i + INSERT_BATCH])
-            if old:
-                # Only for a replacement: a delete by filter scans the collection. Rows
-                # orphaned by an add that died before its images row was written are
-                # ignored by search (no images row) and removed by the next add of that
-                # id via delete().
-                self.client.delete(self.features_name,
-                                   filter=f"image_id == {quote(image_id)} and generation != {generation}")
-            image_row = {
-                "image_id": image_id,
-                "metadata": meta_text,
-                "width": features.image_size[0],
-                "height": features.image_size[1],
-                "num_features": n,
-                "pca_id": features.pca_id,
-                "model": features.model,
-                "generation": generation,
-                "dummy": [0.0, 0.0],
-            }
-            if self._has_meta:
-                image_row["meta"] = metadata
-            self.client.upsert(self.images_name, [image_row])
-            self._dirty = True
-        return {"image_id": image_id, "metadata": metadata, "width": features.image_size[0],
-                "height": features.image_size[1], "num_features": n, "pca_id": features.pca_id}
+        return self.add_many([(image_id, features, metadata)])[0]
 
-    def _check_projection(self, image_id: str, features: DelfFeatures, replacing: bool) -> None:
-        """ValueError unless the features' pca_id is the index's (or the index is empty, or
-        this image is its only one: replacing the only image may change the projection)."""
+    def add_many(self, items: Sequence[tuple[str, DelfFeatures, dict | None]]) -> list[dict]:
+        """Index (or replace) several images with few Milvus calls (the bulk path); returns
+        their infos in order. Every image is checked before anything is written: one bad
+        image refuses the whole call with ValueError. Each image keeps its
+        ``stored_features`` best-scored descriptors and gets its own generation, so a
+        replaced image is never missing and never doubled (module docstring)."""
+        ids = [image_id for image_id, _, _ in items]
+        if len(set(ids)) < len(ids):  # the same id twice: one after the other
+            return [info for item in items for info in self.add_many([item])]
+        images = [rows.prepare(*item, stored=self.stored_features) for item in items]
+        if not images:
+            return []
+        with self._lock:
+            self._ensure_collection(images)
+            old = self._image_rows(ids)
+            self._check_projection(images, old)
+            generation = time.time_ns()
+            feature_rows, image_rows = [], []
+            for k, image in enumerate(images):
+                feature_rows.extend(rows.feature_rows(image.image_id, image.features, generation + k))
+                image_rows.append(rows.image_row(image, generation + k, self._has_meta))
+            for i in range(0, len(feature_rows), INSERT_BATCH):
+                self.client.insert(self.features_name, feature_rows[i:i + INSERT_BATCH])
+            for row in image_rows:
+                if row["image_id"] in old:
+                    # Only for a replacement: a delete by filter scans the collection. Rows
+                    # orphaned by an add that died before its images row was written are
+                    # ignored by search (no images row) and removed by the next add of that
+                    # id via delete().
+                    self.client.delete(self.features_name, filter=(
+                        f"image_id == {quote(row['image_id'])} and generation != {row['generation']}"))
+            self.client.upsert(self.images_name, image_rows)
+            self._dirty = True
+        return [rows.info(image) for image in images]
+
+    def _ensure_collection(self, images: list[rows.NewImage]) -> None:
+        """Create the collections for the first image with descriptors (they fix the
+        dimension); ValueError for descriptors of another dimension."""
+        if not self.exists:
+            first = next((image.features for image in images if len(image.features)), None)
+            if first is None:
+                raise ValueError("the first image of an empty index must have descriptors "
+                                 "(they fix the index's dimension)")
+            self._create(first.dim)
+        for image in images:
+            if len(image.features) and image.features.dim != self._dim:
+                raise ValueError(f"descriptors have {image.features.dim} dimensions; this index "
+                                 f"holds {self._dim}-dimensional descriptors")
+
+    def _check_projection(self, images: list[rows.NewImage], old: dict) -> None:
+        """ValueError unless every image's pca_id is the index's (or the index is empty, or
+        the image replaces the index's only one: that may change the projection). Images
+        of one call share one projection."""
+        projections = {image.features.pca_id for image in images}
+        if len(projections) > 1:
+            raise ValueError(f"these images were projected with different PCAs "
+                             f"({', '.join(sorted(map(repr, projections)))}); index them separately")
         current = self._collection_pca()
-        if current is None or current == features.pca_id:
+        wanted = projections.pop()
+        if current is None or current == wanted:
             return
-        only_this = replacing and self.client.query(
-            self.images_name, filter=f"image_id != {quote(image_id)}",
+        only_this = len(images) == 1 and images[0].image_id in old and self.client.query(
+            self.images_name, filter=f"image_id != {quote(images[0].image_id)}",
             output_fields=["image_id"], limit=1) == []
         if not only_this:
             raise ValueError(
-                f"descriptors were projected with pca_id {features.pca_id!r} but the "
+                f"descriptors were projected with pca_id {wanted!r} but the "
                 f"index holds pca_id {current!r}; re-extract with the same PCA or "
                 f"use another collection")
 

@@ -1,0 +1,379 @@
+#!/usr/bin/env python
+"""Scale counted in photos: memory, disk, fill rate, latency and accuracy per collection size.
+
+For each size (photos), a fresh index is filled with the landmarks-dev photos (their
+descriptors extracted once by the shipped default extractor and cached) plus synthetic
+distractor photos, each with as many descriptors as the store keeps per photo
+(DELF_STORED_FEATURES), drawn from a model of the real descriptors as
+``bench_latency.py`` draws them. The fill goes through the indexer's own bulk path
+(``DescriptorStore.add_many``). Then the system is started on that index as ``make up``
+starts it (the launcher: gateway, Celery workers on an embedded Redis) and measured
+through gRPC:
+
+* ``search_bytes_median_s`` / ``search_bytes_p95_s``: Search with a photo's bytes
+  (extraction, kNN + votes, RANSAC, every hop), ``--queries`` landmarks-dev photos;
+* ``search_id_median_s``: Search by an indexed id;
+* ``map`` / ``precision_at_1``: every landmarks-dev photo with another photo of its group
+  searched with its bytes (the photo itself left out of its ranking), mAP over the top 100;
+* ``map_without_distractors``: the same queries on an index of the landmarks-dev photos
+  alone (measured once per backend, on a run of its own);
+* ``ram_bytes_per_photo``: resident memory of every process that holds the index (the
+  indexer worker; with ``--backend server`` also the Milvus server), after the searches,
+  divided by the photos;
+* ``disk_bytes_per_photo``: the index's files divided by the photos;
+* ``fill_rows_per_s``: descriptor rows per second through ``add_many``.
+
+``--backend lite`` (the default) is the embedded default: a Milvus Lite file in the
+system's data folder. ``--backend server`` starts a Milvus server from the PyPI
+``milvus`` package (fresh data folder per size) and points the system at it; its index
+type comes from DELF_MILVUS_INDEX (``--server-index``).
+
+    .venv/bin/python scripts/bench_scale.py --sizes 1000,10000,30000 --json scale.json
+    .venv/bin/python scripts/bench_scale.py --sizes 30000 --backend server --server-index IVF_SQ8
+    .venv/bin/python scripts/bench_scale.py --plot scale.json [more.json ...] --out scale.png
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+
+import bench_latency  # noqa: E402  (real_features, Distractors, pct)
+from bench_system import start_system  # noqa: E402
+
+DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-dev"
+BATCH_PHOTOS = 200  # photos per add_many call
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+# ----------------------------------------------------------------------------- inputs
+class Inputs:
+    """The real photos' descriptors, the distractor model and the query photos."""
+
+    def __init__(self, args):
+        from delf_extractor.extract import DelfExtractor
+
+        extractor = DelfExtractor()
+        bench_latency.PCA_ID = extractor.pca_id  # the system's extractor can search these
+        del extractor
+        self.photos = args.photos
+        self.real = bench_latency.real_features(args.photos, args.cache)
+        self.distractors = bench_latency.Distractors(
+            np.concatenate([f.descriptors for _, _, f in self.real.values()]))
+        groups = {i: g for i, (g, _, _) in self.real.items()}
+        self.groups = groups
+        self.map_queries = [i for i in sorted(groups)
+                            if any(groups[j] == groups[i] for j in groups if j != i)]
+        self.timed = self.map_queries[:: max(1, len(self.map_queries) // args.queries)][: args.queries]
+
+    def photo_bytes(self, image_id: str) -> bytes:
+        return (self.photos / self.real[image_id][1]).read_bytes()
+
+
+# ----------------------------------------------------------------------------- backends
+class LiteBackend:
+    """The embedded default: a Milvus Lite file in the system's data folder."""
+
+    name = "lite"
+
+    def __init__(self, work: Path):
+        self.work = work
+        self.env: dict[str, str] = {}
+
+    def uri(self) -> str:
+        return str(self.work / "data" / "milvus.db")
+
+    def index_pids(self) -> list[int]:
+        return []  # the index lives in the indexer worker's process
+
+    def disk_bytes(self) -> int:
+        return _du(Path(self.uri()))
+
+    def stop(self) -> None:
+        pass
+
+
+class ServerBackend:
+    """A Milvus server from the PyPI `milvus` package, fresh data folder."""
+
+    name = "server"
+
+    def __init__(self, work: Path):
+        from milvus import MilvusServer
+
+        self.base = work / "milvus"
+        self.server = MilvusServer()
+        self.server.set_base_dir(str(self.base))
+        self.server.start()
+        self.env = {"DELF_MILVUS_URI": self.uri(), "DELF_MILVUS_TOKEN": "root:Milvus"}
+
+    def uri(self) -> str:
+        return f"http://127.0.0.1:{self.server.listen_port}"
+
+    def index_pids(self) -> list[int]:
+        import psutil
+
+        proc = psutil.Process(self.server.server_proc.pid)
+        return [proc.pid] + [p.pid for p in proc.children(recursive=True)]
+
+    def disk_bytes(self) -> int:
+        return _du(self.base)
+
+    def stop(self) -> None:
+        self.server.stop()
+
+
+def _du(path: Path) -> int:
+    if path.is_file():
+        return path.stat().st_size
+    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+
+
+# ----------------------------------------------------------------------------- fill
+def fill(store, inputs: Inputs, photos: int, stored: int) -> dict:
+    """The real photos, then distractor photos up to `photos`, through `add_many`."""
+    batch = [(i, f, {"group": g, "kind": "real"}) for i, (g, _, f) in inputs.real.items()][:photos]
+    rows, t0, k = 0, time.monotonic(), 0
+    for start in range(0, len(batch), BATCH_PHOTOS):
+        rows += sum(r["num_features"] for r in store.add_many(batch[start:start + BATCH_PHOTOS]))
+    remaining = photos - len(batch)
+    while remaining > 0:
+        n = min(BATCH_PHOTOS, remaining)
+        items = [(f"synthetic-{k + j:07d}", inputs.distractors.photo(stored), {"kind": "synthetic"})
+                 for j in range(n)]
+        rows += sum(r["num_features"] for r in store.add_many(items))
+        k, remaining = k + n, remaining - n
+        if (k // BATCH_PHOTOS) % 25 == 0:
+            log(f"  {len(batch) + k} photos, {rows} rows, {rows / (time.monotonic() - t0):.0f} rows/s")
+    seconds = time.monotonic() - t0
+    return {"rows": rows, "fill_s": seconds, "fill_rows_per_s": rows / seconds}
+
+
+def build_index(backend, inputs: Inputs, photos: int, stored: int) -> dict:
+    from delf_indexer.store import DescriptorStore
+
+    store = DescriptorStore(backend.uri(), collection="delf")
+    try:
+        info = fill(store, inputs, photos, stored)
+        t = time.monotonic()
+        store.settle()
+        info["settle_s"] = time.monotonic() - t
+        info["descriptors"] = store.stats()["descriptors"]
+    finally:
+        store.close()
+    return info
+
+
+# ----------------------------------------------------------------------------- system
+def indexer_pids(launcher_pid: int) -> list[int]:
+    import psutil
+
+    return [p.pid for p in psutil.Process(launcher_pid).children(recursive=True)
+            if "delf_indexer.tasks" in " ".join(p.cmdline())]
+
+
+def rss_bytes(pids: list[int]) -> int:
+    import psutil
+
+    return sum(psutil.Process(pid).memory_info().rss for pid in pids)
+
+
+def timed_searches(client, inputs: Inputs) -> dict:
+    by_bytes, by_id = [], []
+    for qid in inputs.timed:
+        data = inputs.photo_bytes(qid)
+        t = time.monotonic()
+        client.search(data, top_k=10)
+        by_bytes.append(time.monotonic() - t)
+        t = time.monotonic()
+        client.search(image_id=qid, top_k=10)
+        by_id.append(time.monotonic() - t)
+    return {"search_bytes_median_s": statistics.median(by_bytes),
+            "search_bytes_p95_s": bench_latency.pct(by_bytes, 0.95),
+            "search_id_median_s": statistics.median(by_id), "queries": len(by_bytes)}
+
+
+def accuracy(client, inputs: Inputs) -> dict:
+    """Every landmarks-dev photo with a positive, searched with its bytes (itself left out)."""
+    from delf_tools.evaluation import average_precision
+
+    aps, p1 = [], []
+    for qid in inputs.map_queries:
+        response = client.search(inputs.photo_bytes(qid), top_k=100)
+        ranked = [m.image_id for m in response.matches if m.image_id != qid]
+        positives = {j for j, g in inputs.groups.items() if j != qid and g == inputs.groups[qid]}
+        aps.append(average_precision(ranked, positives))
+        p1.append(float(bool(ranked) and ranked[0] in positives))
+    return {"map": float(np.mean(aps)), "precision_at_1": float(np.mean(p1)), "map_queries": len(aps)}
+
+
+def measure_system(work: Path, backend, inputs: Inputs, photos: int, env: dict) -> dict:
+    from delf_common.client import DelfClient
+
+    proc, address = start_system(work, {**env, **backend.env})
+    try:
+        client = DelfClient(address, timeout=600)
+        client.search(image_id=inputs.timed[0], top_k=10)  # warm-up: the indexer opens the index
+        out = timed_searches(client, inputs)
+        out.update(accuracy(client, inputs))
+        held = rss_bytes(indexer_pids(proc.pid) + backend.index_pids())
+        out["ram_bytes_per_photo"] = held / photos
+        out["ram_bytes"] = held
+        client.close()
+    finally:
+        _stop(proc)
+    return out
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    import signal
+
+    proc.send_signal(signal.SIGINT)
+    try:
+        proc.wait(timeout=180)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+# ----------------------------------------------------------------------------- one size
+def run_size(args, inputs: Inputs, photos: int) -> dict:
+    from delf_common import config
+
+    stored = int(config.get("DELF_STORED_FEATURES")) or 1000
+    with tempfile.TemporaryDirectory(prefix="delf-bench-scale-", dir=args.work) as tmp:
+        work = Path(tmp)
+        backend = (ServerBackend if args.backend == "server" else LiteBackend)(work)
+        try:
+            log(f"{backend.name} {photos} photos: filling ({stored} descriptors per photo)")
+            info = build_index(backend, inputs, photos, stored)
+            log(f"{backend.name} {photos} photos: {info}")
+            disk = backend.disk_bytes()
+            result = measure_system(work, backend, inputs, photos, _system_env(args))
+        finally:
+            backend.stop()
+    return {"photos": photos, "descriptors": info["descriptors"], "backend": backend.name,
+            "index": _index_name(args), "stored_per_photo": stored,
+            "ram_bytes_per_photo": result.pop("ram_bytes_per_photo"),
+            "disk_bytes_per_photo": disk / photos, "fill_rows_per_s": info["fill_rows_per_s"],
+            **{k: result[k] for k in ("search_bytes_median_s", "search_bytes_p95_s", "search_id_median_s",
+                                      "map", "precision_at_1")},
+            "extra": {"settle_s": info["settle_s"], "ram_bytes": result["ram_bytes"],
+                      "queries": result["queries"], "map_queries": result["map_queries"],
+                      "cpu_cores": os.cpu_count()}}
+
+
+def _system_env(args) -> dict[str, str]:
+    env = {k: v for k, v in os.environ.items() if k.startswith("DELF_")}
+    env.update(dict(kv.split("=", 1) for kv in args.system_env.split(",") if kv))
+    return env
+
+
+def _index_name(args) -> str:
+    from delf_indexer.settings import IndexSettings
+
+    return IndexSettings.for_lite().index_type if args.backend == "lite" else \
+        IndexSettings.for_uri("http://milvus").index_type
+
+
+# ----------------------------------------------------------------------------- output
+COLUMNS = [("photos", "{:,}"), ("descriptors", "{:,}"), ("backend", "{}"), ("index", "{}"),
+           ("ram_bytes_per_photo", "{:,.0f}"), ("disk_bytes_per_photo", "{:,.0f}"),
+           ("fill_rows_per_s", "{:,.0f}"), ("search_bytes_median_s", "{:.2f}"),
+           ("search_bytes_p95_s", "{:.2f}"), ("search_id_median_s", "{:.2f}"), ("map", "{:.3f}"),
+           ("precision_at_1", "{:.3f}"), ("map_without_distractors", "{:.3f}")]
+
+
+def print_table(results: list[dict]) -> None:
+    print(f"\n{os.cpu_count()} CPU cores, no GPU; through the running system")
+    print("| " + " | ".join(c for c, _ in COLUMNS) + " |")
+    print("|" + "---|" * len(COLUMNS))
+    for r in results:
+        print("| " + " | ".join(fmt.format(r[c]) if r.get(c) is not None else "" for c, fmt in COLUMNS) + " |",
+              flush=True)
+
+
+def plot(paths: list[Path], out: Path) -> None:
+    """Log-log: RAM per photo, and search latency (median, p95), against photos."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ram, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    for path in paths:
+        runs = sorted(json.loads(Path(path).read_text()), key=lambda r: r["photos"])
+        label = f"{runs[0]['backend']} {runs[0].get('index', '')}".strip()
+        x = [r["photos"] for r in runs]
+        ax_ram.plot(x, [r["ram_bytes_per_photo"] / 1024 for r in runs], "o-", label=label)
+        ax_lat.plot(x, [r["search_bytes_median_s"] for r in runs], "o-", label=f"{label}, median")
+        ax_lat.plot(x, [r["search_bytes_p95_s"] for r in runs], "s--", label=f"{label}, p95")
+    for ax, title, unit in ((ax_ram, "memory that holds the index", "KB per photo"),
+                            (ax_lat, "search by photo bytes", "seconds")):
+        ax.set_xscale("log"), ax.set_yscale("log")
+        ax.set_title(title), ax.set_xlabel("photos in the index"), ax.set_ylabel(unit)
+        ax.grid(True, which="both", alpha=0.3), ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(out, dpi=110)
+
+
+# ----------------------------------------------------------------------------- main
+def parse_args(argv=None):
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--sizes", default="1000,10000,30000", help="photos per index, comma-separated")
+    p.add_argument("--backend", choices=("lite", "server"), default="lite")
+    p.add_argument("--server-index", default="", help="DELF_MILVUS_INDEX for --backend server")
+    p.add_argument("--json", type=Path, help="write the results (a list, one object per size)")
+    p.add_argument("--queries", type=int, default=20, help="photos searched for the latency figures")
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
+    p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-latency"))
+    p.add_argument("--work", type=Path, default=None, help="folder for the indexes (default: the temp dir)")
+    p.add_argument("--system-env", default="", help="extra settings for the system, KEY=VALUE,KEY=VALUE")
+    p.add_argument("--no-baseline", action="store_true", help="skip map_without_distractors")
+    p.add_argument("--plot", nargs="+", type=Path, help="instead: plot these JSON files")
+    p.add_argument("--out", type=Path, default=Path("scale.png"), help="with --plot: the PNG to write")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    if args.plot:
+        plot(args.plot, args.out)
+        print(f"wrote {args.out}")
+        return 0
+    if not (args.photos / "MANIFEST.tsv").is_file():
+        raise SystemExit(f"no MANIFEST.tsv in {args.photos}: landmarks-dev is needed")
+    if args.server_index:
+        os.environ["DELF_MILVUS_INDEX"] = args.server_index
+    args.cache.mkdir(parents=True, exist_ok=True)
+    inputs = Inputs(args)
+    baseline = None
+    if not args.no_baseline:
+        baseline = run_size(args, inputs, len(inputs.real))["map"]
+        log(f"map without distractors: {baseline:.3f}")
+    results = []
+    for photos in (int(s) for s in args.sizes.split(",")):
+        results.append({**run_size(args, inputs, photos), "map_without_distractors": baseline})
+        print_table(results)
+        if args.json:
+            args.json.write_text(json.dumps(results, indent=1))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,59 @@
+"""What the store writes for one image: its checked input, its descriptor rows and its
+images row (the fields: the module docstring of ``store``)."""
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+
+from delf_common.features import DelfFeatures
+from delf_indexer.checks import check_image_id, metadata_text
+
+
+class NewImage(NamedTuple):
+    """One image about to be indexed, checked: its id, the features to store, its
+    metadata and that metadata as JSON text."""
+
+    image_id: str
+    features: DelfFeatures
+    metadata: dict
+    meta_text: str
+
+
+def prepare(image_id: str, features: DelfFeatures, metadata: dict | None, stored: int) -> NewImage:
+    """Check one image (ValueError / the id's checks) and keep its ``stored`` best-scored
+    features (0: all)."""
+    check_image_id(image_id)
+    metadata, meta_text = metadata_text(metadata)
+    if len(features) and not np.all(np.isfinite(features.descriptors)):
+        raise ValueError("descriptors contain NaN or infinity")
+    return NewImage(image_id, features.best(stored), metadata, meta_text)
+
+
+def feature_rows(image_id: str, features: DelfFeatures, generation: int) -> list[dict]:
+    """The descriptor collection's rows for one image (one per feature)."""
+    xy = features.locations.tolist()
+    scales, scores = features.scales.tolist(), features.scores.tolist()
+    return [
+        {"image_id": image_id, "idx": i, "x": xy[i][0], "y": xy[i][1], "scale": scales[i],
+         "score": scores[i], "generation": generation, "desc": features.descriptors[i]}
+        for i in range(len(features))
+    ]
+
+
+def image_row(image: NewImage, generation: int, with_meta: bool) -> dict:
+    """The images collection's row for one image (``meta``: collections that have it)."""
+    f = image.features
+    row = {"image_id": image.image_id, "metadata": image.meta_text, "width": f.image_size[0],
+           "height": f.image_size[1], "num_features": len(f), "pca_id": f.pca_id,
+           "model": f.model, "generation": generation, "dummy": [0.0, 0.0]}
+    if with_meta:
+        row["meta"] = image.metadata
+    return row
+
+
+def info(image: NewImage) -> dict:
+    """What ``add`` answers for an image it indexed."""
+    f = image.features
+    return {"image_id": image.image_id, "metadata": image.metadata, "width": f.image_size[0],
+            "height": f.image_size[1], "num_features": len(f), "pca_id": f.pca_id}

@@ -1,0 +1,69 @@
+"""The store's scale levers against a real Milvus Lite file: descriptors kept per photo
+(DELF_STORED_FEATURES) and the bulk path (add_many)."""
+import numpy as np
+import pytest
+
+from delf_indexer.store import DescriptorStore, quote
+from test_indexer import feats, noisy, rows
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELF_STORED_FEATURES", "50")
+    s = DescriptorStore(str(tmp_path / "bulk.db"), collection="b")
+    yield s
+    s.close()
+
+
+def test_a_photo_keeps_its_best_scored_descriptors(store):
+    f = feats(200, 1)
+    info = store.add("p", f, {})
+    assert info["num_features"] == 50 == rows(store, "p") == store.get("p")["num_features"]
+    _, kept = store.get_features("p")
+    best = np.sort(np.argsort(-f.scores)[:50])
+    np.testing.assert_allclose(kept.scores, f.scores[best])
+    np.testing.assert_allclose(kept.descriptors, f.descriptors[best], atol=1e-6)
+    # A query keeps all its descriptors: a noisy copy of the photo still finds it first.
+    assert store.search(noisy(f, 0.02, 2), shortlist=3)[0]["image_id"] == "p"
+
+
+def test_all_descriptors_kept_with_zero(tmp_path, monkeypatch):
+    monkeypatch.setenv("DELF_STORED_FEATURES", "0")
+    with DescriptorStore(str(tmp_path / "all.db"), collection="a") as s:
+        assert s.add("p", feats(200, 1), {})["num_features"] == 200 == rows(s, "p")
+
+
+def test_add_many_indexes_each_photo_once_and_replaces_atomically(store):
+    first = store.add_many([(f"i{k}", feats(80, k), {"k": str(k)}) for k in range(6)])
+    assert [i["image_id"] for i in first] == [f"i{k}" for k in range(6)]
+    assert store.stats()["images"] == 6 and store.stats()["descriptors"] == 6 * 50
+    # Replace two of them (and add one) in one call: each keeps only its new generation.
+    store.add_many([("i1", feats(80, 101), {"k": "new"}), ("i6", feats(80, 6), {}),
+                    ("i4", feats(30, 104), {})])
+    assert store.stats() == {"images": 7, "descriptors": 5 * 50 + 50 + 30, "pca_id": "pca-a"}
+    for image_id, n in (("i1", 50), ("i4", 30), ("i0", 50)):
+        gens = {h["generation"] for h in store.client.query(
+            store.features_name, filter=f"image_id == {quote(image_id)}", output_fields=["generation"])}
+        assert rows(store, image_id) == n and len(gens) == 1
+    assert store.get("i1")["metadata"] == {"k": "new"}
+    assert store.search(noisy(feats(80, 101), 0.02, 3), shortlist=2)[0]["image_id"] == "i1"
+
+
+def test_add_many_with_one_bad_photo_writes_nothing(store):
+    store.add("keep", feats(80, 1), {})
+    before = store.stats()
+    bad = feats(80, 3)
+    bad.descriptors[0, 0] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        store.add_many([("new1", feats(80, 2), {}), ("new2", bad, {})])
+    with pytest.raises(ValueError, match="different PCAs"):
+        store.add_many([("new3", feats(80, 4), {}), ("new4", feats(80, 5, pca="pca-b"), {})])
+    with pytest.raises(ValueError, match="index holds pca_id 'pca-a'"):
+        store.add_many([("new5", feats(80, 6, pca="pca-b"), {}), ("new6", feats(80, 7, pca="pca-b"), {})])
+    assert store.stats() == before
+
+
+def test_add_many_with_a_repeated_id_keeps_the_last(store):
+    store.add_many([("x", feats(80, 1), {"v": "1"}), ("y", feats(80, 2), {}), ("x", feats(80, 3), {"v": "3"})])
+    assert store.get("x")["metadata"] == {"v": "3"}
+    assert rows(store, "x") == 50 and store.stats()["images"] == 2
