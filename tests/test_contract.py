@@ -75,14 +75,16 @@ def test_item7_one_id_limit_for_every_service(client):
     finally:
         client.delete_image(ID_512)
 
-    # The indexer's own check is the same rule (one function).
+    # The indexer's own checks are the same rule (the same functions).
     from delf_common import contract
-    from delf_indexer import checks
+    from delf_indexer import checks, tasks
 
-    assert checks.check_image_id is contract.check_image_id
-    assert contract.check_image_id(ID_512) == ID_512
+    assert contract.check_image_id(ID_512) == ID_512 and checks.check_image_id(ID_512) == ID_512
+    assert tasks._bad_id(ID_512) is None
     with pytest.raises(ValueError, match="513 bytes"):
         checks.check_image_id(ID_513)
+    refused = tasks._bad_id(ID_513)["error"]
+    assert refused["code"] == "INVALID_ARGUMENT" and refused["message"] == reason
 
 
 def test_item7_limits_are_defined_once():
@@ -95,7 +97,8 @@ def test_item7_limits_are_defined_once():
     assert contract.MAX_ID_BYTES == 512
     assert indexer_checks.MAX_ID_LENGTH == gateway_checks.MAX_ID_LENGTH == contract.MAX_ID_BYTES
     assert indexer_checks.check_filter is contract.check_filter
-    assert indexer_checks.check_image_id is contract.check_image_id
+    assert indexer_checks.check_image_id is contract.check_id_fits  # the store's part of the rule
+    assert indexer_checks.metadata_text is contract.metadata_text
     for bad in ("", "tab\tid", ID_513, 7):
         with pytest.raises(ValueError):
             contract.check_image_id(bad)
@@ -159,8 +162,8 @@ def test_item4_job_ids_are_checked(client):
 
 
 def test_item4_job_store_checks_ids(monkeypatch):
-    """The job store refuses malformed ids on its lookups, makes well-formed ones and lists
-    only those."""
+    """The job store makes well-formed ids, lists only those, and finds no job for a
+    malformed id (whose keys, `<id>:items` or `<id>:done`, are not a job's)."""
     import uuid
 
     import redis
@@ -175,10 +178,12 @@ def test_item4_job_store_checks_ids(monkeypatch):
     assert contract.is_job_id(job_id)
     jobs.record_item(job_id, "a")
     jobs.mark_done(job_id, "a")
-    for bad in (job_id + ":items", job_id + ":done", "", "x"):
-        with pytest.raises(ValueError, match="32 hexadecimal digits"):
-            jobs.get(bad)
+    for bad in (job_id + ":items", job_id + ":done", job_id + ":failed", "", "x", None):
+        assert jobs.get(bad) is None and not jobs.exists(bad)
+    assert jobs.get(job_id).done == 1 and jobs.exists(job_id)
     assert jobs.get(UNKNOWN_JOB) is None
+    with pytest.raises(ValueError, match="32 hexadecimal digits"):
+        contract.check_job_id(job_id + ":items")
     assert list(jobs.job_ids()) == [job_id]
 
 

@@ -120,9 +120,9 @@ class ContractError(ValueError):
 MAX_ID_BYTES = 512
 
 
-def check_image_id(image_id) -> str:
-    """The id, or ContractError: a non-empty string of at most MAX_ID_BYTES UTF-8 bytes
-    without control characters."""
+def check_id_fits(image_id) -> str:
+    """The id, or ContractError: a non-empty string of at most MAX_ID_BYTES UTF-8 bytes,
+    what the index can store (the store's own check; its quoting handles any character)."""
     if not isinstance(image_id, str):
         raise ContractError(f"image_id must be a string, got {type(image_id).__name__}")
     if not image_id:
@@ -131,6 +131,13 @@ def check_image_id(image_id) -> str:
     if size > MAX_ID_BYTES:
         raise ContractError(f"image_id is {size} bytes in UTF-8 ({len(image_id)} characters); the limit is "
                             f"{MAX_ID_BYTES} bytes of UTF-8 (the index's id field counts bytes)")
+    return image_id
+
+
+def check_image_id(image_id) -> str:
+    """The rule for every id a request names (the gateway, the indexer's tasks): it fits
+    the index (``check_id_fits``) and holds no control characters. ContractError if not."""
+    check_id_fits(image_id)
     if _has_control(image_id):
         raise ContractError("image_id contains control characters")
     return image_id

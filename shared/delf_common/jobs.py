@@ -20,7 +20,7 @@ import time
 import redis
 
 from delf_common import config
-from delf_common.contract import check_job_id, is_job_id, new_job_id
+from delf_common.contract import is_job_id, new_job_id
 
 RECEIVING = "RECEIVING"
 RUNNING = "RUNNING"
@@ -87,7 +87,8 @@ class JobStore:
         return job_id
 
     def exists(self, job_id: str) -> bool:
-        check_job_id(job_id)
+        if not is_job_id(job_id):  # never reaches a Redis key (delf_common.contract)
+            return False
         return bool(self.redis.exists(self._keys(job_id)[0]))
 
     def set_total(self, job_id: str, total: int) -> None:
@@ -228,9 +229,10 @@ class JobStore:
             self.redis.hset(self._keys(job_id)[0], "state", COMPLETED)
 
     def get(self, job_id: str) -> JobStatus | None:
-        """The job's status; None when no such job; ValueError (delf_common.contract) when
-        `job_id` is not a job id: nothing else may reach the job's Redis keys."""
-        check_job_id(job_id)
+        """The job's status; None when no such job, or when `job_id` is not a job id
+        (delf_common.contract: anything else would reach other Redis keys)."""
+        if not is_job_id(job_id):
+            return None
         key, done, failed = self._keys(job_id)
         pipe = self.redis.pipeline()
         pipe.hgetall(key)
