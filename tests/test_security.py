@@ -210,10 +210,10 @@ def test_the_client_library_and_cli_send_the_token(auth_gateway, no_delf_env, ca
         assert code == grpc.StatusCode.UNAUTHENTICATED
 
     no_delf_env.delenv("DELF_TOKEN")
-    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "job", "x"]) == 1
+    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "job", NO_SUCH_JOB]) == 1
     err = capsys.readouterr().err
     assert "UNAUTHENTICATED" in err and "--token" in err
-    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "--token", TOKENS[0], "job", "x"]) == 1
+    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "--token", TOKENS[0], "job", NO_SUCH_JOB]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
