@@ -205,7 +205,7 @@ def test_metrics_count_calls_by_method_and_code(gateway):
         gateway.stub.Search(delf_pb2.SearchRequest(image=b""), timeout=10)
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     with pytest.raises(grpc.RpcError) as err:
-        gateway.stub.GetJob(delf_pb2.GetJobRequest(job_id="no-such-job"), timeout=5)
+        gateway.stub.GetJob(delf_pb2.GetJobRequest(job_id="0123456789abcdef0123456789abcdef"), timeout=5)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
     from prometheus_client.parser import text_string_to_metric_families

@@ -158,5 +158,5 @@ def test_cancelled_job_skips_what_is_left_and_keeps_what_is_indexed(system, inde
     for image_id in indexed_ids:
         client.delete_image(image_id)
     with pytest.raises(grpc.RpcError) as err:
-        client.cancel_job("no-such-job")
+        client.cancel_job("0123456789abcdef0123456789abcdef")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND

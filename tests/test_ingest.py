@@ -472,7 +472,7 @@ def test_an_interrupted_stream_can_be_resumed_from_the_client(ingest_system, icl
         iclient.resume_job(other.job_id)
     assert err.value.code() == grpc.StatusCode.FAILED_PRECONDITION and "cancelled" in err.value.details()
     with pytest.raises(grpc.RpcError) as err:
-        iclient.resume_job("no-such-job")
+        iclient.resume_job("0123456789abcdef0123456789abcdef")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 

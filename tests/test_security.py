@@ -92,9 +92,12 @@ def no_delf_env(monkeypatch):
     return monkeypatch
 
 
+NO_SUCH_JOB = "0123456789abcdef0123456789abcdef"  # a well-formed job id that names no job
+
+
 def get_job(channel: grpc.Channel, metadata=None, timeout: float = 10.0):
     stub = delf_pb2_grpc.ImageSearchStub(channel)
-    return stub.GetJob(delf_pb2.GetJobRequest(job_id="no-such-job"), metadata=metadata, timeout=timeout)
+    return stub.GetJob(delf_pb2.GetJobRequest(job_id=NO_SUCH_JOB), metadata=metadata, timeout=timeout)
 
 
 def code_of(call) -> tuple[grpc.StatusCode, str]:
@@ -149,7 +152,7 @@ def test_every_accepted_token_reaches_the_handler(auth_gateway):
         for token in TOKENS:
             code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))
             assert code == grpc.StatusCode.NOT_FOUND, details
-            assert "no-such-job" in details
+            assert NO_SUCH_JOB in details
         # The scheme is case-insensitive (RFC 6750).
         code, _ = code_of(lambda: get_job(channel, [("authorization", f"bearer {TOKENS[1]}")]))
         assert code == grpc.StatusCode.NOT_FOUND
@@ -158,13 +161,13 @@ def test_every_accepted_token_reaches_the_handler(auth_gateway):
 def test_streaming_methods_need_a_token_too(auth_gateway):
     with grpc.insecure_channel(auth_gateway.address) as channel:
         stub = delf_pb2_grpc.ImageSearchStub(channel)
-        code, _ = code_of(lambda: list(stub.WatchJob(delf_pb2.GetJobRequest(job_id="x"), timeout=10)))
+        code, _ = code_of(lambda: list(stub.WatchJob(delf_pb2.GetJobRequest(job_id=NO_SUCH_JOB), timeout=10)))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         code, _ = code_of(lambda: stub.StartIngestJob(iter([delf_pb2.IngestItem(image_id="a")]), timeout=10))
         assert code == grpc.StatusCode.UNAUTHENTICATED
         # With the token the stream reaches the handler (unknown job: NOT_FOUND).
         code, _ = code_of(lambda: list(stub.WatchJob(
-            delf_pb2.GetJobRequest(job_id="x"), metadata=[("authorization", f"Bearer {TOKENS[0]}")], timeout=10)))
+            delf_pb2.GetJobRequest(job_id=NO_SUCH_JOB), metadata=[("authorization", f"Bearer {TOKENS[0]}")], timeout=10)))
         assert code == grpc.StatusCode.NOT_FOUND
 
 
@@ -194,23 +197,23 @@ def test_the_client_library_and_cli_send_the_token(auth_gateway, no_delf_env, ca
     from delf_tools import cli
 
     with DelfClient(auth_gateway.address, token=TOKENS[1], timeout=10) as client:
-        code, _ = code_of(lambda: client.get_job("no-such-job"))
+        code, _ = code_of(lambda: client.get_job(NO_SUCH_JOB))
         assert code == grpc.StatusCode.NOT_FOUND
     no_delf_env.setenv("DELF_TOKEN", TOKENS[0])
     with DelfClient(auth_gateway.address, timeout=10) as client:
-        code, _ = code_of(lambda: client.get_job("no-such-job"))
+        code, _ = code_of(lambda: client.get_job(NO_SUCH_JOB))
         assert code == grpc.StatusCode.NOT_FOUND
-        code, _ = code_of(lambda: list(client.watch_job("no-such-job")))
+        code, _ = code_of(lambda: list(client.watch_job(NO_SUCH_JOB)))
         assert code == grpc.StatusCode.NOT_FOUND
     with DelfClient(auth_gateway.address, token="", timeout=10) as client:  # explicitly none
-        code, _ = code_of(lambda: client.get_job("no-such-job"))
+        code, _ = code_of(lambda: client.get_job(NO_SUCH_JOB))
         assert code == grpc.StatusCode.UNAUTHENTICATED
 
     no_delf_env.delenv("DELF_TOKEN")
-    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "job", "x"]) == 1
+    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "job", NO_SUCH_JOB]) == 1
     err = capsys.readouterr().err
     assert "UNAUTHENTICATED" in err and "--token" in err
-    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "--token", TOKENS[0], "job", "x"]) == 1
+    assert cli.main(["--gateway", auth_gateway.address, "--timeout", "10", "--token", TOKENS[0], "job", NO_SUCH_JOB]) == 1
     assert "NOT_FOUND" in capsys.readouterr().err
 
 
@@ -312,10 +315,10 @@ def test_the_client_library_uses_delf_tls_ca_and_delf_token(tls_gateway, cert, n
     no_delf_env.setenv("DELF_TOKEN", TOKENS[0])
     with DelfClient(tls_gateway.address, timeout=10) as client:
         client.wait_ready(10)
-        code, details = code_of(lambda: client.get_job("no-such-job"))
+        code, details = code_of(lambda: client.get_job(NO_SUCH_JOB))
         assert code == grpc.StatusCode.NOT_FOUND, details
     with DelfClient(tls_gateway.address, token="wrong", timeout=10) as client:
-        code, _ = code_of(lambda: client.get_job("no-such-job"))
+        code, _ = code_of(lambda: client.get_job(NO_SUCH_JOB))
         assert code == grpc.StatusCode.UNAUTHENTICATED
     no_delf_env.setenv("DELF_TLS_CA", str(cert_path.parent / "missing.pem"))
     with pytest.raises(config.ConfigError, match="DELF_TLS_CA"):

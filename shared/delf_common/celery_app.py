@@ -1,5 +1,8 @@
 """The Celery application every service shares: broker, serialization, routing.
 
+The task names and the queue each is routed to are part of the internal contract
+(delf_common.contract); this module builds the app that routes them.
+
 Each worker service imports this app and registers only its own tasks; the
 gateway sends tasks by name (`send_task`) and never imports torch or Milvus.
 Messages are msgpack (binary-safe, never pickle).
@@ -20,44 +23,12 @@ from celery import Celery, signals
 from kombu import Queue
 
 from delf_common import config, logs
-
-# Task names: the contract between the gateway and the workers.
-EXTRACT = "delf.extract"                  # (image: bytes|None, options: dict) -> features wire
-INGEST_EXTRACT = "delf.ingest.extract"    # (item: dict, job_id) -> dict for INGEST_INDEX
-INDEX_ADD = "delf.index.add"              # (image_id, features wire, metadata) -> image info
-INGEST_INDEX = "delf.ingest.index"        # (extract result, job_id) -> None (records job progress)
-INDEX_SEARCH = "delf.index.search"        # (features wire, shortlist) -> candidates
-INDEX_GET = "delf.index.get"              # (image_id) -> image info | error
-INDEX_FEATURES = "delf.index.features"    # (image_id) -> features wire | error
-INDEX_DELETE = "delf.index.delete"        # (image_id) -> {"descriptors_removed"} | error
-INDEX_STATS = "delf.index.stats"          # () -> {"images", "descriptors", "pca_id"}
-VERIFY = "delf.verify"                    # (query, candidates) -> verified matches
-
-SERVICES = ("extract", "index", "verify")
-
-_ROUTES = {
-    EXTRACT: "extract",
-    INGEST_EXTRACT: "extract",
-    INDEX_ADD: "index",
-    INGEST_INDEX: "index",
-    INDEX_SEARCH: "index",
-    INDEX_GET: "index",
-    INDEX_FEATURES: "index",
-    INDEX_DELETE: "index",
-    INDEX_STATS: "index",
-    VERIFY: "verify",
-}
-
-
-def queue_name(service: str) -> str:
-    """The Redis list a service's workers consume, e.g. ``delf.extract``."""
-    if service not in SERVICES:
-        raise ValueError(f"unknown service {service!r}; expected one of {SERVICES}")
-    return f"{config.get('DELF_QUEUE_PREFIX')}.{service}"
-
-
-def queue_for_task(task_name: str) -> str:
-    return queue_name(_ROUTES[task_name])
+# The task names and their queues are the contract between the gateway and the workers
+# (delf_common.contract); importable from here as before.
+from delf_common.contract import (  # noqa: F401 - re-exported
+    EXTRACT, INDEX_ADD, INDEX_DELETE, INDEX_FEATURES, INDEX_GET, INDEX_SEARCH, INDEX_STATS, INGEST_EXTRACT,
+    INGEST_INDEX, ROUTES, SERVICES, VERIFY, failure, queue_for_task, queue_name,
+)
 
 
 def broker_transport_options() -> dict:
@@ -103,7 +74,7 @@ def make_app(name: str = "delf") -> Celery:
         result_serializer="msgpack",
         accept_content=["msgpack", "json"],
         result_accept_content=["msgpack", "json"],
-        task_routes={task: {"queue": queue_for_task(task)} for task in _ROUTES},
+        task_routes={task: {"queue": queue_for_task(task)} for task in ROUTES},
         task_queues=[Queue(queue_name(s)) for s in SERVICES],
         task_default_queue=queue_name("extract"),
         # One task at a time per worker process; a task is acknowledged only when
@@ -189,8 +160,8 @@ _running: dict[str, tuple[list, float]] = {}
 
 def _outcome(retval) -> str:
     if isinstance(retval, dict) and retval.get("ok") is False:
-        err = retval.get("error") or {}
-        return f"rejected ({err.get('code', '?')}: {str(err.get('message', ''))[:300]})"
+        err = failure(retval, default_code="?", default_message="")
+        return f"rejected ({err.code}: {err.message[:300]})"
     return "ok"
 
 
@@ -239,7 +210,7 @@ WORKER_SERVICES = {"extract": "extractor", "index": "indexer", "verify": "verifi
 def worker_service_name(celery_app: Celery | None = None) -> str:
     """extractor, indexer or verifier, from the tasks this process registered."""
     registered = set((celery_app or app).tasks.keys())
-    found = sorted({WORKER_SERVICES[_ROUTES[t]] for t in registered if t in _ROUTES})
+    found = sorted({WORKER_SERVICES[ROUTES[t]] for t in registered if t in ROUTES})
     return "+".join(found) or "worker"
 
 

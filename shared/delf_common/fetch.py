@@ -39,6 +39,9 @@ import time
 import urllib.parse
 
 from delf_common import config
+from delf_common.contract import (  # noqa: F401 - the error codes, importable from here
+    DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE,
+)
 
 SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3
@@ -53,13 +56,6 @@ _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 # Retry backoff for transient fetch failures (extractor task retries).
 RETRY_BASE_S = 1.0
 RETRY_MAX_S = 30.0
-
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-PERMISSION_DENIED = "PERMISSION_DENIED"
-NOT_FOUND = "NOT_FOUND"
-RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-UNAVAILABLE = "UNAVAILABLE"
-DEADLINE_EXCEEDED = "DEADLINE_EXCEEDED"
 
 
 class FetchError(Exception):

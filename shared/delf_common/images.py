@@ -14,14 +14,11 @@ import numpy as np
 from PIL import Image, ImageOps, UnidentifiedImageError
 
 from delf_common import config
+from delf_common.contract import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED  # noqa: F401 - importable from here
 
 # We enforce our own pixel limit before decoding; PIL's would raise a warning
 # (or its own error) with a less helpful message.
 Image.MAX_IMAGE_PIXELS = None
-
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-RESOURCE_EXHAUSTED = "RESOURCE_EXHAUSTED"
-NOT_FOUND = "NOT_FOUND"
 
 # The only readers PIL may use (camera JPEGs may come back as "MPO", through the JPEG
 # reader). PIL knows some 40 formats; the obscure ones are rarely exercised decoders (and

@@ -16,11 +16,11 @@ from __future__ import annotations
 import dataclasses
 import json
 import time
-import uuid
 
 import redis
 
 from delf_common import config
+from delf_common.contract import is_job_id, new_job_id
 
 RECEIVING = "RECEIVING"
 RUNNING = "RUNNING"
@@ -79,7 +79,7 @@ class JobStore:
         return self.prefix + job_id + ":items"
 
     def create(self) -> str:
-        job_id = uuid.uuid4().hex
+        job_id = new_job_id()
         now = time.time()
         key, _, _ = self._keys(job_id)
         self.redis.hset(key, mapping={"state": RECEIVING, "total": 0, "created_at": now, "updated_at": now})
@@ -87,6 +87,8 @@ class JobStore:
         return job_id
 
     def exists(self, job_id: str) -> bool:
+        if not is_job_id(job_id):  # never reaches a Redis key (delf_common.contract)
+            return False
         return bool(self.redis.exists(self._keys(job_id)[0]))
 
     def set_total(self, job_id: str, total: int) -> None:
@@ -207,7 +209,7 @@ class JobStore:
         """Every job id in the store (a SCAN: for the gateway's periodic sweep)."""
         for key in self.redis.scan_iter(match=self.prefix + "*", count=1000):
             rest = key.decode()[len(self.prefix):]
-            if ":" not in rest:
+            if is_job_id(rest):
                 yield rest
 
     def claim_sweep(self, job_id: str, seconds: float) -> bool:
@@ -227,6 +229,10 @@ class JobStore:
             self.redis.hset(self._keys(job_id)[0], "state", COMPLETED)
 
     def get(self, job_id: str) -> JobStatus | None:
+        """The job's status; None when no such job, or when `job_id` is not a job id
+        (delf_common.contract: anything else would reach other Redis keys)."""
+        if not is_job_id(job_id):
+            return None
         key, done, failed = self._keys(job_id)
         pipe = self.redis.pipeline()
         pipe.hgetall(key)

@@ -14,8 +14,8 @@ pixels to the process's batcher (`delf_extractor.batcher`), which runs the netwo
 several photos at a time; acknowledgement comes after the task (``task_acks_late``).
 Search-time photos (``delf.extract``) skip the batch wait.
 
-Return values follow docs/CONTRACTS.md: ``{"ok": True, ...}`` or, for a photo
-that cannot be used, ``{"ok": False, "error": {"code", "message"}}``.
+Return values follow docs/CONTRACTS.md (the envelope of delf_common.contract):
+``ok(...)`` or, for a photo that cannot be used, ``error(code, message)``.
 """
 from __future__ import annotations
 
@@ -27,7 +27,8 @@ from celery.signals import celeryd_after_setup, worker_process_init
 
 from delf_common import fetch
 from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
-from delf_common.images import INVALID_ARGUMENT, ImageRejected, decode_image
+from delf_common.contract import CANCELLED, INVALID_ARGUMENT, error, ok
+from delf_common.images import ImageRejected, decode_image
 from delf_common.jobs import JobStore
 from delf_common.metrics import install_worker_hooks
 from delf_extractor import batcher
@@ -112,8 +113,8 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
             raise ImageRejected(INVALID_ARGUMENT, "no image bytes given")
         rgb = decode_image(bytes(image))
     except ImageRejected as exc:
-        return {"ok": False, "error": exc.to_dict()}
-    return {"ok": True, "features": _features_wire(rgb, urgent=True)}
+        return error(exc.code, exc.message)
+    return ok(features=_features_wire(rgb, urgent=True))
 
 
 # The result goes to delf.ingest.index as the next step of the chain and is never read
@@ -129,17 +130,17 @@ def ingest_extract(item: dict, job_id: str) -> dict:
     """One bulk-ingest item -> ``{"ok": True, "image_id", "metadata", "features"}`` for delf.ingest.index."""
     image_id = item.get("image_id")
     if _job_store().is_cancelled(job_id):  # skip the work; the index step records the item
-        return {"ok": False, "image_id": image_id, "error": {"code": "CANCELLED", "message": "job cancelled"}}
+        return error(CANCELLED, "job cancelled", image_id=image_id)
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
             rgb = decode_image(item_bytes(item))
         except ImageRejected as exc:
             log.info("job %s: item %s refused: %s", job_id, image_id, exc.message)
-            return {"ok": False, "image_id": image_id, "error": exc.to_dict()}
+            return error(exc.code, exc.message, image_id=image_id)
         except fetch.FetchError as exc:
             return _fetch_failed(exc, image_id, job_id)
-        return {"ok": True, "image_id": image_id, "metadata": dict(item.get("metadata") or {}),
-                "features": _features_wire(rgb, slot=slot)}
+        return ok(image_id=image_id, metadata=dict(item.get("metadata") or {}),
+                  features=_features_wire(rgb, slot=slot))
 
 
 def _fetch_failed(exc: fetch.FetchError, image_id, job_id: str) -> dict:
@@ -153,4 +154,4 @@ def _fetch_failed(exc: fetch.FetchError, image_id, job_id: str) -> dict:
         raise ingest_extract.retry(countdown=delay, max_retries=FETCH_MAX_RETRIES) from None
     message = exc.message + (f" (after {retries + 1} tries)" if exc.transient else "")
     log.info("job %s: item %s refused: %s", job_id, image_id, message)
-    return {"ok": False, "image_id": image_id, "error": {"code": exc.code, "message": message}}
+    return error(exc.code, message, image_id=image_id)

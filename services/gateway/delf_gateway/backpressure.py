@@ -18,6 +18,7 @@ from celery.exceptions import TimeoutError as CeleryTimeout
 
 from delf_common import celery_app as tasks
 from delf_common import config
+from delf_common import contract
 from delf_common import metrics
 from delf_common.jobs import JobStore
 from delf_gateway.checks import RequestError, status_code
@@ -62,9 +63,9 @@ class WorkerCalls:
                 f"the {what} workers did not answer in time (are they running? queue depths: "
                 f"{self._queue_depths()})",
             ) from None
-        if not reply.get("ok"):
-            err = reply.get("error") or {}
-            raise RequestError(status_code(err.get("code", "INTERNAL")), err.get("message", f"{what} failed"))
+        failed = contract.failure(reply, default_message=f"{what} failed")
+        if failed is not None:
+            raise RequestError(status_code(failed.code), failed.message)
         return reply
 
     def _call(self, name: str, *args, context=None, what: str) -> dict:

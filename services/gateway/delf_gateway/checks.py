@@ -6,20 +6,15 @@ person can act on (INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ...).
 """
 from __future__ import annotations
 
-import re
-
 import grpc
 import numpy as np
 
-from delf_common import fetch
+from delf_common import contract, fetch
 from delf_common.images import ImageRejected, probe_image
 
-MAX_ID_LENGTH = 256
-MAX_METADATA_BYTES = 16 * 1024
-# Metadata filters (SearchRequest.filter): same limits as the indexer's check_filter.
-FILTER_KEY = re.compile(r"^[\w.:/-]{1,128}$")
-FILTER_MAX_PAIRS = 16
-FILTER_MAX_VALUE_BYTES = 1024
+# The limits are the contract's (the indexer applies the same functions).
+MAX_ID_LENGTH = contract.MAX_ID_BYTES  # UTF-8 bytes
+MAX_METADATA_BYTES = contract.METADATA_MAX_BYTES
 
 
 class RequestError(Exception):
@@ -36,28 +31,26 @@ def status_code(name: str) -> grpc.StatusCode:
     return getattr(grpc.StatusCode, name, grpc.StatusCode.INTERNAL)
 
 
+def _checked(rule, value):
+    """`rule(value)` (a delf_common.contract check), its ContractError as a RequestError."""
+    try:
+        return rule(value)
+    except contract.ContractError as exc:
+        raise RequestError(status_code(exc.code), str(exc)) from None
+
+
 def check_image_id(image_id: str) -> str:
-    if not image_id:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "image_id is empty")
-    if len(image_id) > MAX_ID_LENGTH:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"image_id is {len(image_id)} characters; the limit is {MAX_ID_LENGTH}",
-        )
-    if any(ord(c) < 32 or ord(c) == 127 for c in image_id):
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "image_id contains control characters")
-    return image_id
+    """At most 512 UTF-8 bytes (contract.check_image_id), refused before any work."""
+    return _checked(contract.check_image_id, image_id)
 
 
 def check_metadata(metadata) -> dict[str, str]:
-    meta = dict(metadata)
-    size = sum(len(k.encode()) + len(v.encode()) for k, v in meta.items())
-    if size > MAX_METADATA_BYTES:
-        raise RequestError(
-            grpc.StatusCode.INVALID_ARGUMENT,
-            f"metadata is {size} bytes; the limit is {MAX_METADATA_BYTES}",
-        )
-    return meta
+    return _checked(contract.check_metadata, dict(metadata))
+
+
+def check_job_id(job_id: str) -> str:
+    """The format `delf_common.jobs` makes (contract.check_job_id): nothing else reaches Redis."""
+    return _checked(contract.check_job_id, job_id)
 
 
 def check_location(location: str) -> None:
@@ -84,26 +77,8 @@ def check_photo(data: bytes) -> tuple[int, int]:
 
 def check_filter(pairs) -> dict[str, str]:
     """The metadata filter: every key/value pair must equal the image's (exact strings).
-    The indexer applies the same rules (delf_indexer.store.check_filter)."""
-    pairs = dict(pairs)
-    if len(pairs) > FILTER_MAX_PAIRS:
-        raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                           f"the filter has {len(pairs)} pairs; the limit is {FILTER_MAX_PAIRS}")
-    for key, value in pairs.items():
-        if not FILTER_KEY.match(key):
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"filter key {key[:40]!r} must be 1-128 letters, digits or _ . : / - "
-                f"(no spaces or quotes)")
-        if len(value.encode("utf-8")) > FILTER_MAX_VALUE_BYTES:
-            raise RequestError(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"the filter value of {key!r} is {len(value.encode('utf-8'))} bytes; "
-                f"the limit is {FILTER_MAX_VALUE_BYTES}")
-        if any(ord(c) < 32 or ord(c) == 127 for c in value):
-            raise RequestError(grpc.StatusCode.INVALID_ARGUMENT,
-                               f"the filter value of {key!r} contains control characters")
-    return pairs
+    The indexer applies the same function (contract.check_filter)."""
+    return _checked(contract.check_filter, dict(pairs))
 
 
 def check_box(box, width: int, height: int) -> tuple[float, float, float, float]:

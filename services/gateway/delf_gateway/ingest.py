@@ -14,10 +14,11 @@ import time
 import grpc
 
 from delf_common import celery_app as tasks
+from delf_common import contract
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
-from delf_gateway.checks import (MAX_ID_LENGTH, RequestError, check_image_id, check_location, check_metadata,
+from delf_gateway.checks import (RequestError, check_image_id, check_job_id, check_location, check_metadata,
                                  check_photo)
 
 log = logging.getLogger("delf.gateway")
@@ -96,7 +97,7 @@ class IngestJobs(WorkerCalls):
             if self.jobs.is_cancelled(job_id):
                 raise RequestError(grpc.StatusCode.CANCELLED, "job cancelled")
         except RequestError as exc:
-            key = image_id if image_id and image_id not in seen and len(image_id) <= MAX_ID_LENGTH else f"#{n}: {image_id[:64]!r}"
+            key = image_id if image_id not in seen and _valid_id(image_id) else f"#{n}: {image_id[:64]!r}"
             self.jobs.record_item(job_id, key, refused=True)
             self.jobs.mark_failed(job_id, key, exc.message)
             return
@@ -224,10 +225,20 @@ class IngestJobs(WorkerCalls):
             time.sleep(0.3)
 
     def _job(self, job_id: str) -> JobStatus:
-        status = self.jobs.get(job_id) if job_id else None
+        """The job's status: INVALID_ARGUMENT for what is not a job id (it never reaches a
+        Redis key), NOT_FOUND for a job id that names no job."""
+        status = self.jobs.get(check_job_id(job_id))
         if status is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id!r}")
         return status
+
+
+def _valid_id(image_id: str) -> bool:
+    try:
+        contract.check_image_id(image_id)
+    except contract.ContractError:
+        return False
+    return True
 
 
 def resume_job_id(context) -> str:

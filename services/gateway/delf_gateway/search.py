@@ -10,11 +10,11 @@ from __future__ import annotations
 import time
 
 import grpc
-import numpy as np
 
 from delf_common import celery_app as tasks
 from delf_common import config
-from delf_common.features import DelfFeatures, encode_array
+from delf_common.features import DelfFeatures
+from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_common.ranking import rank_matches
 from delf_gateway.backpressure import WorkerCalls
@@ -55,11 +55,11 @@ class SearchCalls(WorkerCalls):
         if filter:
             options["filter"] = filter
         reply = self._call(tasks.INDEX_SEARCH, features.to_wire(), options, context=context, what="indexer")
-        candidates = reply["candidates"]
-        metadata = {c["image_id"]: c.get("metadata") or {} for c in candidates}
+        candidates = reply["candidates"]  # passed on to the verifiers as received
+        metadata = {c.image_id: c.metadata for c in map(SearchCandidate.from_wire, candidates)}
         matches = self._verify(features, (width, height), box, candidates, context)
-        for m in rank_matches(matches)[:top_k]:
-            response.matches.append(match_proto(m, metadata.get(m["image_id"], {}), len(features)))
+        for m in map(VerifiedMatch.from_wire, rank_matches(matches)[:top_k]):
+            response.matches.append(match_proto(m, metadata.get(m.image_id, {}), len(features)))
         response.elapsed_s = time.monotonic() - started
         return response
 
@@ -85,14 +85,10 @@ class SearchCalls(WorkerCalls):
         return features, (width, height), exclude
 
     def _verify(self, features: DelfFeatures, size, box, candidates: list[dict], context) -> list[dict]:
+        """The verified matches (wire) of the candidates (wire), verified in parallel chunks."""
         if not candidates:
             return []
-        query = {
-            "locations": encode_array(features.locations),
-            "scales": encode_array(np.asarray(features.scales, np.float32)),
-            "image_size": list(size),
-            "box": list(box) if box else None,
-        }
+        query = VerifyQuery(features.locations, size, scales=features.scales, box=box).to_wire()
         options = {
             "min_inliers": config.get("DELF_MIN_INLIERS"),
             "min_inlier_ratio": config.get("DELF_MIN_INLIER_RATIO"),
@@ -108,19 +104,18 @@ class SearchCalls(WorkerCalls):
         return matches
 
 
-def match_proto(m: dict, metadata: dict, n_query: int) -> delf_pb2.Match:
+def match_proto(m: VerifiedMatch, metadata: dict, n_query: int) -> delf_pb2.Match:
     """A verified match scores its inliers; an unverified one its share of the query's votes."""
-    verified = bool(m["verified"])
-    score = float(m["inliers"]) if verified else float(m["votes"]) / max(n_query, 1)
+    score = float(m.inliers) if m.verified else float(m.votes) / max(n_query, 1)
     match = delf_pb2.Match(
-        image_id=m["image_id"],
+        image_id=m.image_id,
         metadata=metadata,
-        inliers=int(m["inliers"]),
+        inliers=m.inliers,
         score=score,
-        verified=verified,
-        votes=int(m["votes"]),
-        transform=[float(v) for v in m.get("transform") or []],
+        verified=m.verified,
+        votes=m.votes,
+        transform=m.transform,
     )
-    for x, y in m.get("corners") or []:
+    for x, y in m.corners:
         match.corners.append(delf_pb2.Point(x=float(x), y=float(y)))
     return match

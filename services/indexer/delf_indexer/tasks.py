@@ -20,6 +20,8 @@ from celery.signals import worker_shutdown
 
 from delf_common import celery_app as names
 from delf_common.celery_app import app, configure_worker
+from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, ContractError, check_image_id,
+                                  error, failure, ok)
 from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
 from delf_common.metrics import DESCRIPTORS_INDEXED, install_worker_hooks
@@ -32,10 +34,6 @@ log = logging.getLogger(__name__)
 configure_worker(app)  # publish retries that ride out a Redis restart
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 MILVUS_CHECK_TIMEOUT_S = 5.0
-
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
-NOT_FOUND = "NOT_FOUND"
-FAILED_PRECONDITION = "FAILED_PRECONDITION"
 
 _store: DescriptorStore | None = None
 _store_lock = threading.Lock()
@@ -104,12 +102,8 @@ def retry_delay(retries: int) -> float:
     return random.uniform(0.5, 1.0) * min(RETRY_MAX_S, RETRY_BASE_S * 2 ** retries)
 
 
-def _error(code: str, message: str) -> dict:
-    return {"ok": False, "error": {"code": code, "message": message}}
-
-
 def _not_found(image_id) -> dict:
-    return _error(NOT_FOUND, f"no indexed image with id {image_id!r}")
+    return error(NOT_FOUND, f"no indexed image with id {image_id!r}")
 
 
 def _features(wire) -> DelfFeatures:
@@ -117,10 +111,11 @@ def _features(wire) -> DelfFeatures:
 
 
 def _bad_id(image_id) -> dict | None:
-    if not isinstance(image_id, str) or not image_id:
-        return _error(INVALID_ARGUMENT, "image_id must be a non-empty string")
-    if len(image_id.encode("utf-8")) > 512:
-        return _error(INVALID_ARGUMENT, "image_id is longer than 512 bytes (UTF-8)")
+    """The error reply for what is not an image id (the gateway's rule), or None."""
+    try:
+        check_image_id(image_id)
+    except ContractError as exc:
+        return error(exc.code, str(exc))
     return None
 
 
@@ -130,13 +125,15 @@ def _add(image_id, wire, metadata) -> dict:
     try:
         features = _features(wire)
     except (ValueError, KeyError, TypeError) as exc:
-        return _error(INVALID_ARGUMENT, f"malformed features: {exc}")
+        return error(INVALID_ARGUMENT, f"malformed features: {exc}")
     try:
         info = get_store().add(image_id, features, metadata or {})
+    except ContractError as exc:  # metadata over the limits (the gateway checks them first)
+        return error(exc.code, str(exc))
     except ValueError as exc:
-        return _error(FAILED_PRECONDITION, str(exc))
+        return error(FAILED_PRECONDITION, str(exc))
     DESCRIPTORS_INDEXED.inc(int(info.get("num_features", len(features))))
-    return {"ok": True, "image": info}
+    return ok(image=info)
 
 
 @app.task(name=names.INDEX_ADD)
@@ -188,17 +185,15 @@ def _ingest_index(task, extracted, job_id, image_id) -> dict:
     jobs = JobStore()
     if jobs.is_cancelled(job_id):
         jobs.mark_failed(job_id, image_id, "job cancelled")
-        return _error(FAILED_PRECONDITION, "job cancelled")
-    if not extracted.get("ok"):
-        err = extracted.get("error") or {}
-        jobs.mark_failed(job_id, image_id, err.get("message") or err.get("code") or "extraction failed")
-        return {"ok": False, "error": {"code": err.get("code", INVALID_ARGUMENT),
-                                       "message": err.get("message", "extraction failed")}}
+        return error(FAILED_PRECONDITION, "job cancelled")
+    if (failed := failure(extracted, INVALID_ARGUMENT, "extraction failed")) is not None:
+        jobs.mark_failed(job_id, image_id, failed.message)
+        return error(failed.code, failed.message)
     request = task.request
     if (request.retries or (request.delivery_info or {}).get("redelivered")) and _bad_id(image_id) is None:
         _remove_orphans(image_id)
     result = _add(image_id, extracted.get("features"), extracted.get("metadata"))
-    if result["ok"]:
+    if failure(result) is None:
         jobs.mark_done(job_id, image_id)
     else:
         jobs.mark_failed(job_id, image_id, result["error"]["message"])
@@ -211,19 +206,19 @@ def index_search(features, options=None) -> dict:
     try:
         feats = _features(features)
     except (ValueError, KeyError, TypeError) as exc:
-        return _error(INVALID_ARGUMENT, f"malformed features: {exc}")
+        return error(INVALID_ARGUMENT, f"malformed features: {exc}")
     shortlist = options.get("shortlist")
     try:
         filter = check_filter(options.get("filter") or None)
     except ValueError as exc:
-        return _error(INVALID_ARGUMENT, f"bad filter: {exc}")
+        return error(INVALID_ARGUMENT, f"bad filter: {exc}")
     try:
         candidates = get_store().search(
             feats, shortlist=None if shortlist in (None, 0) else int(shortlist),
             exclude=options.get("exclude") or (), filter=filter)
     except ValueError as exc:
-        return _error(FAILED_PRECONDITION, str(exc))
-    return {"ok": True, "candidates": candidates}
+        return error(FAILED_PRECONDITION, str(exc))
+    return ok(candidates=candidates)
 
 
 @app.task(name=names.INDEX_GET)
@@ -231,7 +226,7 @@ def index_get(image_id) -> dict:
     if (err := _bad_id(image_id)) is not None:
         return err
     try:
-        return {"ok": True, "image": get_store().get(image_id)}
+        return ok(image=get_store().get(image_id))
     except KeyError:
         return _not_found(image_id)
 
@@ -244,7 +239,7 @@ def index_features(image_id) -> dict:
         info, feats = get_store().get_features(image_id)
     except KeyError:
         return _not_found(image_id)
-    return {"ok": True, "image": info, "features": feats.to_wire()}
+    return ok(image=info, features=feats.to_wire())
 
 
 @app.task(name=names.INDEX_DELETE)
@@ -252,11 +247,11 @@ def index_delete(image_id) -> dict:
     if (err := _bad_id(image_id)) is not None:
         return err
     try:
-        return {"ok": True, "descriptors_removed": get_store().delete(image_id)}
+        return ok(descriptors_removed=get_store().delete(image_id))
     except KeyError:
         return _not_found(image_id)
 
 
 @app.task(name=names.INDEX_STATS)
 def index_stats() -> dict:
-    return {"ok": True, **get_store().stats()}
+    return ok(**get_store().stats())

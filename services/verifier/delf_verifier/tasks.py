@@ -3,77 +3,66 @@
 Worker: ``celery -A delf_verifier.tasks worker -Q <DELF_QUEUE_PREFIX>.verify``
 (prefork or threads; OpenCV releases the GIL inside RANSAC).
 The gateway splits a shortlist across several calls to verify them in parallel.
+Its messages are delf_common.messages' VerifyQuery, SearchCandidate and VerifiedMatch.
 """
 from __future__ import annotations
 
-import numpy as np
-
 from delf_common import config
 from delf_common.celery_app import VERIFY, app
-from delf_common.features import decode_array
+from delf_common.contract import INVALID_ARGUMENT, error, ok
+from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.metrics import install_worker_hooks
 
 from delf_verifier.ransac import rank, verify
-
-INVALID_ARGUMENT = "INVALID_ARGUMENT"
 
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 
 
 def _error(message: str) -> dict:
-    return {"ok": False, "error": {"code": INVALID_ARGUMENT, "message": message}}
+    return error(INVALID_ARGUMENT, message)
+
+
+def _options(options: dict | None) -> dict:
+    options = options or {}
+    min_ratio = options.get("min_inlier_ratio")
+    return {
+        "min_inliers": int(options.get("min_inliers") or config.get("DELF_MIN_INLIERS")),
+        "ransac_px": float(options.get("ransac_px") or config.get("DELF_RANSAC_PX")),
+        "min_inlier_ratio": float(config.get("DELF_MIN_INLIER_RATIO") if min_ratio is None else min_ratio),
+    }
+
+
+def _mismatch(query: VerifyQuery, cand: SearchCandidate) -> str | None:
+    """Why the candidate's correspondences do not fit the query, or None."""
+    qidx, n = cand.query_idx, len(query.locations)
+    if len(qidx) != len(cand.db_xy) or (len(qidx) and (qidx.min() < 0 or qidx.max() >= n)):
+        return f"candidate {cand.image_id!r}: query_idx out of range or not matching db_xy"
+    if cand.db_scale is not None and len(cand.db_scale) != len(cand.db_xy):
+        return f"candidate {cand.image_id!r}: db_scale not matching db_xy"
+    return None
 
 
 def verify_candidates(query: dict, candidates: list[dict], options: dict | None = None) -> dict:
-    options = options or {}
-    min_inliers = options.get("min_inliers") or config.get("DELF_MIN_INLIERS")
-    ransac_px = options.get("ransac_px") or config.get("DELF_RANSAC_PX")
-    min_ratio = options.get("min_inlier_ratio")
-    min_ratio = config.get("DELF_MIN_INLIER_RATIO") if min_ratio is None else min_ratio
+    """``{"ok": True, "matches": [VerifiedMatch wire, ...]}`` best first, or INVALID_ARGUMENT."""
+    opts = _options(options)
     try:
-        locations = decode_array(query["locations"]).astype(np.float32).reshape(-1, 2)
-        scales = query.get("scales")  # optional: refines verified transforms (ransac.refine)
-        if scales is not None:
-            scales = decode_array(scales).astype(np.float32).reshape(-1)
-            if len(scales) != len(locations):
-                return _error(f"query has {len(scales)} scales for {len(locations)} locations")
-        image_size = tuple(int(v) for v in query["image_size"])
-        box = query.get("box")
-        if box is not None:
-            box = [float(v) for v in box]
-            if len(box) != 4 or box[2] <= box[0] or box[3] <= box[1]:
-                return _error(f"box must be [x0, y0, x1, y1] with x1 > x0 and y1 > y0, got {box}")
+        q = VerifyQuery.from_wire(query)
     except (KeyError, TypeError, ValueError) as exc:
         return _error(f"malformed query: {exc}")
     matches = []
-    for cand in candidates or []:
+    for wire in candidates or []:
         try:
-            qidx = decode_array(cand["query_idx"]).astype(np.int64).reshape(-1)
-            db_xy = decode_array(cand["db_xy"]).astype(np.float32).reshape(-1, 2)
-            db_scale = cand.get("db_scale")
-            if db_scale is not None:
-                db_scale = decode_array(db_scale).astype(np.float32).reshape(-1)
+            cand = SearchCandidate.from_wire(wire)
         except (KeyError, TypeError, ValueError) as exc:
             return _error(f"malformed candidate: {exc}")
-        if len(qidx) != len(db_xy) or (len(qidx) and (qidx.min() < 0 or qidx.max() >= len(locations))):
-            return _error(f"candidate {cand.get('image_id')!r}: query_idx out of range or "
-                          f"not matching db_xy")
-        if db_scale is not None and len(db_scale) != len(db_xy):
-            return _error(f"candidate {cand.get('image_id')!r}: db_scale not matching db_xy")
-        both = scales is not None and db_scale is not None
-        v = verify(locations[qidx], db_xy, image_size, box,
-                   min_inliers=int(min_inliers), ransac_px=float(ransac_px),
-                   min_inlier_ratio=float(min_ratio),
-                   query_scale=scales[qidx] if both else None, db_scale=db_scale if both else None)
-        matches.append({
-            "image_id": cand["image_id"],
-            "votes": int(cand.get("votes", 0)),
-            "inliers": v.inliers,
-            "verified": v.verified,
-            "transform": v.transform,
-            "corners": v.corners,
-        })
-    return {"ok": True, "matches": rank(matches)}
+        if (why := _mismatch(q, cand)) is not None:
+            return _error(why)
+        both = q.scales is not None and cand.db_scale is not None
+        v = verify(q.locations[cand.query_idx], cand.db_xy, q.image_size, q.box, **opts,
+                   query_scale=q.scales[cand.query_idx] if both else None,
+                   db_scale=cand.db_scale if both else None)
+        matches.append(VerifiedMatch(cand.image_id, cand.votes, v.inliers, v.verified, v.transform, v.corners))
+    return ok(matches=rank([m.to_wire() for m in matches]))
 
 
 @app.task(name=VERIFY)
