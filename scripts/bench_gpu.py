@@ -17,7 +17,7 @@ their descriptors (>= 95% and >= 0.99 asked). `--fast-scales` adds a capped-pyra
 
 Photos: `--photos DIR` (JPEGs, resized to 1024x768), else synthetic textured 1024x768
 JPEGs (throughput does not depend on content). Weights: the preset's if found (see
-README: ResNet50 ImageNet weights are a local file), else random (same speed). PCA: the
+docs/METHOD.md: ResNet50 ImageNet weights are a local file), else random (same speed). PCA: the
 preset's artifact if any, else a random orthonormal projection to 40 dimensions (same cost).
 
 Runs anywhere torch does; `--quick` is a small CPU smoke run (tests/test_extractor.py).

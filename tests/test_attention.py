@@ -56,7 +56,7 @@ def test_landmarks_split_has_held_out_queries():
     rows = (folder / "MANIFEST.tsv").read_text().splitlines()[1:]
     groups = [r.split("\t")[1] for r in rows if r.strip()]
     train_groups, held = train.split_groups(groups)
-    # Documented in train.py / README / BENCHMARKS: 18 training groups, 17 held-out groups of 57 photos.
+    # Documented in train.py / docs/METHOD.md / BENCHMARKS: 18 training groups, 17 held-out groups of 57 photos.
     assert (len(train_groups), len(held)) == (18, 17)
     assert sum(g in held for g in groups) == 57
 
