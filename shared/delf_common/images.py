@@ -1,9 +1,21 @@
 """Decoding and validating submitted photos.
 
-Every photo passes `decode_image` before any work is done on it, at the gateway
-(so a bad photo is refused before it is queued) and in the extractor (for photos
-that arrive by location). The header is read first, so a decompression bomb is
-refused before its pixels are allocated; a truncated file fails the full decode.
+Every photo passes `probe_image` at the gateway (the header only, so a bad photo is
+refused before it is queued) and `decode_image` in the extractor. The header is read
+first, so a decompression bomb is refused before its pixels are allocated; a truncated
+file fails the full decode.
+
+One frame everywhere: the one a viewer shows. A photo whose EXIF Orientation says it is
+stored rotated or mirrored (phone photos: Orientation 6 is stored landscape, shown
+portrait) is sized (`displayed_size`) and decoded (`exif_transpose`) as shown, so its
+size, query boxes, region corners and feature locations all use the displayed frame.
+
+Decoding gives 8 bits per channel RGB from every mode the accepted formats produce:
+16-bit grey (PNG, TIFF: mode I;16 or I) is scaled by 255/65535, not clipped; 16-bit
+RGB/RGBA (PIL reduces them to 8 bits itself), palette, 1-bit, grey, CMYK, YCbCr and LAB
+are converted; an alpha channel is composited over white (what a viewer on a white
+page shows; the colour stored under transparent pixels is arbitrary). Floating-point
+and out-of-range 32-bit integer images are refused.
 """
 from __future__ import annotations
 
@@ -52,12 +64,30 @@ def check_size(data: bytes, max_bytes: int | None = None) -> None:
         )
 
 
+# EXIF Orientation values that turn the stored picture by 90 degrees (5-8: transposed,
+# rotated 90 or 270, transversed): the displayed width is the stored height.
+_TURNED = (5, 6, 7, 8)
+EXIF_ORIENTATION = 0x0112
+
+
+def displayed_size(im: Image.Image) -> tuple[int, int]:
+    """(width, height) of the photo as a viewer shows it: the stored size, swapped when the
+    EXIF Orientation turns it by 90 degrees (as `ImageOps.exif_transpose` will)."""
+    width, height = im.size
+    try:
+        orientation = im.getexif().get(EXIF_ORIENTATION)
+    except Exception:  # a corrupt EXIF block: exif_transpose ignores it as well
+        orientation = None
+    return (height, width) if orientation in _TURNED else (width, height)
+
+
 def probe_image(data: bytes) -> tuple[int, int, str]:
-    """(width, height, format) from the header alone, after the byte and pixel limits."""
+    """(width, height, format) from the header alone, after the byte and pixel limits;
+    the size is the displayed one (EXIF orientation applied)."""
     check_size(data)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
-            width, height, fmt = im.size[0], im.size[1], im.format or "?"
+            (width, height), fmt = displayed_size(im), im.format or "?"
     except UnidentifiedImageError:
         raise ImageRejected(
             INVALID_ARGUMENT,
@@ -94,10 +124,63 @@ def decode_image(data: bytes) -> np.ndarray:
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
                 im.load()  # raises on truncated data
                 im = ImageOps.exif_transpose(im)
-                rgb = im.convert("RGB")
+                rgb = to_rgb8(im)
     except ImageRejected:
         raise
     except Exception as exc:
         raise ImageRejected(INVALID_ARGUMENT, f"the image could not be decoded (truncated or corrupt): {exc}") from None
-    _check_dimensions(rgb.size[0], rgb.size[1])
-    return np.asarray(rgb, dtype=np.uint8)
+    _check_dimensions(rgb.shape[1], rgb.shape[0])
+    return rgb
+
+
+_SIXTEEN_BIT = ("I;16", "I;16L", "I;16B", "I;16N")
+_ALPHA = ("RGBA", "LA", "PA", "RGBa", "La")
+
+
+def to_rgb8(im: Image.Image) -> np.ndarray:
+    """RGB uint8 array (H, W, 3) of a loaded PIL image of any mode (see the module doc)."""
+    if im.mode in _SIXTEEN_BIT or im.mode == "I":
+        grey = np.asarray(im).astype(np.int64)
+        if grey.size and (grey.min() < 0 or grey.max() > 65535):
+            raise ImageRejected(INVALID_ARGUMENT, f"the image has 32-bit integer pixels ({im.mode}, values "
+                                                  f"{grey.min()}..{grey.max()}); send 8 or 16 bits per channel")
+        grey8 = ((grey * 255 + 32767) // 65535).astype(np.uint8)
+        return np.ascontiguousarray(np.repeat(grey8[..., None], 3, axis=2))
+    if im.mode == "F":
+        raise ImageRejected(INVALID_ARGUMENT, "the image has floating-point pixels (mode F); "
+                                              "send 8 or 16 bits per channel")
+    if im.mode in _ALPHA or (im.mode == "P" and "transparency" in im.info):
+        rgba = im.convert("RGBA")
+        white = Image.new("RGBA", rgba.size, (255, 255, 255, 255))
+        return np.asarray(Image.alpha_composite(white, rgba).convert("RGB"), dtype=np.uint8)
+    return np.asarray(im.convert("RGB"), dtype=np.uint8)
+
+
+# A photo is flat (one colour: a lens cap, a blank wall, an all-black frame) when, in
+# blocks of FLAT_BLOCK x FLAT_BLOCK pixels (which average JPEG and sensor noise away), the
+# grey level of 99% of the blocks lies within FLAT_MAX_RANGE levels (of 255). The
+# extractor still returns its full quota of features for such a photo, all of them
+# meaningless (BENCHMARKS.md, "Flat and tiny photos"), so the extractor refuses it.
+FLAT_BLOCK = 8
+FLAT_MAX_RANGE = 4.0
+
+
+def grey_range(rgb: np.ndarray) -> float:
+    """The spread (0.5th to 99.5th percentile) of the block-averaged grey levels of a photo."""
+    grey = rgb.astype(np.float32) @ np.float32([0.299, 0.587, 0.114])
+    h, w = grey.shape
+    b = min(FLAT_BLOCK, h, w)
+    blocks = grey[: h - h % b, : w - w % b].reshape(h // b, b, w // b, b).mean(axis=(1, 3))
+    lo, hi = np.percentile(blocks, [0.5, 99.5])
+    return float(hi - lo)
+
+
+def check_not_flat(rgb: np.ndarray) -> None:
+    """Refuses a photo of one flat colour (see FLAT_MAX_RANGE)."""
+    spread = grey_range(rgb)
+    if spread < FLAT_MAX_RANGE:
+        raise ImageRejected(
+            INVALID_ARGUMENT,
+            f"the photo is one flat colour (its grey levels vary by {spread:.1f} of 255; at least "
+            f"{FLAT_MAX_RANGE:g} is needed): it has no detail to match",
+        )
