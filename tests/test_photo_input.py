@@ -41,7 +41,7 @@ def _encode(rgb_or_image, fmt: str = "JPEG", **params) -> bytes:
     return buf.getvalue()
 
 
-def _with_orientation(upright: np.ndarray, orientation: int) -> bytes:
+def _with_orientation(upright: np.ndarray, orientation: int, fmt: str = "JPEG") -> bytes:
     """A JPEG that a viewer shows as `upright`: the pixels stored as a camera would,
     with the EXIF Orientation tag that turns them back."""
     stored_as = {1: None, 2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
@@ -52,7 +52,7 @@ def _with_orientation(upright: np.ndarray, orientation: int) -> bytes:
         im = im.transpose(stored_as[orientation])
     exif = Image.Exif()
     exif[0x0112] = orientation
-    return _encode(im, "JPEG", quality=95, exif=exif.tobytes())
+    return _encode(im, fmt, exif=exif.tobytes(), **({"quality": 95} if fmt == "JPEG" else {}))
 
 
 def _raw_png(width: int, height: int, bit_depth: int, colour_type: int, pixels: np.ndarray) -> bytes:
@@ -100,6 +100,15 @@ def test_item1_exif_orientation_the_header_gives_the_displayed_size(orientation)
     decoded = decode_image(data)
     assert decoded.shape == upright.shape
     assert np.abs(decoded.astype(int) - upright).mean() < 4  # the same picture, JPEG aside
+
+
+@pytest.mark.parametrize("orientation", [3, 6, 7])
+@pytest.mark.parametrize("fmt", ["PNG", "WEBP", "TIFF"])
+def test_item1_exif_orientation_other_formats(fmt, orientation):
+    upright = _upright()
+    data = _with_orientation(upright, orientation, fmt)
+    assert probe_image(data)[:2] == (400, 600)
+    assert np.abs(decode_image(data).astype(int) - upright).mean() < 4
 
 
 @pytest.mark.slow

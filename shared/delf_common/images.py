@@ -7,7 +7,7 @@ file fails the full decode.
 
 One frame everywhere: the one a viewer shows. A photo whose EXIF Orientation says it is
 stored rotated or mirrored (phone photos: Orientation 6 is stored landscape, shown
-portrait) is sized (`displayed_size`) and decoded (`exif_transpose`) as shown, so its
+portrait) is sized (`displayed_size`) and decoded as shown (`orientation`), so its
 size, query boxes, region corners and feature locations all use the displayed frame.
 
 Decoding gives 8 bits per channel RGB from every mode the accepted formats produce:
@@ -23,7 +23,7 @@ import io
 import warnings
 
 import numpy as np
-from PIL import Image, ImageOps, UnidentifiedImageError
+from PIL import Image, UnidentifiedImageError
 
 from delf_common import config
 
@@ -64,30 +64,63 @@ def check_size(data: bytes, max_bytes: int | None = None) -> None:
         )
 
 
-# EXIF Orientation values that turn the stored picture by 90 degrees (5-8: transposed,
-# rotated 90 or 270, transversed): the displayed width is the stored height.
-_TURNED = (5, 6, 7, 8)
 EXIF_ORIENTATION = 0x0112
+# How each EXIF Orientation (2-8) is turned upright (ImageOps.exif_transpose's table).
+_UPRIGHT = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180,
+            4: Image.Transpose.FLIP_TOP_BOTTOM, 5: Image.Transpose.TRANSPOSE,
+            6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE, 8: Image.Transpose.ROTATE_90}
+_TURNED = (5, 6, 7, 8)  # the displayed width is the stored height
+
+
+def orientation(im: Image.Image) -> int:
+    """The EXIF Orientation (1-8) of an opened, not yet loaded photo, from its header alone
+    (EXIF, or XMP's tiff:Orientation). A PNG's eXIf chunk counts only before the pixel
+    data (PIL would otherwise decode the whole image to look for one after it); a corrupt
+    or out-of-range value counts as 1 (upright), as for a viewer."""
+    if im.format == "PNG" and "exif" not in im.info:
+        return 1
+    try:
+        value = int(im.getexif().get(EXIF_ORIENTATION) or 1)
+    except Exception:
+        return 1
+    return value if value in _UPRIGHT else 1
 
 
 def displayed_size(im: Image.Image) -> tuple[int, int]:
-    """(width, height) of the photo as a viewer shows it: the stored size, swapped when the
-    EXIF Orientation turns it by 90 degrees (as `ImageOps.exif_transpose` will)."""
-    width, height = im.size
-    try:
-        orientation = im.getexif().get(EXIF_ORIENTATION)
-    except Exception:  # a corrupt EXIF block: exif_transpose ignores it as well
-        orientation = None
-    return (height, width) if orientation in _TURNED else (width, height)
+    """(width, height) of an opened photo as a viewer shows it: the stored size, swapped
+    when its EXIF Orientation turns it by 90 degrees."""
+    width, height = _stored_size(im)
+    return (height, width) if orientation(im) in _TURNED else (width, height)
+
+
+def _stored_size(im: Image.Image) -> tuple[int, int]:
+    """The size of the stored pixels. PIL (11 and later) reports a TIFF's size already
+    turned by its orientation, and turns its pixels on load: its tags give the stored size."""
+    if im.format == "TIFF":
+        width, height = im.tag_v2.get(256), im.tag_v2.get(257)
+        if isinstance(width, int) and isinstance(height, int):
+            return width, height
+    return im.size
+
+
+def _upright(im: Image.Image, header_orientation: int) -> Image.Image:
+    """A loaded photo turned as its header's orientation says; a TIFF that PIL turned
+    while loading (its orientation tag then removed) is not turned twice."""
+    value = orientation(im) if im.format == "TIFF" else header_orientation
+    turn = _UPRIGHT.get(value)
+    return im.transpose(turn) if turn is not None else im
 
 
 def probe_image(data: bytes) -> tuple[int, int, str]:
     """(width, height, format) from the header alone, after the byte and pixel limits;
-    the size is the displayed one (EXIF orientation applied)."""
+    the size is the displayed one (`displayed_size`)."""
     check_size(data)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
+            _check_dimensions(*im.size)  # before anything else is read (turning keeps both limits)
             (width, height), fmt = displayed_size(im), im.format or "?"
+    except ImageRejected:
+        raise
     except UnidentifiedImageError:
         raise ImageRejected(
             INVALID_ARGUMENT,
@@ -95,7 +128,6 @@ def probe_image(data: bytes) -> tuple[int, int, str]:
         ) from None
     except Exception as exc:  # PIL raises many types on corrupt headers
         raise ImageRejected(INVALID_ARGUMENT, f"the image header is corrupt: {exc}") from None
-    _check_dimensions(width, height)
     return width, height, fmt
 
 
@@ -116,19 +148,23 @@ def _check_dimensions(width: int, height: int) -> None:
 
 
 def decode_image(data: bytes) -> np.ndarray:
-    """RGB uint8 array (H, W, 3) of the photo, EXIF orientation applied."""
-    probe_image(data)
+    """RGB uint8 array (H, W, 3) of the photo turned upright by its `orientation`: its size
+    is the `displayed_size` the gateway's `probe_image` reported."""
+    width, height, _ = probe_image(data)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
+                header_orientation = orientation(im)  # as probe_image read it
                 im.load()  # raises on truncated data
-                im = ImageOps.exif_transpose(im)
-                rgb = to_rgb8(im)
+                rgb = to_rgb8(_upright(im, header_orientation))
     except ImageRejected:
         raise
     except Exception as exc:
         raise ImageRejected(INVALID_ARGUMENT, f"the image could not be decoded (truncated or corrupt): {exc}") from None
+    if (rgb.shape[1], rgb.shape[0]) != (width, height):  # one frame on both sides, or none
+        raise ImageRejected(INVALID_ARGUMENT, f"the image's EXIF orientation could not be applied "
+                                              f"({rgb.shape[1]}x{rgb.shape[0]}, expected {width}x{height})")
     _check_dimensions(rgb.shape[1], rgb.shape[0])
     return rgb
 
