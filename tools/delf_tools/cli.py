@@ -20,7 +20,9 @@ CA to trust) switches to TLS.
 from __future__ import annotations
 
 import argparse
+import os
 import sys
+import unicodedata
 from pathlib import Path
 
 import grpc
@@ -28,6 +30,10 @@ import grpc
 from delf_common import config
 
 STATE_NAMES = {0: "UNSPECIFIED", 1: "RECEIVING", 2: "RUNNING", 3: "COMPLETED", 4: "CANCELLED"}
+# The image id column of `delf search` is as wide as the longest id, up to this many
+# columns; longer ids are shortened in the middle with an ellipsis (--wide: never).
+ID_COLUMN_MAX = 48
+SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
 
 def _client(args):
@@ -142,11 +148,46 @@ def cmd_search(args) -> int:
                                     top_k=args.top_k, box=args.box, filter=dict(args.filter))
     print(f"{len(response.matches)} matches ({response.query_features} query features, "
           f"{response.elapsed_s:.2f} s)")
-    print(f"{'rank':>4}  {'image id':<32} {'inliers':>7} {'score':>8}  {'verified':<8} region corners (TL TR BR BL)")
-    for rank, m in enumerate(response.matches, 1):
+    limit = None if args.wide else ID_COLUMN_MAX
+    ids = [_fit(m.image_id, limit) for m in response.matches]
+    width = max([len("image id"), *(_width(i) for i in ids)])
+    print(f"{'rank':>4}  {_pad('image id', width)} {'inliers':>7} {'score':>8}  {'verified':<8} "
+          "region corners (TL TR BR BL)")
+    for rank, (m, image_id) in enumerate(zip(response.matches, ids), 1):
         corners = " ".join(f"({p.x:.0f},{p.y:.0f})" for p in m.corners) or "-"
-        print(f"{rank:>4}  {m.image_id:<32} {m.inliers:>7} {m.score:>8.2f}  {'yes' if m.verified else 'no':<8} {corners}")
+        print(f"{rank:>4}  {_pad(image_id, width)} {m.inliers:>7} {m.score:>8.2f}  "
+              f"{'yes' if m.verified else 'no':<8} {corners}")
+    if any(i != m.image_id for i, m in zip(ids, response.matches)):
+        print("(long ids are shortened in the middle with …; --wide prints them whole)", file=sys.stderr)
     return 0
+
+
+def _width(text: str) -> int:
+    """Terminal columns of `text`: wide (CJK) characters take two, combining marks none."""
+    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
+               for c in text)
+
+
+def _pad(text: str, width: int) -> str:
+    return text + " " * (width - _width(text))
+
+
+def _fit(text: str, limit: int | None) -> str:
+    """`text` printable in one table cell: control characters escaped, and when `limit` is
+    given, at most `limit` columns, shortened in the middle ("start...end")."""
+    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+    if limit is None or _width(text) <= limit:
+        return text
+    head, tail = "", ""
+    for c in text:  # the start gets half the room, the end what is left
+        if _width(head + c) > (limit - 1) // 2:
+            break
+        head += c
+    for c in reversed(text):
+        if _width(head) + _width(c + tail) > limit - 1:
+            break
+        tail = c + tail
+    return head + "\u2026" + tail
 
 
 def cmd_add(args) -> int:
@@ -244,6 +285,8 @@ def _index_commands(sub) -> None:
     s.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1: search only this region of PHOTO")
     s.add_argument("--filter", type=_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="only photos whose metadata has KEY=VALUE (repeat: all must hold)")
+    s.add_argument("--wide", action="store_true",
+                   help=f"print image ids whole (default: ids over {ID_COLUMN_MAX} columns are shortened)")
     s.set_defaults(func=cmd_search)
 
     s = sub.add_parser("add", help="index one photo under an id (replaces an existing one)")
@@ -265,6 +308,20 @@ def _index_commands(sub) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
+    """The `delf` command. A reader that goes away early (`delf search photo.jpg | head -3`)
+    ends it quietly, as it ends other Unix tools, with status 141 (128 + SIGPIPE)."""
+    try:
+        code = _main(argv)
+        sys.stdout.flush()  # a closed pipe shows up here, not at interpreter exit
+        return code
+    except BrokenPipeError:
+        # Python flushes stdout once more at exit: point it at /dev/null so that flush is silent.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        return SIGPIPE_EXIT
+
+
+def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     # Subcommands implemented by other modules take their own arguments.
     if argv and argv[0] == "up":

@@ -89,6 +89,7 @@ class DelfExtractor:
                                  f"{self.cfg.name} gives {self.cfg.channels}")
         self.pca = pca
         self._pca_mean = self._pca_w = None
+        self._smallest: dict | None = None  # smallest_side() by max_scale, computed on first use
         if pca is not None:
             self._pca_mean = torch.from_numpy(pca.mean).to(self.device)
             self._pca_w = torch.from_numpy(pca.components).to(self.device)
@@ -104,6 +105,21 @@ class DelfExtractor:
     @property
     def dim(self) -> int:
         return self.pca.dim if self.pca is not None else self.cfg.channels
+
+    def smallest_side(self, max_scale: float | None = None) -> int:
+        """The smallest side, in working-image pixels (after the ``max_image_side``
+        downscale), that gives any pyramid level: a photo below it yields no features."""
+        if self._smallest is None:
+            self._smallest = {}
+        if max_scale not in self._smallest:
+            self._smallest[max_scale] = next(
+                (side for side in range(1, 4096) if self._levels(side, side, max_scale)), 4096)
+        return self._smallest[max_scale]
+
+    def working_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the working image the pyramid is built from."""
+        base = min(1.0, self.cfg.max_image_side / max(width, height)) if self.cfg.max_image_side else 1.0
+        return max(1, round(width * base)), max(1, round(height * base))
 
     def extract(self, rgb: np.ndarray, max_scale: float | None = None) -> DelfFeatures:
         return self.extract_batch([rgb], max_scale=max_scale)[0]

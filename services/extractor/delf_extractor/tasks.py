@@ -28,7 +28,7 @@ from celery.signals import celeryd_after_setup, worker_process_init
 from delf_common import fetch
 from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
 from delf_common.contract import CANCELLED, INVALID_ARGUMENT, error, ok
-from delf_common.images import ImageRejected, decode_image
+from delf_common.images import ImageRejected, check_not_flat, decode_image
 from delf_common.jobs import JobStore
 from delf_common.metrics import install_worker_hooks
 from delf_extractor import batcher
@@ -98,11 +98,25 @@ def _load_model_in_thread_pool(instance=None, **_kwargs) -> None:
 
 
 def _features_wire(rgb, urgent: bool = False, slot=None) -> dict:
+    """The photo's features on the wire; a photo of one flat colour, or one that yields no
+    features (too small for the network), is refused (ImageRejected, INVALID_ARGUMENT)."""
+    check_not_flat(rgb)
     t = time.perf_counter()
     feats = get_batcher().submit(rgb, urgent=urgent, slot=slot)
     log.debug("extracted %d features from %dx%d in %.2f s", len(feats), rgb.shape[1], rgb.shape[0],
               time.perf_counter() - t)
+    if len(feats) == 0:
+        raise ImageRejected(INVALID_ARGUMENT, _no_features_reason(rgb.shape[1], rgb.shape[0]))
     return feats.to_wire()
+
+
+def _no_features_reason(width: int, height: int) -> str:
+    ex = get_extractor()
+    work_w, work_h = ex.working_size(width, height)
+    scaled = "" if (work_w, work_h) == (width, height) else (
+        f" ({work_w}x{work_h} once its longer side is reduced to {ex.cfg.max_image_side} px)")
+    return (f"the photo gives no features: it is {width}x{height}{scaled}, and the extractor needs "
+            f"its shorter side to be at least {ex.smallest_side()} px (model {ex.model_name})")
 
 
 @app.task(name=EXTRACT)
@@ -111,10 +125,9 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
     try:
         if image is None:
             raise ImageRejected(INVALID_ARGUMENT, "no image bytes given")
-        rgb = decode_image(bytes(image))
+        return ok(features=_features_wire(decode_image(bytes(image)), urgent=True))
     except ImageRejected as exc:
         return error(exc.code, exc.message)
-    return ok(features=_features_wire(rgb, urgent=True))
 
 
 # The result goes to delf.ingest.index as the next step of the chain and is never read
@@ -133,14 +146,13 @@ def ingest_extract(item: dict, job_id: str) -> dict:
         return error(CANCELLED, "job cancelled", image_id=image_id)
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
-            rgb = decode_image(item_bytes(item))
+            features = _features_wire(decode_image(item_bytes(item)), slot=slot)
         except ImageRejected as exc:
             log.info("job %s: item %s refused: %s", job_id, image_id, exc.message)
             return error(exc.code, exc.message, image_id=image_id)
         except fetch.FetchError as exc:
             return _fetch_failed(exc, image_id, job_id)
-        return ok(image_id=image_id, metadata=dict(item.get("metadata") or {}),
-                  features=_features_wire(rgb, slot=slot))
+        return ok(image_id=image_id, metadata=dict(item.get("metadata") or {}), features=features)
 
 
 def _fetch_failed(exc: fetch.FetchError, image_id, job_id: str) -> dict:

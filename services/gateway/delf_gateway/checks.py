@@ -67,7 +67,9 @@ def check_location(location: str) -> None:
 
 
 def check_photo(data: bytes) -> tuple[int, int]:
-    """Header-level checks (bytes, pixels, format); the extractor decodes fully."""
+    """Header-level checks (bytes, pixels, format); the extractor decodes fully.
+    Returns the photo's displayed (width, height): EXIF orientation applied, the frame the
+    extractor's features, a search `box` and the region corners all use."""
     try:
         width, height, _ = probe_image(data)
     except ImageRejected as exc:
@@ -82,7 +84,8 @@ def check_filter(pairs) -> dict[str, str]:
 
 
 def check_box(box, width: int, height: int) -> tuple[float, float, float, float]:
-    """The query box clipped to the image; it must keep some area inside it."""
+    """The query box clipped to the image (its displayed frame, `check_photo`); it must
+    keep some area inside it."""
     values = (box.x0, box.y0, box.x1, box.y1)
     if not all(np.isfinite(values)):
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the box has a non-finite coordinate")
