@@ -216,15 +216,18 @@ class IngestJobs(WorkerCalls):
         while context.is_active():
             status = self._job(request.job_id)
             current = job_proto(status)
-            if current != last:
+            seen = delf_pb2.Job()
+            seen.CopyFrom(current)
+            seen.idle_s = 0.0  # changes on every look: not news by itself
+            if seen != last:
                 yield current
-                last = current
+                last = seen
             if status.state in ("COMPLETED", "CANCELLED"):
                 return
             time.sleep(0.3)
 
     def _job(self, job_id: str) -> JobStatus:
-        status = self.jobs.get(job_id) if job_id else None
+        status = self.jobs.get(job_id, explain=True) if job_id else None
         if status is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id!r}")
         return status
@@ -252,4 +255,7 @@ def job_proto(status: JobStatus) -> delf_pb2.Job:
         updated_at=status.updated_at,
         rate=status.rate,
         eta_s=status.eta_s,
+        stalled=status.stalled,
+        hint=status.hint,
+        idle_s=status.idle_s,
     )
