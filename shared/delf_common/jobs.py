@@ -260,7 +260,8 @@ class JobStore:
 
     def stall_hint(self, status: JobStatus) -> str:
         """What a stalled job waits for, and the one command that finishes it."""
-        job_id, idle = status.job_id, f"{status.idle_s:.0f} s"
+        # The threshold, not the idle time: a hint that changes on every look is news to no one.
+        job_id, idle = status.job_id, f"over {config.get('DELF_JOB_STALLED_AFTER_S'):.0f} s"
         unfinished = self.unfinished(job_id).values()
         uploaded = sum(1 for r in unfinished if r["location"] is None)
         located = len(unfinished) - uploaded

@@ -6,7 +6,11 @@ The gateway splits a shortlist across several calls to verify them in parallel.
 """
 from __future__ import annotations
 
+import logging
+import time
+
 import numpy as np
+from celery.signals import celeryd_after_setup
 
 from delf_common import config
 from delf_common.celery_app import VERIFY, app
@@ -18,6 +22,22 @@ from delf_verifier.ransac import rank, verify
 INVALID_ARGUMENT = "INVALID_ARGUMENT"
 
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
+log = logging.getLogger(__name__)
+
+
+@celeryd_after_setup.connect
+def warm_up(**_kwargs) -> None:
+    """Before the worker answers pings: one RANSAC on made-up correspondences, so that OpenCV
+    and its thread pool are ready for the first search (issue 14, item 8)."""
+    t = time.perf_counter()
+    try:
+        rng = np.random.default_rng(0)
+        xy = rng.uniform(0, 200, (60, 2)).astype(np.float32)
+        verify(xy, xy * 1.1 + 5, (200, 200), None, min_inliers=8, ransac_px=4.0, min_inlier_ratio=0.1)
+    except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves
+        log.exception("warm-up failed")
+        return
+    log.info("warmed up: one RANSAC in %.2f s", time.perf_counter() - t)
 
 
 def _error(message: str) -> dict:
