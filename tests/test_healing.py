@@ -202,7 +202,7 @@ def _exactly_once(client, items, before) -> None:
 def _back_after(up: UpSystem, name: str, since: int) -> float:
     """Seconds from its death to serving again, as the launcher's log says."""
     deadline = time.monotonic() + JOB_TIMEOUT_S
-    pattern = re.compile(rf"^{re.escape(name)} is serving again, ([0-9.]+) s after it died", re.M)
+    pattern = re.compile(rf"\b{re.escape(name)} is serving again, ([0-9.]+) s after it died", re.M)
     while True:
         found = pattern.findall(up.log())
         if len(found) > since:

@@ -134,7 +134,7 @@ def cmd_resume(args) -> int:
               f"keep: the job completes once they are sent again with "
               f"`delf ingest PATH --resume {job.job_id}` (PATH: the folder or manifest it was started "
               f"from; photos already done are skipped)", file=sys.stderr)
-        return 3
+        return 1
     return _watch(client, job, args)
 
 
