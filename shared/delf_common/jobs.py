@@ -290,4 +290,8 @@ def _mark_stalled(status: JobStatus, received_at: float) -> None:
         return
     last = status.updated_at if status.state == RUNNING else max(received_at, status.updated_at)
     status.idle_s = max(time.time() - last, 0.0)
-    status.stalled = status.idle_s >= config.get("DELF_JOB_STALLED_AFTER_S")
+    try:
+        after = config.get("DELF_JOB_STALLED_AFTER_S")
+    except config.ConfigError:  # reported where it is checked (gateway start); never fail a worker's mark
+        after = config.SETTINGS["DELF_JOB_STALLED_AFTER_S"].default
+    status.stalled = status.idle_s >= after
