@@ -235,6 +235,11 @@ SETTINGS: dict[str, Setting] = {
                 "`ResumeJob` does; keep it above `DELF_VISIBILITY_TIMEOUT_S` plus the longest task. "
                 "0: off (resume by hand).",
                 "gateway"),
+        Setting("DELF_JOB_STALLED_AFTER_S", 120.0, _positive_float,
+                "An ingest job with no progress for this many seconds (RUNNING: no item finished; "
+                "RECEIVING: no item received) is reported as stalled (`Job.stalled`, `delf job`), "
+                "with what it waits for and the command that finishes it.",
+                "gateway"),
         Setting("DELF_URL_TIMEOUT_S", 30.0, float,
                 "Longest one URL fetch may take (connect and read, redirects included); slower "
                 "servers are retried with backoff, then the item fails.", "extractor"),

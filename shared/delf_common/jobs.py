@@ -44,6 +44,11 @@ class JobStatus:
     errors: list[tuple[str, str]]
     created_at: float
     updated_at: float
+    # No progress for DELF_JOB_STALLED_AFTER_S (RUNNING: nothing finished; RECEIVING: nothing
+    # received); `hint` (filled by JobStore.get(explain=True)) says what to do.
+    idle_s: float = 0.0
+    stalled: bool = False
+    hint: str = ""
 
     @property
     def finished(self) -> int:
@@ -56,7 +61,7 @@ class JobStatus:
 
     @property
     def eta_s(self) -> float:
-        if self.state != RUNNING or not self.rate:
+        if self.state != RUNNING or not self.rate or self.stalled:
             return 0.0
         return max(self.total - self.finished, 0) / self.rate
 
@@ -228,9 +233,10 @@ class JobStore:
         if status and status.state == RUNNING and status.finished >= status.total:
             self.redis.hset(self._keys(job_id)[0], "state", COMPLETED)
 
-    def get(self, job_id: str) -> JobStatus | None:
+    def get(self, job_id: str, explain: bool = False) -> JobStatus | None:
         """The job's status; None when no such job, or when `job_id` is not a job id
-        (delf_common.contract: anything else would reach other Redis keys)."""
+        (delf_common.contract: anything else would reach other Redis keys). `explain`: a
+        stalled job's `hint` too (reads its items)."""
         if not is_job_id(job_id):
             return None
         key, done, failed = self._keys(job_id)
@@ -243,7 +249,7 @@ class JobStore:
         if not fields:
             return None
         f = {k.decode(): v.decode() for k, v in fields.items()}
-        return JobStatus(
+        status = JobStatus(
             job_id=job_id,
             state=f["state"],
             total=int(f["total"]),
@@ -253,3 +259,45 @@ class JobStore:
             created_at=float(f["created_at"]),
             updated_at=float(f["updated_at"]),
         )
+        _mark_stalled(status, float(f.get("received_at") or f["created_at"]))
+        if explain and status.stalled:
+            status.hint = self.stall_hint(status)
+        return status
+
+    def stall_hint(self, status: JobStatus) -> str:
+        """What a stalled job waits for, and the one command that finishes it."""
+        # The threshold, not the idle time: a hint that changes on every look is news to no one.
+        job_id, idle = status.job_id, f"over {config.get('DELF_JOB_STALLED_AFTER_S'):.0f} s"
+        unfinished = self.unfinished(job_id).values()
+        uploaded = sum(1 for r in unfinished if r["location"] is None)
+        located = len(unfinished) - uploaded
+        if status.state == RECEIVING:
+            return (f"its client has sent no photo for {idle}: the upload stopped. To finish the job, "
+                    f"send the rest: `delf ingest PATH --resume {job_id}` (PATH: the folder or manifest "
+                    f"it was started from; photos already done are skipped)")
+        left = f"{len(unfinished)} photo{'s' if len(unfinished) != 1 else ''}"
+        lead = (f"no photo finished for {idle}; {left} not finished. Their tasks were lost or are held "
+                f"by a worker that died (handed out again after DELF_VISIBILITY_TIMEOUT_S="
+                f"{config.get('DELF_VISIBILITY_TIMEOUT_S'):.0f} s; `delf up` restarts dead workers and "
+                f"hands their tasks out at once). Check that the workers run (`delf stats`). ")
+        if uploaded:
+            return lead + (f"To finish it now: `delf ingest PATH --resume {job_id}` (PATH: the folder or "
+                           f"manifest it was started from; {uploaded} of these photos were uploaded as "
+                           f"bytes, which the server does not keep, so `delf resume` cannot resend them)")
+        auto = config.get("DELF_JOB_RESUME_AFTER_S")
+        return lead + (f"To finish it now: `delf resume {job_id}` (resends the {located} photos the "
+                       f"server reads itself)" + (f"; the gateway does so by itself after {auto:.0f} s "
+                                                  f"without progress" if auto > 0 else ""))
+
+
+def _mark_stalled(status: JobStatus, received_at: float) -> None:
+    """Sets `idle_s` and `stalled` (DELF_JOB_STALLED_AFTER_S) from the job's timestamps."""
+    if status.state not in (RUNNING, RECEIVING):
+        return
+    last = status.updated_at if status.state == RUNNING else max(received_at, status.updated_at)
+    status.idle_s = max(time.time() - last, 0.0)
+    try:
+        after = config.get("DELF_JOB_STALLED_AFTER_S")
+    except config.ConfigError:  # reported where it is checked (gateway start); never fail a worker's mark
+        after = config.SETTINGS["DELF_JOB_STALLED_AFTER_S"].default
+    status.stalled = status.idle_s >= after

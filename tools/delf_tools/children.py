@@ -26,6 +26,7 @@ class ChildSpec:
     name: str               # shown in the logs, e.g. "extract-1"
     argv: list[str]
     node: str | None = None  # Celery node name that must answer a ping, e.g. "index@host"
+    queues: tuple[str, ...] = ()  # the queues it consumes (its held tasks, should it die)
 
 
 class Child:

@@ -58,12 +58,16 @@ def _pair(text: str) -> tuple[str, str]:
 
 
 def _print_job(job, out=sys.stdout) -> None:
-    print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}", file=out)
+    stalled = f" (STALLED: no progress for {job.idle_s:.0f} s)" if job.stalled else ""
+    print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}{stalled}", file=out)
     print(f"  total {job.total}  indexed {job.done}  failed {job.failed}", file=out)
     if job.rate:
         print(f"  rate {job.rate:.2f} photos/s" + (f"  eta {job.eta_s:.0f} s" if job.eta_s else ""), file=out)
     for err in job.errors:
         print(f"  failed {err.image_id}: {err.reason}", file=out)
+    if job.stalled and job.hint:
+        print(f"  stalled: {job.hint}", file=out)
+    out.flush()
 
 
 def cmd_ingest(args) -> int:
@@ -113,9 +117,14 @@ def _watch(client, job, args) -> int:
 
     if not args.wait:
         return 0
+    told = False
     with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
         for job in client.watch_job(job.job_id):
             bar.update(job.done + job.failed - bar.n)
+            if job.stalled and not told:  # say so once, keep waiting: it may move again
+                bar.write(f"job {job.job_id} stalled: {job.hint}\n(still waiting; Ctrl-C stops "
+                          f"waiting, the job goes on)", file=sys.stderr)
+            told = job.stalled
     _print_job(job)
     return 0 if job.failed == 0 else 1
 
@@ -123,10 +132,15 @@ def _watch(client, job, args) -> int:
 def cmd_resume(args) -> int:
     client = _client(args)
     job = client.resume_job(args.job_id)
-    print(f"job {job.job_id}: resumed, {job.resent} photos sent to the workers again")
+    print(f"job {job.job_id}: resumed, {job.resent} photos sent to the workers again", flush=True)
     if job.awaiting_upload:
+        # Only the client has these photos: the job cannot complete until they are streamed
+        # again, so waiting for it here would wait forever.
         print(f"  {job.awaiting_upload} unfinished photos were sent as bytes, which the server does not "
-              f"keep: send them again with `delf ingest PATH --resume {job.job_id}`", file=sys.stderr)
+              f"keep: the job completes once they are sent again with "
+              f"`delf ingest PATH --resume {job.job_id}` (PATH: the folder or manifest it was started "
+              f"from; photos already done are skipped)", file=sys.stderr)
+        return 1
     return _watch(client, job, args)
 
 

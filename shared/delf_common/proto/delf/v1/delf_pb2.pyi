@@ -186,7 +186,7 @@ class ItemError(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s", "resent", "awaiting_upload")
+    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s", "resent", "awaiting_upload", "stalled", "hint", "idle_s")
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -199,6 +199,9 @@ class Job(_message.Message):
     ETA_S_FIELD_NUMBER: _ClassVar[int]
     RESENT_FIELD_NUMBER: _ClassVar[int]
     AWAITING_UPLOAD_FIELD_NUMBER: _ClassVar[int]
+    STALLED_FIELD_NUMBER: _ClassVar[int]
+    HINT_FIELD_NUMBER: _ClassVar[int]
+    IDLE_S_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     total: int
@@ -211,7 +214,10 @@ class Job(_message.Message):
     eta_s: float
     resent: int
     awaiting_upload: int
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ..., resent: _Optional[int] = ..., awaiting_upload: _Optional[int] = ...) -> None: ...
+    stalled: bool
+    hint: str
+    idle_s: float
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ..., resent: _Optional[int] = ..., awaiting_upload: _Optional[int] = ..., stalled: _Optional[bool] = ..., hint: _Optional[str] = ..., idle_s: _Optional[float] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)
