@@ -69,7 +69,7 @@ class Inputs:
         from delf_extractor.extract import DelfExtractor
 
         extractor = DelfExtractor()
-        bench_latency.PCA_ID = extractor.pca_id  # the system's extractor can search these
+        bench_latency.PCA_ID = self.pca_id = extractor.pca_id  # the system's extractor can search these
         del extractor
         self.photos = args.photos
         self.real = bench_latency.real_features(args.photos, args.cache)
@@ -165,9 +165,19 @@ def fill(store, inputs: Inputs, photos: int, stored: int) -> dict:
 
 
 def build_index(backend, inputs: Inputs, photos: int, stored: int) -> dict:
+    """Fill the index in a child process: a Lite file's segments stay in the memory of the
+    process that wrote them, which must be gone before the system loads the file."""
+    import multiprocessing
+
+    with multiprocessing.get_context("spawn").Pool(1) as pool:
+        return pool.apply(_build_index, (backend.uri(), inputs, photos, stored))
+
+
+def _build_index(uri: str, inputs: Inputs, photos: int, stored: int) -> dict:
     from delf_indexer.store import DescriptorStore
 
-    store = DescriptorStore(backend.uri(), collection="delf")
+    bench_latency.PCA_ID = inputs.pca_id  # distractor photos carry it (a fresh process here)
+    store = DescriptorStore(uri, collection="delf")
     try:
         info = fill(store, inputs, photos, stored)
         t = time.monotonic()
