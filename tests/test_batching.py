@@ -25,6 +25,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from delf_common import config
+
 sys.path.insert(0, str(Path(__file__).parent))
 
 from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo  # noqa: E402
@@ -287,8 +289,9 @@ def test_ingest_job_is_extracted_in_batches(cluster, photos, extractor, monkeypa
     assert float(count.group(1)) < N_PHOTOS   # in fewer batches than photos
 
     stored = _index_features(cluster, monkeypatch, [i for i, _ in photos])
+    kept = config.get("DELF_STORED_FEATURES")  # the indexer keeps each photo's best-scored ones
     for image_id, data in photos:
-        single = extractor.extract(decode_image(data))
+        single = extractor.extract(decode_image(data)).best(kept)
         assert_same_features(stored[image_id], single, image_id)
 
 

@@ -107,6 +107,11 @@ class Batcher:
                     self._preparing -= 1
                     self._cond.notify_all()
 
+    def warm_up(self, rgb) -> None:
+        """Run the network once on `rgb` as a search would, outside the batch statistics
+        (the worker's warm-up is no photo of a user's)."""
+        self._run_urgent([rgb])
+
     def submit(self, rgb, urgent: bool = False, slot: _Slot | None = None):
         """The features of one photo, once its batch has run (blocks the calling thread)."""
         future: Future = Future()

@@ -83,7 +83,7 @@ def _job_store() -> JobStore:
 
 
 def warm_up() -> None:
-    """Loads the model and runs it once, through the batcher as a search does, on a small
+    """Loads the model and runs it once, as a search does (outside the batch statistics), on a small
     textured picture: the first real photo then meets a network whose kernels, buffers and
     threads are ready (issue 14, item 8: the first search after start took seconds more)."""
     get_extractor()
@@ -93,7 +93,7 @@ def warm_up() -> None:
 
         rng = np.random.default_rng(0)
         picture = (rng.random((96, 128, 3)) * 255).astype(np.uint8).repeat(2, 0).repeat(2, 1)
-        get_batcher().submit(picture, urgent=True)
+        get_batcher().warm_up(picture)
     except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves, slowly at first
         log.exception("warm-up pass failed")
         return
