@@ -144,7 +144,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_LITE_NLIST", 1024, _positive_int,
                 "IVF lists per Milvus Lite segment (up to 100k descriptors), set when the collection "
                 "is created; an existing collection keeps its own.", "indexer"),
-        Setting("DELF_STORED_FEATURES", 300, _non_negative_int,
+        Setting("DELF_STORED_FEATURES", 500, _non_negative_int,
                 "Descriptors the indexer keeps per indexed photo: the best-scored ones; 0: all the "
                 "extractor finds. Queries keep DELF_QUERY_FEATURES (docs/SCALING.md).", "indexer"),
         Setting("DELF_LITE_NPROBE", 16, _positive_int,
