@@ -223,5 +223,6 @@ def main(argv=None) -> int:
     print_table(results, feats, own, backbone_s, len(photos), queries, held_q, train_q, args.all_queries)
     return 0
 
+
 if __name__ == "__main__":
     raise SystemExit(main())

@@ -129,5 +129,6 @@ def main() -> None:
               f"{np.mean(e <= 10):.2f} | {np.mean(e <= 20):.2f} | {int(np.sum(~np.isfinite(e)))} | "
               f"{np.median(seconds[label]):.2f} |")
 
+
 if __name__ == "__main__":
     main()

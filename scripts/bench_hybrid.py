@@ -186,5 +186,6 @@ def main() -> None:
             m, t = score(lambda per_query, q: hybrid_rank(per_query, q, w, k0))
             print(f"| hybrid + rank fusion w={w:g} k0={k0} (tuned on these photos) | {m:.3f} | {t:.3f} |")
 
+
 if __name__ == "__main__":
     main()

@@ -63,6 +63,7 @@ def load_compose() -> dict:
         "docker-compose.yml has no `services:` mapping"
     return interpolate(data)
 
+
 def environment(service: dict) -> dict[str, str]:
     env = service.get("environment") or {}
     if isinstance(env, list):
