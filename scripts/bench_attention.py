@@ -124,7 +124,7 @@ def evaluate(feats: dict[str, LocalFeatures], queries: dict[str, set[str]]) -> d
     return out
 
 
-def main(argv=None) -> int:
+def parse_args(argv=None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--manifest", default=str(landmarks_manifest()))
     p.add_argument("--heads", nargs="*", default=None,
@@ -136,7 +136,61 @@ def main(argv=None) -> int:
     p.add_argument("--feature-cache", default=None, metavar="DIR",
                    help="keep the backbone's outputs per photo here and reuse them in later runs (the "
                         "s/photo column then shows the heads' cost only)")
-    args = p.parse_args(argv)
+    return p.parse_args(argv)
+
+
+def extractors_sharing_one_backbone(configs: dict, feature_cache: str | None):
+    """One extractor per method, all running the first one's backbone (SharedBackbone)."""
+    extractors = {name: DelfExtractor(config=cfg, device="cpu") for name, cfg in configs.items()}
+    first = next(iter(extractors.values()))
+    shared = SharedBackbone(first.net.backbone, Path(feature_cache) if feature_cache else None)
+    for ex in extractors.values():
+        ex.net.backbone = shared
+    return extractors, shared
+
+
+def extract_all(extractors: dict, shared, ids: list[str], photos: list):
+    """({method: {image id: features}}, {method: seconds of its own, the backbone left out})."""
+    own = {name: 0.0 for name in extractors}
+    feats: dict[str, dict[str, LocalFeatures]] = {name: {} for name in extractors}
+    for n, (image_id, rgb) in enumerate(zip(ids, photos), 1):
+        shared.start(hashlib.sha256(image_id.encode()).hexdigest()[:16])
+        before = shared.seconds
+        for name, ex in extractors.items():
+            t = time.perf_counter()
+            f = ex.extract(rgb)
+            own[name] += time.perf_counter() - t
+            feats[name][image_id] = LocalFeatures(f.locations.astype(np.float32), f.descriptors.astype(np.float32),
+                                                  f.image_size)
+        own[next(iter(extractors))] -= shared.seconds - before  # the first method paid for the backbone
+        if n % 20 == 0:
+            print(f"{n}/{len(photos)} photos", file=sys.stderr, flush=True)
+    shared.finish()
+    return feats, own
+
+
+def print_table(results: dict, feats: dict, own: dict, backbone_s: float, n_photos: int,
+                queries: dict, held_q: dict, train_q: dict, all_queries: bool) -> None:
+    base = results["norm"]
+    print(f"\nheld-out queries: {len(held_q)}; training-group queries: {len(train_q)}; all: {len(queries)}")
+    print("| method | mAP held-out (votes) | mAP held-out (RANSAC) | vs norm, held-out (RANSAC) | "
+          "mAP training groups (RANSAC) | mAP all (RANSAC) | features/photo | s/photo |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, aps in results.items():
+        hv = np.mean([aps[q][0] for q in held_q])
+        hr = np.mean([aps[q][1] for q in held_q])
+        tr = np.mean([aps[q][1] for q in train_q]) if train_q and all_queries else float("nan")
+        al = np.mean([aps[q][1] for q in queries]) if all_queries else float("nan")
+        d = np.array([aps[q][1] - base[q][1] for q in held_q])
+        vs = "-" if name == "norm" else (f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} "
+                                         f"({int((d > 1e-9).sum())} up / {int((d < -1e-9).sum())} down)")
+        nf = np.mean([len(f.desc) for f in feats[name].values()])
+        sp = backbone_s + own[name] / n_photos
+        print(f"| {name} | {hv:.3f} | {hr:.3f} | {vs} | {tr:.3f} | {al:.3f} | {nf:.0f} | {sp:.2f} |", flush=True)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
     manifest = Path(args.manifest)
     if not manifest.is_file():
         print(f"no manifest at {manifest} (set DELF_LANDMARKS_DIR or --manifest)", file=sys.stderr)
@@ -154,29 +208,11 @@ def main(argv=None) -> int:
     torch.set_num_threads(torch.get_num_threads())
 
     configs = method_configs(heads)
-    extractors = {name: DelfExtractor(config=cfg, device="cpu") for name, cfg in configs.items()}
-    first = next(iter(extractors.values()))
-    shared = SharedBackbone(first.net.backbone, Path(args.feature_cache) if args.feature_cache else None)
-    for ex in extractors.values():
-        ex.net.backbone = shared
-    own = {name: 0.0 for name in configs}
-    feats: dict[str, dict[str, LocalFeatures]] = {name: {} for name in configs}
+    extractors, shared = extractors_sharing_one_backbone(configs, args.feature_cache)
     print(f"{len(photos)} photos indexed; queries: {len(held_q)} from {len(held_groups)} held-out groups "
           f"(+ {len(train_q)} from {len(train_groups)} training groups, reported apart); "
           f"torch threads {torch.get_num_threads()}; methods: {', '.join(configs)}", file=sys.stderr, flush=True)
-    for n, (image_id, rgb) in enumerate(zip(ids, photos), 1):
-        shared.start(hashlib.sha256(image_id.encode()).hexdigest()[:16])
-        before = shared.seconds
-        for name, ex in extractors.items():
-            t = time.perf_counter()
-            f = ex.extract(rgb)
-            own[name] += time.perf_counter() - t
-            feats[name][image_id] = LocalFeatures(f.locations.astype(np.float32), f.descriptors.astype(np.float32),
-                                                  f.image_size)
-        own[next(iter(configs))] -= shared.seconds - before  # the first method paid for the backbone
-        if n % 20 == 0:
-            print(f"{n}/{len(photos)} photos", file=sys.stderr, flush=True)
-    shared.finish()
+    feats, own = extract_all(extractors, shared, ids, photos)
     backbone_s = shared.seconds / len(photos)
 
     results = {}
@@ -184,22 +220,7 @@ def main(argv=None) -> int:
     for name in configs:
         results[name] = evaluate(feats[name], ranked)
         print(f"ranked: {name}", file=sys.stderr, flush=True)
-    base = results["norm"]
-    print(f"\nheld-out queries: {len(held_q)}; training-group queries: {len(train_q)}; all: {len(queries)}")
-    print("| method | mAP held-out (votes) | mAP held-out (RANSAC) | vs norm, held-out (RANSAC) | "
-          "mAP training groups (RANSAC) | mAP all (RANSAC) | features/photo | s/photo |")
-    print("|---|---|---|---|---|---|---|---|")
-    for name, aps in results.items():
-        hv = np.mean([aps[q][0] for q in held_q])
-        hr = np.mean([aps[q][1] for q in held_q])
-        tr = np.mean([aps[q][1] for q in train_q]) if train_q and args.all_queries else float("nan")
-        al = np.mean([aps[q][1] for q in queries]) if args.all_queries else float("nan")
-        d = np.array([aps[q][1] - base[q][1] for q in held_q])
-        vs = "-" if name == "norm" else (f"{d.mean():+.3f} +- {d.std(ddof=1) / np.sqrt(len(d)):.3f} "
-                                         f"({int((d > 1e-9).sum())} up / {int((d < -1e-9).sum())} down)")
-        nf = np.mean([len(f.desc) for f in feats[name].values()])
-        sp = backbone_s + own[name] / len(photos)
-        print(f"| {name} | {hv:.3f} | {hr:.3f} | {vs} | {tr:.3f} | {al:.3f} | {nf:.0f} | {sp:.2f} |", flush=True)
+    print_table(results, feats, own, backbone_s, len(photos), queries, held_q, train_q, args.all_queries)
     return 0
 
 

@@ -43,7 +43,7 @@ def rgb3(a: np.ndarray) -> np.ndarray:
     return np.ascontiguousarray((np.stack([a] * 3, -1) if a.ndim == 2 else a)[..., :3])
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "landmarks-dev")
     p.add_argument("--every", type=int, default=6, help="every Nth landmarks-dev photo")
@@ -51,7 +51,12 @@ def main() -> None:
                    help="index every landmarks-dev photo, not only the queried ones: a query's "
                         "descriptors then also find their neighbours in similar photos, and its "
                         "source keeps fewer correspondences (closer to a real collection)")
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def load_photos(args: argparse.Namespace) -> tuple[dict, dict]:
+    """(the photos queried, the photos indexed): the sample photos and every Nth
+    landmarks-dev photo (with --dense, every landmarks-dev photo is indexed)."""
     photos = {f"sample/{n}": rgb3(sample_photo(n)) for n in SAMPLE_PHOTOS}
     indexed = dict(photos)
     if (args.photos / "MANIFEST.tsv").is_file():
@@ -63,12 +68,25 @@ def main() -> None:
                 photos[rel] = indexed[rel]
     else:
         print(f"(no landmarks-dev at {args.photos}: sample photos only)")
-    ex = DelfExtractor()
-    db = {n: ex.extract(im) for n, im in indexed.items()}
-    voter = ExactVoter({n: LocalFeatures(f.locations, f.descriptors, tuple(f.image_size), f.scales)
-                        for n, f in db.items()})
-    variants = {"every level (default)": None, "levels <= 1.0 (DELF_QUERY_MAX_SCALE=1.0)": 1.0}
-    rows = [(v, refine) for v in variants for refine in (False, True)]
+    return photos, indexed
+
+
+def corner_error(f, keep, c, w: int, h: int, truth, refine: bool) -> float:
+    """Largest distance (px) of the returned corners from the true ones; inf when unverified."""
+    err = np.inf
+    if c is not None:
+        qi = c["query_idx"]
+        v = verify(f.locations[keep][qi], c["db_xy"], (w, h), None,
+                   query_scale=f.scales[keep][qi] if refine else None,
+                   db_scale=c["db_scale"] if refine else None)
+        if v.verified:
+            hh = np.array(v.transform).reshape(3, 3)
+            err = float(np.abs(project(hh, box_corners((w, h))) - truth).max())
+    return err
+
+
+def measure(ex, voter, photos: dict, variants: dict, rows: list) -> tuple[dict, dict]:
+    """({(variant, refine): corner errors}, {variant: extraction seconds}) over two warps of each photo."""
     errors = {r: [] for r in rows}
     seconds = {v: [] for v in variants}
     for name, im in photos.items():
@@ -84,16 +102,20 @@ def main() -> None:
                 cands = {c["image_id"]: c for c in voter.search(f.descriptors[keep], 50, 10, 0.9)}
                 c = cands.get(name)
                 for refine in (False, True):
-                    err = np.inf
-                    if c is not None:
-                        qi = c["query_idx"]
-                        v = verify(f.locations[keep][qi], c["db_xy"], (w, h), None,
-                                   query_scale=f.scales[keep][qi] if refine else None,
-                                   db_scale=c["db_scale"] if refine else None)
-                        if v.verified:
-                            hh = np.array(v.transform).reshape(3, 3)
-                            err = float(np.abs(project(hh, box_corners((w, h))) - truth).max())
-                    errors[label, refine].append(err)
+                    errors[label, refine].append(corner_error(f, keep, c, w, h, truth, refine))
+    return errors, seconds
+
+
+def main() -> None:
+    args = parse_args()
+    photos, indexed = load_photos(args)
+    ex = DelfExtractor()
+    db = {n: ex.extract(im) for n, im in indexed.items()}
+    voter = ExactVoter({n: LocalFeatures(f.locations, f.descriptors, tuple(f.image_size), f.scales)
+                        for n, f in db.items()})
+    variants = {"every level (default)": None, "levels <= 1.0 (DELF_QUERY_MAX_SCALE=1.0)": 1.0}
+    rows = [(v, refine) for v in variants for refine in (False, True)]
+    errors, seconds = measure(ex, voter, photos, variants, rows)
     n = len(next(iter(errors.values())))
     print(f"{len(photos)} photos x 2 warps = {n} queries, {len(db)} photos indexed")
     print("| query extraction | transform | corner error median (px) | p90 | max | share within 10 px | "

@@ -170,7 +170,7 @@ def equivalence(ref, fast) -> tuple[float, float]:
     return float(np.mean(kept)), float(np.median(cos)) if cos else float("nan")
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--model", default="delf-resnet50")
@@ -185,10 +185,12 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.images, args.batch, args.straightforward_images, args.size = 4, 2, 2, "256x192"
-    size = tuple(int(v) for v in args.size.split("x"))
-    device = torch.device(args.device)
-    jpegs = folder_jpegs(args.photos, args.images, size) if args.photos else synthetic_jpegs(args.images, size)
-    cfg = models.get_config(args.model)
+    return args
+
+
+def weights_and_pca(cfg: models.ModelConfig) -> tuple[bool, pca_mod.Pca]:
+    """(whether pretrained weights are here, the shipped PCA or a random one): the speed is
+    the same either way."""
     try:
         models.build_model(cfg, pretrained=True)
         pretrained = True
@@ -199,6 +201,16 @@ def main() -> None:
         pca = pca_mod.load_pca(pca_mod.default_path(cfg))
     except (FileNotFoundError, OSError, ValueError):
         pca = random_pca(cfg)
+    return pretrained, pca
+
+
+def main() -> None:
+    args = parse_args()
+    size = tuple(int(v) for v in args.size.split("x"))
+    device = torch.device(args.device)
+    jpegs = folder_jpegs(args.photos, args.images, size) if args.photos else synthetic_jpegs(args.images, size)
+    cfg = models.get_config(args.model)
+    pretrained, pca = weights_and_pca(cfg)
     gpu_name = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
     print(f"{gpu_name}, torch {torch.__version__}, {cfg.name}, scales {cfg.scales}, {size[0]}x{size[1]} JPEG, "
           f"batch {args.batch}, PCA {pca.pca_id}")

@@ -85,12 +85,71 @@ def restricted_candidates(voter: ExactVoter, qd: np.ndarray, allowed: list[int])
             for img, b in near.items()}
 
 
-def main() -> None:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=REPO.parent / "shared" / "data" / "landmarks-dev")
     p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-hybrid.npz"))
     p.add_argument("--global-top", type=int, default=20)
-    args = p.parse_args()
+    return p.parse_args()
+
+
+def verdicts(cands: dict[int, dict], ql: np.ndarray, size) -> dict[int, tuple[int, bool]]:
+    """{candidate: (RANSAC inliers, verified)}."""
+    verdict = {}
+    for k, c in cands.items():
+        m = len(c["query_idx"])
+        inl = 0 if m < 3 else verify(ql[c["query_idx"]], c["db_xy"], size, None,
+                                     min_inliers=0, ransac_px=RANSAC_PX).inliers
+        verdict[k] = (inl, inl >= MIN_INLIERS and inl >= MIN_SHARE * m)
+    return verdict
+
+
+def verify_shortlists(voter, feats, ids, S, I, sims, queries, global_top: int):
+    """Per query: local candidates and the global extras, each verified once.
+    ({query: (local candidates, verdicts, global order)}, extras added, extras verified)."""
+    per_query = {}
+    added, added_verified = 0, 0
+    for q in queries:
+        qf = feats[ids[q]]
+        keep = np.sort(np.argsort(-S[I == q], kind="stable")[:QUERY_FEATURES])
+        ql, qd = qf.xy[keep], qf.desc[keep]
+        local = {int(c["image_id"]): c for c in voter.search(qd, SHORTLIST, K - 1, RATIO, exclude=ids[q])}
+        order = [int(k) for k in np.argsort(-sims[q]) if k != q]
+        extra = [k for k in order[: global_top] if k not in local]
+        cands = dict(local)
+        if extra:
+            cands.update({k: {**c, "votes": 0} for k, c in restricted_candidates(voter, qd, extra).items()})
+        verdict = verdicts(cands, ql, qf.size)
+        added += len(extra)
+        added_verified += sum(verdict[k][1] for k in extra if k in verdict)
+        per_query[q] = (local, verdict, order)
+    return per_query, added, added_verified
+
+
+def local_rank(per_query, q):
+    local, verdict, _ = per_query[q]
+    ver = sorted((k for k in local if verdict[k][1]), key=lambda k: (-verdict[k][0], k))
+    return ver + sorted((k for k in local if not verdict[k][1]), key=lambda k: (-local[k]["votes"], k))
+
+
+def global_rank(per_query, q):
+    return per_query[q][2]
+
+
+def hybrid_rank(per_query, q, w=None, k0=10):
+    local, verdict, order = per_query[q]
+    ver = sorted((k for k in verdict if verdict[k][1]), key=lambda k: (-verdict[k][0], k))
+    rest_local = sorted((k for k in local if k not in ver), key=lambda k: (-local[k]["votes"], k))
+    rest_global = [k for k in order if k not in ver]
+    if w is None:
+        return ver + rest_local + [k for k in rest_global if k not in set(rest_local)]
+    vote_rank = {k: r for r, k in enumerate(rest_local)}
+    fused = {k: w / (k0 + vote_rank.get(k, 10 ** 6)) + 1.0 / (k0 + r) for r, k in enumerate(rest_global)}
+    return ver + sorted(fused, key=lambda k: (-fused[k], k))
+
+
+def main() -> None:
+    args = parse_args()
     if not (args.photos / "MANIFEST.tsv").is_file():
         raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
     rows = read_manifest(args.photos / "MANIFEST.tsv")
@@ -104,56 +163,15 @@ def main() -> None:
     queries = [q for q in range(n) if sizes[groups[q]] >= 2]
     positives = {q: {k for k in range(n) if groups[k] == groups[q] and k != q} for q in queries}
     sims = G @ G.T
-
-    # Per query: local candidates and the global extras, each verified once.
-    per_query = {}
-    added, added_verified = 0, 0
-    for q in queries:
-        qf = feats[ids[q]]
-        keep = np.sort(np.argsort(-S[I == q], kind="stable")[:QUERY_FEATURES])
-        ql, qd = qf.xy[keep], qf.desc[keep]
-        local = {int(c["image_id"]): c for c in voter.search(qd, SHORTLIST, K - 1, RATIO, exclude=ids[q])}
-        order = [int(k) for k in np.argsort(-sims[q]) if k != q]
-        extra = [k for k in order[: args.global_top] if k not in local]
-        cands = dict(local)
-        if extra:
-            cands.update({k: {**c, "votes": 0} for k, c in restricted_candidates(voter, qd, extra).items()})
-        verdict = {}
-        for k, c in cands.items():
-            m = len(c["query_idx"])
-            inl = 0 if m < 3 else verify(ql[c["query_idx"]], c["db_xy"], qf.size, None,
-                                         min_inliers=0, ransac_px=RANSAC_PX).inliers
-            verdict[k] = (inl, inl >= MIN_INLIERS and inl >= MIN_SHARE * m)
-        added += len(extra)
-        added_verified += sum(verdict[k][1] for k in extra if k in verdict)
-        per_query[q] = (local, verdict, order)
+    per_query, added, added_verified = verify_shortlists(voter, feats, ids, S, I, sims, queries, args.global_top)
 
     def score(rank) -> tuple[float, float]:
         aps, top1 = [], []
         for q in queries:
-            ranked = rank(q)
+            ranked = rank(per_query, q)
             aps.append(average_precision(ranked, positives[q]))
             top1.append(bool(ranked) and ranked[0] in positives[q])
         return float(np.mean(aps)), float(np.mean(top1))
-
-    def local_rank(q):
-        local, verdict, _ = per_query[q]
-        ver = sorted((k for k in local if verdict[k][1]), key=lambda k: (-verdict[k][0], k))
-        return ver + sorted((k for k in local if not verdict[k][1]), key=lambda k: (-local[k]["votes"], k))
-
-    def global_rank(q):
-        return per_query[q][2]
-
-    def hybrid_rank(q, w=None, k0=10):
-        local, verdict, order = per_query[q]
-        ver = sorted((k for k in verdict if verdict[k][1]), key=lambda k: (-verdict[k][0], k))
-        rest_local = sorted((k for k in local if k not in ver), key=lambda k: (-local[k]["votes"], k))
-        rest_global = [k for k in order if k not in ver]
-        if w is None:
-            return ver + rest_local + [k for k in rest_global if k not in set(rest_local)]
-        vote_rank = {k: r for r, k in enumerate(rest_local)}
-        fused = {k: w / (k0 + vote_rank.get(k, 10 ** 6)) + 1.0 / (k0 + r) for r, k in enumerate(rest_global)}
-        return ver + sorted(fused, key=lambda k: (-fused[k], k))
 
     print(f"{len(queries)} queries; global top {args.global_top} added {added} candidates outside the "
           f"local shortlists, {added_verified} of them verified")
@@ -165,7 +183,7 @@ def main() -> None:
         print(f"| {name} | {m:.3f} | {t:.3f} |")
     for w in (0.5, 1.0, 2.0):
         for k0 in (1, 10, 60):
-            m, t = score(lambda q: hybrid_rank(q, w, k0))
+            m, t = score(lambda per_query, q: hybrid_rank(per_query, q, w, k0))
             print(f"| hybrid + rank fusion w={w:g} k0={k0} (tuned on these photos) | {m:.3f} | {t:.3f} |")
 
 

@@ -286,7 +286,7 @@ def measure(store, indexed, real, queries, extract_s, map_queries) -> dict:
     }
 
 
-def main() -> int:
+def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     p.add_argument("--sizes", default="10000,100000,1000000")
@@ -310,22 +310,23 @@ def main() -> int:
                    help="search paths to measure on each index, comma-separated, each `direct` (the "
                         "indexer's read of Lite's faiss segments, the default) or `api` (Lite's search "
                         "API), optionally `:NPROBE`")
-    args = p.parse_args()
-    if not (args.photos / "MANIFEST.tsv").is_file():
-        raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
-    args.cache.mkdir(parents=True, exist_ok=True)
-    if args.server_index:
-        os.environ["DELF_MILVUS_INDEX"] = args.server_index
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    return p.parse_args()
 
-    from delf_common.images import decode_image
+
+def extractor_and_features(args: argparse.Namespace):
+    """(the shipped extractor, the real photos' features); sets PCA_ID to the extractor's."""
     from delf_extractor.extract import DelfExtractor
 
     global PCA_ID
     ex = DelfExtractor()
     PCA_ID = ex.pca_id  # the running system's extractor can then search these indexes
-    real = real_features(args.photos, args.cache)
-    distractors = Distractors(np.concatenate([f.descriptors for _, _, f in real.values()]))
+    return ex, real_features(args.photos, args.cache)
+
+
+def extract_queries(ex, args: argparse.Namespace, real: dict):
+    """(--queries photos' features, the seconds each extraction took)."""
+    from delf_common.images import decode_image
+
     ids = sorted(real)
     queries, extract_s = [], []
     for qid in ids[:: max(1, len(ids) // args.queries)][: args.queries]:
@@ -335,6 +336,40 @@ def main() -> int:
         extract_s.append(time.monotonic() - t)
         queries.append((qid, type(f)(f.locations, f.scales, f.scores, f.descriptors, f.image_size,
                                      model="bench", pca_id=PCA_ID)))
+    return queries, extract_s
+
+
+def run_server_sizes(args, sizes, real, distractors, queries, extract_s, log, results) -> None:
+    """Each size on a fresh Milvus server (PyPI `milvus`), its folder removed after."""
+    from milvus import MilvusServer
+
+    for size in sizes:
+        server = MilvusServer()
+        base = args.cache / f"server-{size}"
+        shutil.rmtree(base, ignore_errors=True)
+        server.set_base_dir(str(base))
+        server.start()
+        try:
+            results.extend(run_size("server", size, args, real, distractors, queries, extract_s, log,
+                                    server_uri=f"http://127.0.0.1:{server.listen_port}"))
+        finally:
+            server.stop()
+            shutil.rmtree(base, ignore_errors=True)
+        print_table(results)
+
+
+def main() -> int:
+    args = parse_args()
+    if not (args.photos / "MANIFEST.tsv").is_file():
+        raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
+    args.cache.mkdir(parents=True, exist_ok=True)
+    if args.server_index:
+        os.environ["DELF_MILVUS_INDEX"] = args.server_index
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+
+    ex, real = extractor_and_features(args)
+    distractors = Distractors(np.concatenate([f.descriptors for _, _, f in real.values()]))
+    queries, extract_s = extract_queries(ex, args, real)
     del ex
 
     results = []
@@ -345,21 +380,7 @@ def main() -> int:
         results.extend(run_size("lite", size, args, real, distractors, queries, extract_s, log))
         print_table(results)
     if args.server or args.server_only:
-        from milvus import MilvusServer
-
-        for size in sizes:
-            server = MilvusServer()
-            base = args.cache / f"server-{size}"
-            shutil.rmtree(base, ignore_errors=True)
-            server.set_base_dir(str(base))
-            server.start()
-            try:
-                results.extend(run_size("server", size, args, real, distractors, queries, extract_s, log,
-                                        server_uri=f"http://127.0.0.1:{server.listen_port}"))
-            finally:
-                server.stop()
-                shutil.rmtree(base, ignore_errors=True)
-            print_table(results)
+        run_server_sizes(args, sizes, real, distractors, queries, extract_s, log, results)
     return 0
 
 

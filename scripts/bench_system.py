@@ -61,6 +61,32 @@ def start_system(tmp: Path, env_extra: dict[str, str] | None = None) -> tuple[su
     return proc, address
 
 
+def search_by_bytes(client, ids: list[str], paths: dict, n: int) -> list[float]:
+    """Seconds per Search with a photo's bytes, for `n` photos spread over the collection."""
+    latencies = []
+    for image_id in ids[:: max(1, len(ids) // n)][: n]:
+        data = paths[image_id].read_bytes()
+        t = time.monotonic()
+        client.search(data, top_k=10)
+        latencies.append(time.monotonic() - t)
+    return latencies
+
+
+def search_by_id(client, queries: dict) -> tuple[list[bool], list[float], list[float]]:
+    """Per query (an indexed id): whether the top match is a positive, the AP of the top 100,
+    and the seconds the Search took."""
+    from delf_tools.evaluation import average_precision
+
+    top1, aps, by_id = [], [], []
+    for image_id, positives in queries.items():
+        t = time.monotonic()
+        ranked = [m.image_id for m in client.search(image_id=image_id, top_k=100).matches]
+        by_id.append(time.monotonic() - t)
+        top1.append(bool(ranked) and ranked[0] in positives)
+        aps.append(average_precision(ranked, positives))
+    return top1, aps, by_id
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="folder with MANIFEST.tsv (path, group)")
@@ -71,7 +97,7 @@ def main() -> int:
         raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
 
     from delf_common.client import DelfClient
-    from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
+    from delf_tools.evaluation import queries_and_positives, read_manifest
 
     groups = {path.rsplit(".", 1)[0]: group for path, group in read_manifest(args.photos / "MANIFEST.tsv")}
     queries = queries_and_positives(groups)
@@ -84,19 +110,8 @@ def main() -> int:
             ingest_s = time.monotonic() - t
             ids = sorted(groups)
             paths = {i: next(args.photos.glob(i + ".*")) for i in ids}
-            latencies = []
-            for image_id in ids[:: max(1, len(ids) // args.queries)][: args.queries]:
-                data = paths[image_id].read_bytes()
-                t = time.monotonic()
-                client.search(data, top_k=10)
-                latencies.append(time.monotonic() - t)
-            top1, aps, by_id = [], [], []
-            for image_id, positives in queries.items():
-                t = time.monotonic()
-                ranked = [m.image_id for m in client.search(image_id=image_id, top_k=100).matches]
-                by_id.append(time.monotonic() - t)
-                top1.append(bool(ranked) and ranked[0] in positives)
-                aps.append(average_precision(ranked, positives))
+            latencies = search_by_bytes(client, ids, paths, args.queries)
+            top1, aps, by_id = search_by_id(client, queries)
         finally:
             proc.send_signal(signal.SIGINT)
             proc.wait(timeout=120)

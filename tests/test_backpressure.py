@@ -15,6 +15,7 @@ Every process it starts is stopped and every Redis key it created is deleted.
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -135,6 +136,26 @@ def _items(ids, seed: int = 0):
         yield delf_pb2.IngestItem(image_id=image_id, image=_photo(seed + i))
 
 
+@contextlib.contextmanager
+def sampled_depths(gateway):
+    """The extract queue's depth every 20 ms, in a list, while the block runs."""
+    depths: list[int] = []
+    stop = threading.Event()
+
+    def sample():
+        while not stop.is_set():
+            depths.append(gateway.depth())
+            time.sleep(0.02)
+
+    sampler = threading.Thread(target=sample, daemon=True)
+    sampler.start()
+    try:
+        yield depths
+    finally:
+        stop.set()
+        sampler.join()
+
+
 def test_full_queue_refuses_and_slows_down(gateway):
     # 1. An ingest job nobody consumes fills the extract queue to the limit.
     job = gateway.stub.StartIngestJob(_items(["a", "b", "c"]), timeout=20)
@@ -165,25 +186,12 @@ def test_full_queue_refuses_and_slows_down(gateway):
     #    client's deadline; the queue never grows past the limit.
     gateway.redis.rpop(f"{gateway.prefix}.extract")
     assert gateway.depth() == MAX_QUEUE - 1
-    depths: list[int] = []
-    stop = threading.Event()
-
-    def sample():
-        while not stop.is_set():
-            depths.append(gateway.depth())
-            time.sleep(0.02)
-
-    sampler = threading.Thread(target=sample, daemon=True)
-    sampler.start()
-    started = time.monotonic()
-    try:
+    with sampled_depths(gateway) as depths:
+        started = time.monotonic()
         with pytest.raises(grpc.RpcError) as err:
             gateway.stub.StartIngestJob(_items([f"s{i}" for i in range(6)], seed=20), timeout=2.0)
         elapsed = time.monotonic() - started
         time.sleep(0.5)  # the gateway notices the deadline and stops
-    finally:
-        stop.set()
-        sampler.join()
     assert err.value.code() in (grpc.StatusCode.DEADLINE_EXCEEDED, grpc.StatusCode.RESOURCE_EXHAUSTED)
     assert elapsed >= 1.5, "the stream was not held back"
     assert max(depths) <= MAX_QUEUE, depths

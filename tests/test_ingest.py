@@ -4,11 +4,10 @@ One system for the module (gateway, Celery workers, Redis db 14, Milvus Lite) wi
 URL ingest on, loopback allowed (DELF_URL_ALLOW_PRIVATE=1) and only 127.0.0.1 as an
 allowed host, so a local http.server can serve photos. What the defaults refuse (URL
 ingest off, loopback and private ranges) is checked on in-process gateways in
-tests/test_security.py and by the fetcher's own tests below.
+tests/test_security.py and by the fetcher's own tests in tests/test_fetch.py.
 """
 from __future__ import annotations
 
-import http.server
 import json
 import os
 import signal
@@ -25,9 +24,8 @@ import redis
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env  # noqa: E402
-from photos import jpeg, sample_photo  # noqa: E402
+from photo_server import PhotoServer, small_photo  # noqa: E402
 
-from delf_common import fetch  # noqa: E402
 from delf_common.manifest import ManifestError, read_manifest  # noqa: E402
 from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
 
@@ -35,70 +33,6 @@ JOB_TIMEOUT_S = 240
 
 
 # --------------------------------------------------------------------------- fixtures
-
-
-def small_photo(name: str, k: int = 0) -> bytes:
-    """A small distinct JPEG: a crop of a sample photo, halved."""
-    rgb = sample_photo(name)
-    if rgb.ndim == 2:
-        rgb = rgb[..., None].repeat(3, -1)
-    rgb = rgb[..., :3]
-    return jpeg(rgb[k * 16::2, k * 12::2].copy(), quality=85)
-
-
-class PhotoServer:
-    """A local HTTP server: fixed bodies by path, redirects, failures on demand, and a
-    record of every request (path and Host header)."""
-
-    def __init__(self):
-        self.bodies: dict[str, bytes] = {}
-        self.redirects: dict[str, str] = {}
-        self.fail_first: dict[str, int] = {}  # path -> how many 503s before the body
-        self.requests: list[tuple[str, str]] = []
-        server = self
-
-        class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
-                server.requests.append((self.path, self.headers.get("Host", "")))
-                if self.path in server.redirects:
-                    self.send_response(302)
-                    self.send_header("Location", server.redirects[self.path])
-                    self.end_headers()
-                    return
-                if server.fail_first.get(self.path, 0) > 0:
-                    server.fail_first[self.path] -= 1
-                    self.send_response(503)
-                    self.send_header("Retry-After", "0")
-                    self.end_headers()
-                    return
-                body = server.bodies.get(self.path)
-                if body is None:
-                    self.send_response(404)
-                    self.end_headers()
-                    return
-                self.send_response(200)
-                self.send_header("Content-Type", "image/jpeg")
-                self.send_header("Content-Length", str(len(body)))
-                self.end_headers()
-                self.wfile.write(body)
-
-            def log_message(self, *args):
-                pass
-
-        self.httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
-        self.port = self.httpd.server_address[1]
-        self.thread = threading.Thread(target=self.httpd.serve_forever, daemon=True)
-        self.thread.start()
-
-    def url(self, path: str, host: str = "127.0.0.1") -> str:
-        return f"http://{host}:{self.port}{path}"
-
-    def hits(self, path: str) -> int:
-        return sum(1 for p, _ in self.requests if p == path)
-
-    def close(self):
-        self.httpd.shutdown()
-        self.httpd.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -305,11 +239,10 @@ def _extractor_pid(system: RunningSystem) -> int:
     pytest.fail("no extractor worker under the launcher")
 
 
-def test_resume_resends_lost_items_and_redoes_nothing(ingest_system, iclient):
-    """Messages lost between dispatch and a worker (what kill -9 between BRPOP and kombu's
-    unacked record does) leave a job RUNNING forever; ResumeJob plus a resumed stream
-    finish it, each photo indexed once, and the photos finished before are not touched."""
-    root = ingest_system.root / "photos" / "resume"
+def _resume_items(system: RunningSystem):
+    """Four photos sent as locations the server reads (r-loc-k) and four as bytes (r-mem-k):
+    their paths, their bytes and the ingest items."""
+    root = system.root / "photos" / "resume"
     root.mkdir(parents=True, exist_ok=True)
     names = ("astronaut", "coffee", "chelsea", "rocket")
     loc_paths, photo_bytes = {}, {}
@@ -322,13 +255,17 @@ def test_resume_resends_lost_items_and_redoes_nothing(ingest_system, iclient):
         items.append(delf_pb2.IngestItem(image_id=f"r-loc-{k}", location=str(path), metadata={"k": str(k)}))
         items.append(delf_pb2.IngestItem(image_id=f"r-mem-{k}", image=photo_bytes[f"r-mem-{k}"],
                                          metadata={"k": str(k)}))
-    stats_before = iclient.stats()
-    queue = f"{ingest_system.env['DELF_QUEUE_PREFIX']}.extract"
-    r = redis.Redis.from_url(TEST_REDIS_URL)
-    pid = _extractor_pid(ingest_system)
+    return loc_paths, photo_bytes, items
 
-    # The extractor is paused while the job is dispatched; the 4 newest messages are then
-    # taken off its queue (kombu LPUSHes and BRPOPs: the newest are on the left): lost.
+
+def _start_job_losing_four(system: RunningSystem, iclient, items) -> str:
+    """The job's id. The extractor is paused while the job is dispatched; the 4 newest
+    messages are then taken off its queue (kombu LPUSHes and BRPOPs: the newest are on
+    the left): lost."""
+    queue = f"{system.env['DELF_QUEUE_PREFIX']}.extract"
+    r = redis.Redis.from_url(TEST_REDIS_URL)
+    pid = _extractor_pid(system)
+
     os.kill(pid, signal.SIGSTOP)
     try:
         job_id = iclient.start_ingest_job(items).job_id
@@ -336,17 +273,33 @@ def test_resume_resends_lost_items_and_redoes_nothing(ingest_system, iclient):
     finally:
         os.kill(pid, signal.SIGCONT)
     assert lost is not None and len(lost) == 4
-    job = wait_job(iclient, job_id, finished=4)
-    time.sleep(2.0)  # nothing else can arrive: the rest of the messages are gone
-    job = iclient.get_job(job_id)
-    assert job.state == delf_pb2.JOB_STATE_RUNNING and (job.total, job.done, job.failed) == (8, 4, 0), job
+    return job_id
+
+
+def _indexed(iclient, image_ids) -> set[str]:
+    """The ids the index holds (any other is NOT_FOUND)."""
     finished = set()
-    for image_id in list(loc_paths) + list(photo_bytes):
+    for image_id in image_ids:
         try:
             iclient.get_image(image_id)
             finished.add(image_id)
         except grpc.RpcError as err:
             assert err.code() == grpc.StatusCode.NOT_FOUND
+    return finished
+
+
+def test_resume_resends_lost_items_and_redoes_nothing(ingest_system, iclient):
+    """Messages lost between dispatch and a worker (what kill -9 between BRPOP and kombu's
+    unacked record does) leave a job RUNNING forever; ResumeJob plus a resumed stream
+    finish it, each photo indexed once, and the photos finished before are not touched."""
+    loc_paths, photo_bytes, items = _resume_items(ingest_system)
+    stats_before = iclient.stats()
+    job_id = _start_job_losing_four(ingest_system, iclient, items)
+    job = wait_job(iclient, job_id, finished=4)
+    time.sleep(2.0)  # nothing else can arrive: the rest of the messages are gone
+    job = iclient.get_job(job_id)
+    assert job.state == delf_pb2.JOB_STATE_RUNNING and (job.total, job.done, job.failed) == (8, 4, 0), job
+    finished = _indexed(iclient, list(loc_paths) + list(photo_bytes))
     assert len(finished) == 4
     # Redoing a finished photo would now fail it: its file is gone, its bytes are garbage.
     for image_id in finished & set(loc_paths):
@@ -474,92 +427,3 @@ def test_an_interrupted_stream_can_be_resumed_from_the_client(ingest_system, icl
     with pytest.raises(grpc.RpcError) as err:
         iclient.resume_job("0123456789abcdef0123456789abcdef")
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
-
-
-# --------------------------------------------------------------------------- the fetcher itself
-
-
-@pytest.mark.parametrize("address", [
-    "10.0.0.1", "10.255.255.254", "172.16.0.1", "172.31.255.1", "192.168.1.1", "127.0.0.1", "127.8.9.10",
-    "100.64.0.1", "::1", "fc00::1", "fd12:3456::1", "::ffff:127.0.0.1", "::ffff:10.0.0.1", "2002:7f00:1::",
-    "64:ff9b::a00:1",
-])
-def test_private_and_loopback_addresses_need_the_setting(address):
-    assert fetch.address_refusal(address, allow_private=False) is not None
-    assert fetch.address_refusal(address, allow_private=True) is None
-
-
-@pytest.mark.parametrize("address", [
-    "169.254.169.254", "169.254.0.1", "fe80::1", "0.0.0.0", "::", "224.0.0.1", "ff02::1", "240.0.0.1",
-    "255.255.255.255", "::ffff:169.254.169.254", "192.0.2.1", "2001:db8::1",
-])
-def test_link_local_unspecified_multicast_and_reserved_addresses_are_always_refused(address):
-    assert fetch.address_refusal(address, allow_private=False) is not None
-    assert fetch.address_refusal(address, allow_private=True) is not None
-
-
-@pytest.mark.parametrize("address", ["8.8.8.8", "93.184.216.34", "2606:4700:4700::1111", "::ffff:8.8.8.8"])
-def test_public_addresses_are_allowed(address):
-    assert fetch.address_refusal(address, allow_private=False) is None
-
-
-@pytest.fixture
-def url_env(monkeypatch):
-    for name in ("DELF_URL_INGEST", "DELF_URL_ALLOWED_HOSTS", "DELF_URL_ALLOW_PRIVATE", "DELF_URL_TIMEOUT_S",
-                 "DELF_MAX_IMAGE_BYTES"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("DELF_URL_INGEST", "1")
-    return monkeypatch
-
-
-def test_fetch_checks_the_resolved_address_and_keeps_the_host_name(url_env, web):
-    web.bodies["/f.jpg"] = b"photo bytes"
-    url = web.url("/f.jpg", host="localhost")
-    with pytest.raises(fetch.FetchError) as err:  # localhost resolves to loopback: refused by default
-        fetch.fetch_url(url)
-    assert err.value.code == "PERMISSION_DENIED" and "loopback" in err.value.message and not err.value.transient
-    url_env.setenv("DELF_URL_ALLOW_PRIVATE", "1")
-    before = len(web.requests)
-    assert fetch.fetch_url(url) == b"photo bytes"
-    assert web.requests[before:] == [("/f.jpg", f"localhost:{web.port}")]  # Host header kept
-
-
-def test_fetch_off_by_default_schemes_hosts_and_limits(url_env, web):
-    url_env.setenv("DELF_URL_ALLOW_PRIVATE", "1")
-    web.bodies["/big.jpg"] = b"x" * 5000
-    url_env.setenv("DELF_URL_INGEST", "0")
-    with pytest.raises(fetch.FetchError, match="URL ingest is off"):
-        fetch.fetch_url(web.url("/big.jpg"))
-    url_env.setenv("DELF_URL_INGEST", "1")
-    for bad in ("file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1/x", "data:,hello"):
-        with pytest.raises(fetch.FetchError, match="only http and https"):
-            fetch.fetch_url(bad)
-    with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_url(web.url("/big.jpg"), max_bytes=4000)
-    assert err.value.code == "RESOURCE_EXHAUSTED" and "DELF_MAX_IMAGE_BYTES" in err.value.message
-    url_env.setenv("DELF_URL_ALLOWED_HOSTS", "example.com, photos.example.org")
-    with pytest.raises(fetch.FetchError, match="not in DELF_URL_ALLOWED_HOSTS"):
-        fetch.fetch_url(web.url("/big.jpg"))
-    assert fetch.host_allowed("img.example.com") and fetch.host_allowed("EXAMPLE.com.")
-    assert not fetch.host_allowed("badexample.com") and not fetch.host_allowed("example.com.evil.net")
-
-
-def test_fetch_errors_say_whether_to_retry(url_env, web):
-    url_env.setenv("DELF_URL_ALLOW_PRIVATE", "1")
-    web.bodies["/once.jpg"] = b"ok"
-    web.fail_first["/once.jpg"] = 1
-    with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_url(web.url("/once.jpg"))
-    assert err.value.transient and "503" in err.value.message and err.value.retry_after == 0
-    assert fetch.fetch_url(web.url("/once.jpg")) == b"ok"
-    with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_url(web.url("/absent.jpg"))
-    assert not err.value.transient and err.value.code == "NOT_FOUND"
-    web.redirects["/loop"] = "/loop"
-    with pytest.raises(fetch.FetchError, match="redirects"):
-        fetch.fetch_url(web.url("/loop"))
-    from conftest import free_port
-
-    with pytest.raises(fetch.FetchError) as err:  # nobody listens: a connection error, retried
-        fetch.fetch_url(f"http://127.0.0.1:{free_port()}/x.jpg")
-    assert err.value.transient and err.value.code == "UNAVAILABLE"

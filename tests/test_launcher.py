@@ -92,6 +92,102 @@ def launcher_env() -> dict[str, str]:
     return env
 
 
+def _start_launcher(env: dict[str, str], output: Path, data_dir: Path, grpc_port: int, redis_port: int,
+                    ready_file: Path) -> subprocess.Popen:
+    """`python -m delf_tools.launcher` (what `delf up` runs), its output in `output`."""
+    with open(output, "wb") as out:
+        return subprocess.Popen(
+            [sys.executable, "-m", "delf_tools.launcher",
+             "--data-dir", str(data_dir),
+             "--grpc-addr", f"127.0.0.1:{grpc_port}",
+             "--redis-port", str(redis_port),
+             "--ready-file", str(ready_file),
+             "--log-dir"],
+            env=env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
+            start_new_session=True,  # a Ctrl-C of pytest must not reach it directly
+        )
+
+
+def _wait_ready(proc: subprocess.Popen, ready_file: Path, report) -> None:
+    deadline = time.monotonic() + READY_TIMEOUT_S
+    while not ready_file.exists():
+        assert proc.poll() is None, f"launcher exited with {proc.returncode}\n{report()}"
+        assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s\n{report()}"
+        time.sleep(0.5)
+
+
+def _check_ingest_and_search(photos: Path, grpc_port: int) -> None:
+    """The user's story on this embedded default: ingest a folder, search a warped copy."""
+    photos.mkdir()
+    for name in ("astronaut", "coffee", "rocket"):
+        (photos / f"{name}.jpg").write_bytes(jpeg(sample_photo(name)))
+    with DelfClient(f"127.0.0.1:{grpc_port}", timeout=120) as client:
+        job = client.wait_job(client.ingest_folder(photos).job_id)
+        assert (job.done, job.failed) == (3, 0), job
+        query, H = warped_query(sample_photo("rocket"), seed=7)
+        best = client.search(jpeg(query), top_k=3).matches[0]
+        assert best.image_id == "rocket" and best.verified
+        h, w = query.shape[:2]
+        truth = map_points(H, [[0, 0], [w, 0], [w, h], [0, h]])
+        assert np.abs(np.array([[p.x, p.y] for p in best.corners]) - truth).max() <= 10.0
+
+
+def _check_metrics(metrics_base: int, output: Path) -> None:
+    """Every service serves its own metrics: the extractor and indexer count the job's work."""
+    scraped = {}
+    for i, name in enumerate(("extract-1", "index", "verify", "gateway")):
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + i}/metrics", timeout=10) as r:
+            scraped[name] = r.read().decode()
+    assert f"extract-1 :{metrics_base}" in output.read_text()
+    assert any(line.startswith("delf_gateway_requests_total{") and 'method="Search"' in line
+               and 'code="OK"' in line for line in scraped["gateway"].splitlines()), scraped["gateway"][:2000]
+    for name in ("extract-1", "index"):
+        done = [line for line in scraped[name].splitlines()
+                if line.startswith("delf_worker_tasks_total") and 'outcome="ok"' in line]
+        assert done and sum(float(x.rsplit(" ", 1)[1]) for x in done) >= 3, (name, scraped[name][:2000])
+
+
+def _check_embedded_broker(redis_port: int, data_dir: Path) -> None:
+    broker = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5)
+    try:
+        assert broker.ping()
+        # The embedded broker keeps its jobs on disk, in the data dir.
+        assert broker.config_get("appendonly")["appendonly"] == "yes"
+        assert Path(broker.config_get("dir")["dir"]) == (data_dir / "redis").resolve()
+    finally:
+        broker.close()
+
+
+def _stop_and_check_nothing_is_left(proc: subprocess.Popen, children: set[int], ready_file: Path,
+                                    redis_port: int, report) -> None:
+    """Ctrl-C (SIGINT): the launcher exits 0, and stops every process it started, its
+    ready file and the embedded Redis with it."""
+    proc.send_signal(signal.SIGINT)
+    try:
+        code = proc.wait(timeout=STOP_TIMEOUT_S)
+    except subprocess.TimeoutExpired:
+        pytest.fail(f"launcher still running {STOP_TIMEOUT_S} s after SIGINT\n{report()}")
+    assert code == 0, report()
+    survivors = [pid for pid in children if _running(pid)]
+    assert not survivors, f"still running after the launcher exited: {survivors}\n{report()}"
+    assert not ready_file.exists()
+    with socket.socket() as s:
+        assert s.connect_ex(("127.0.0.1", redis_port)) != 0, "embedded Redis still listens"
+
+
+def _kill_everything(proc: subprocess.Popen) -> None:
+    """The test failed half-way: leave nothing behind."""
+    for pid in _descendants(proc.pid):
+        for kill in (os.killpg, os.kill):  # its process group, else itself
+            try:
+                kill(pid, signal.SIGKILL)
+                break
+            except OSError:
+                pass
+    proc.kill()
+    proc.wait()
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(READY_TIMEOUT_S + STOP_TIMEOUT_S + 60)
 def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: dict[str, str]):
@@ -104,17 +200,7 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
     data_dir = tmp_path / "data"
     ready_file = tmp_path / "ready.json"
     output = tmp_path / "launcher.out"
-    with open(output, "wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "delf_tools.launcher",
-             "--data-dir", str(data_dir),
-             "--grpc-addr", f"127.0.0.1:{grpc_port}",
-             "--redis-port", str(redis_port),
-             "--ready-file", str(ready_file),
-             "--log-dir"],
-            env=launcher_env, stdin=subprocess.DEVNULL, stdout=out, stderr=subprocess.STDOUT,
-            start_new_session=True,  # a Ctrl-C of pytest must not reach it directly
-        )
+    proc = _start_launcher(launcher_env, output, data_dir, grpc_port, redis_port, ready_file)
 
     def report() -> str:
         text = f"launcher output:\n{output.read_text(errors='replace')}"
@@ -125,12 +211,7 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
         return text
 
     try:
-        deadline = time.monotonic() + READY_TIMEOUT_S
-        while not ready_file.exists():
-            assert proc.poll() is None, f"launcher exited with {proc.returncode}\n{report()}"
-            assert time.monotonic() < deadline, f"not ready after {READY_TIMEOUT_S} s\n{report()}"
-            time.sleep(0.5)
-
+        _wait_ready(proc, ready_file, report)
         info = json.loads(ready_file.read_text())
         assert info["gateway"] == f"127.0.0.1:{grpc_port}"
         assert "DELF is up: gateway" in output.read_text()
@@ -140,65 +221,13 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
                 health_pb2.HealthCheckRequest(service=""), timeout=10)
         assert reply.status == health_pb2.HealthCheckResponse.SERVING
 
-        # The user's story on this embedded default: ingest a folder, search a warped copy.
-        photos = tmp_path / "photos"
-        photos.mkdir()
-        for name in ("astronaut", "coffee", "rocket"):
-            (photos / f"{name}.jpg").write_bytes(jpeg(sample_photo(name)))
-        with DelfClient(f"127.0.0.1:{grpc_port}", timeout=120) as client:
-            job = client.wait_job(client.ingest_folder(photos).job_id)
-            assert (job.done, job.failed) == (3, 0), job
-            query, H = warped_query(sample_photo("rocket"), seed=7)
-            best = client.search(jpeg(query), top_k=3).matches[0]
-            assert best.image_id == "rocket" and best.verified
-            h, w = query.shape[:2]
-            truth = map_points(H, [[0, 0], [w, 0], [w, h], [0, h]])
-            assert np.abs(np.array([[p.x, p.y] for p in best.corners]) - truth).max() <= 10.0
-
-        # Every service serves its own metrics: the extractor and indexer count the job's work.
-        scraped = {}
-        for i, name in enumerate(("extract-1", "index", "verify", "gateway")):
-            with urllib.request.urlopen(f"http://127.0.0.1:{metrics_base + i}/metrics", timeout=10) as r:
-                scraped[name] = r.read().decode()
-        assert f"extract-1 :{metrics_base}" in output.read_text()
-        assert any(line.startswith("delf_gateway_requests_total{") and 'method="Search"' in line
-                   and 'code="OK"' in line for line in scraped["gateway"].splitlines()), scraped["gateway"][:2000]
-        for name in ("extract-1", "index"):
-            done = [line for line in scraped[name].splitlines()
-                    if line.startswith("delf_worker_tasks_total") and 'outcome="ok"' in line]
-            assert done and sum(float(x.rsplit(" ", 1)[1]) for x in done) >= 3, (name, scraped[name][:2000])
-
-        broker = redis.Redis(host="127.0.0.1", port=redis_port, socket_timeout=5)
-        try:
-            assert broker.ping()
-            # The embedded broker keeps its jobs on disk, in the data dir.
-            assert broker.config_get("appendonly")["appendonly"] == "yes"
-            assert Path(broker.config_get("dir")["dir"]) == (data_dir / "redis").resolve()
-        finally:
-            broker.close()
+        _check_ingest_and_search(tmp_path / "photos", grpc_port)
+        _check_metrics(metrics_base, output)
+        _check_embedded_broker(redis_port, data_dir)
 
         children = _descendants(proc.pid)
         assert len(children) >= 5, f"expected redis, 3 workers and the gateway: {children}"
-
-        proc.send_signal(signal.SIGINT)
-        try:
-            code = proc.wait(timeout=STOP_TIMEOUT_S)
-        except subprocess.TimeoutExpired:
-            pytest.fail(f"launcher still running {STOP_TIMEOUT_S} s after SIGINT\n{report()}")
-        assert code == 0, report()
-        survivors = [pid for pid in children if _running(pid)]
-        assert not survivors, f"still running after the launcher exited: {survivors}\n{report()}"
-        assert not ready_file.exists()
-        with socket.socket() as s:
-            assert s.connect_ex(("127.0.0.1", redis_port)) != 0, "embedded Redis still listens"
+        _stop_and_check_nothing_is_left(proc, children, ready_file, redis_port, report)
     finally:
         if proc.poll() is None:  # the test failed half-way: leave nothing behind
-            for pid in _descendants(proc.pid):
-                for kill in (os.killpg, os.kill):  # its process group, else itself
-                    try:
-                        kill(pid, signal.SIGKILL)
-                        break
-                    except OSError:
-                        pass
-            proc.kill()
-            proc.wait()
+            _kill_everything(proc)

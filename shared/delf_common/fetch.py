@@ -31,7 +31,6 @@ from __future__ import annotations
 
 import http.client
 import ipaddress
-import random
 import re
 import socket
 import ssl
@@ -42,6 +41,7 @@ from delf_common import config
 from delf_common.contract import (  # noqa: F401 - the error codes, importable from here
     DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE,
 )
+from delf_common.retry import retry_delay  # noqa: F401 - the extractor's fetch retries use fetch.retry_delay
 
 SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3
@@ -53,9 +53,6 @@ _BARE_SCHEMES = {"data", "file", "ftp", "ftps", "gopher", "http", "https", "java
                  "ldap", "dict", "sftp", "smb", "ws", "wss", "jar", "netdoc"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
-# Retry backoff for transient fetch failures (extractor task retries).
-RETRY_BASE_S = 1.0
-RETRY_MAX_S = 30.0
 
 
 class FetchError(Exception):
@@ -68,14 +65,6 @@ class FetchError(Exception):
 
     def to_dict(self) -> dict:
         return {"code": self.code, "message": self.message}
-
-
-def retry_delay(retries: int, retry_after: float | None = None) -> float:
-    """Backoff before the `retries`-th retry (0-based): 1, 2, 4 .. 30 s with jitter (x0.5-1);
-    a server's Retry-After is honoured up to RETRY_MAX_S."""
-    if retry_after is not None and retry_after >= 0:
-        return min(RETRY_MAX_S, retry_after)
-    return random.uniform(0.5, 1.0) * min(RETRY_MAX_S, RETRY_BASE_S * 2 ** retries)
 
 
 def url_scheme(location: str) -> str | None:

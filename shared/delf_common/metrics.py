@@ -121,6 +121,63 @@ def outcome(result) -> str:
     return "ok"
 
 
+def _start_here(**_kwargs) -> None:
+    try:
+        start_server()
+    except OSError as exc:  # prefork: another child holds the port
+        log.info("metrics server not started in this process: %s", exc)
+
+
+def _start_in_main(sender=None, **_kwargs) -> None:
+    """worker_init: the main process serves every process's samples (multiprocess mode),
+    or the tasks' own when they run in its threads."""
+    if MULTIPROC_DIR:
+        _start_here()
+        return
+    pool = getattr(sender, "pool_cls", "")
+    pool = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
+    if any(kind in pool for kind in ("thread", "gevent", "eventlet")):
+        _start_here()
+
+
+def _start_in_child(**_kwargs) -> None:
+    """worker_process_init: without multiprocess mode, /metrics starts where the tasks run."""
+    if not MULTIPROC_DIR:
+        _start_here()
+
+
+def _child_exit(pid=None, **_kwargs) -> None:
+    if MULTIPROC_DIR:
+        from prometheus_client import multiprocess
+
+        multiprocess.mark_process_dead(pid or os.getpid(), MULTIPROC_DIR)
+
+
+def _main_exit(**_kwargs) -> None:
+    if MULTIPROC_DIR and _OWN_MULTIPROC_DIR:
+        shutil.rmtree(MULTIPROC_DIR, ignore_errors=True)
+
+
+_task_starts: dict[str, float] = {}  # task id -> when it started (time.monotonic)
+
+
+def _task_prerun(task_id=None, **_kwargs) -> None:
+    if task_id:
+        _task_starts[task_id] = time.monotonic()
+
+
+def _task_postrun(task_id=None, task=None, retval=None, state=None, **_kwargs) -> None:
+    name = getattr(task, "name", "unknown")
+    began = _task_starts.pop(task_id, None)
+    if began is not None:
+        WORKER_TASK_SECONDS.labels(name).observe(time.monotonic() - began)
+    if state == "SUCCESS":
+        WORKER_TASKS.labels(name, outcome(retval)).inc()
+    elif state == "FAILURE":
+        WORKER_TASKS.labels(name, "error").inc()
+    # RETRY: counted when the retried task finishes
+
+
 def install_worker_hooks() -> None:
     """Count and time every task of this worker; start /metrics when the worker starts.
 
@@ -137,55 +194,9 @@ def install_worker_hooks() -> None:
     _hooks_installed = True
     from celery import signals
 
-    starts: dict[str, float] = {}
-
-    def _start(**_kwargs) -> None:
-        try:
-            start_server()
-        except OSError as exc:  # prefork: another child holds the port
-            log.info("metrics server not started in this process: %s", exc)
-
-    def _start_in_main(sender=None, **_kwargs) -> None:
-        if MULTIPROC_DIR:
-            _start()
-            return
-        pool = getattr(sender, "pool_cls", "")
-        pool = pool if isinstance(pool, str) else getattr(pool, "__module__", "")
-        if any(kind in pool for kind in ("thread", "gevent", "eventlet")):
-            _start()
-
-    def _start_in_child(**_kwargs) -> None:
-        if not MULTIPROC_DIR:
-            _start()
-
-    def _child_exit(pid=None, **_kwargs) -> None:
-        if MULTIPROC_DIR:
-            from prometheus_client import multiprocess
-
-            multiprocess.mark_process_dead(pid or os.getpid(), MULTIPROC_DIR)
-
-    def _main_exit(**_kwargs) -> None:
-        if MULTIPROC_DIR and _OWN_MULTIPROC_DIR:
-            shutil.rmtree(MULTIPROC_DIR, ignore_errors=True)
-
-    def _prerun(task_id=None, **_kwargs) -> None:
-        if task_id:
-            starts[task_id] = time.monotonic()
-
-    def _postrun(task_id=None, task=None, retval=None, state=None, **_kwargs) -> None:
-        name = getattr(task, "name", "unknown")
-        began = starts.pop(task_id, None)
-        if began is not None:
-            WORKER_TASK_SECONDS.labels(name).observe(time.monotonic() - began)
-        if state == "SUCCESS":
-            WORKER_TASKS.labels(name, outcome(retval)).inc()
-        elif state == "FAILURE":
-            WORKER_TASKS.labels(name, "error").inc()
-        # RETRY: counted when the retried task finishes
-
     signals.worker_init.connect(_start_in_main, weak=False)
     signals.worker_process_init.connect(_start_in_child, weak=False)
     signals.worker_process_shutdown.connect(_child_exit, weak=False)
     signals.worker_shutdown.connect(_main_exit, weak=False)
-    signals.task_prerun.connect(_prerun, weak=False)
-    signals.task_postrun.connect(_postrun, weak=False)
+    signals.task_prerun.connect(_task_prerun, weak=False)
+    signals.task_postrun.connect(_task_postrun, weak=False)

@@ -12,7 +12,6 @@ workers, with any pool, may share the server.
 from __future__ import annotations
 
 import logging
-import random
 import threading
 
 import redis
@@ -25,6 +24,7 @@ from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOU
 from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
 from delf_common.metrics import DESCRIPTORS_INDEXED, install_worker_hooks
+from delf_common.retry import retry_delay
 
 from delf_indexer.checks import check_filter
 from delf_indexer.store import DescriptorStore
@@ -117,14 +117,7 @@ def _transient_errors() -> tuple[type[BaseException], ...]:
 
 
 TRANSIENT_ERRORS = _transient_errors()
-RETRY_BASE_S = 1.0       # first retry after ~1 s, doubling ...
-RETRY_MAX_S = 30.0       # ... up to 30 s apart
-MAX_RETRIES = 12         # ~4-5 minutes in all, then the item is marked failed
-
-
-def retry_delay(retries: int) -> float:
-    """Exponential backoff (1, 2, 4 .. 30 s) with jitter (x0.5-1) for the `retries`-th retry (0-based)."""
-    return random.uniform(0.5, 1.0) * min(RETRY_MAX_S, RETRY_BASE_S * 2 ** retries)
+MAX_RETRIES = 12         # ~4-5 minutes in all (retry_delay: 1, 2, 4 .. 30 s), then the item is marked failed
 
 
 def _not_found(image_id) -> dict:
