@@ -18,7 +18,8 @@ import pytest
 sys.path.insert(0, str(Path(__file__).parent))
 
 from deployment_files import (  # noqa: E402
-    DELF_SERVICES, GPU_PACKAGES, PACKAGES, ROOT, WORKERS, command_argv, dockerfile_instructions, dockerfile_of,
+    DELF_SERVICES, GPU_PACKAGES, PACKAGES, PROJECT_PACKAGES, ROOT, WORKERS, command_argv, dockerfile_instructions,
+    dockerfile_of, python_files,
     load_compose, option, requirement_names, service_package_dir,
 )
 
@@ -142,3 +143,32 @@ def test_dockerignore_keeps_the_context_small():
     patterns = dockerignore_patterns()
     for rel in (".venv", "data", ".git", ".pytest_cache"):
         assert ignored(rel, patterns), f".dockerignore should exclude {rel}"
+
+
+def _project_imports(folder: Path) -> set[str]:
+    """The project's top-level packages that the modules under `folder` import."""
+    import ast
+
+    found = set()
+    for path in python_files(folder):
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = [a.name for a in node.names] if isinstance(node, ast.Import) else \
+                [node.module] if isinstance(node, ast.ImportFrom) and node.module and not node.level else []
+            found.update(n.split(".")[0] for n in names if n.split(".")[0] in PROJECT_PACKAGES)
+    return found
+
+
+@pytest.mark.parametrize("name", DELF_SERVICES)
+def test_an_image_copies_only_the_packages_its_service_imports(services, name):
+    """The image carries exactly the project packages its service runs: its own and what
+    that imports (the shared library, which imports no service or tool), nothing else."""
+    _, dockerfile = dockerfile_of(services, name)
+    sources = {s.rstrip("/") for i, a in dockerfile_instructions(dockerfile) if i in ("COPY", "ADD")
+               and "--from" not in a for s in copy_sources(a)}
+    by_folder = {folder.relative_to(ROOT).as_posix(): pkg for pkg, folder in PROJECT_PACKAGES.items()}
+    copied = {by_folder[s] for s in sources if s in by_folder}
+    own = PACKAGES[name]
+    needed = {own} | _project_imports(service_package_dir(name))
+    needed |= {p for pkg in set(needed) for p in _project_imports(PROJECT_PACKAGES[pkg])}
+    assert copied == needed, f"services/{name}/Dockerfile copies {sorted(copied)}; {own} runs {sorted(needed)}"
+    assert "delf_tools" not in needed, f"{own} imports the tools"
