@@ -182,11 +182,26 @@ def _build_index(uri: str, inputs: Inputs, photos: int, stored: int) -> dict:
         info = fill(store, inputs, photos, stored)
         t = time.monotonic()
         store.settle()
-        info["settle_s"] = time.monotonic() - t
         info["descriptors"] = store.stats()["descriptors"]
+        if not store.lite:
+            _wait_for_server_index(store, info["descriptors"])
+        info["settle_s"] = time.monotonic() - t
     finally:
         store.close()
     return info
+
+
+def _wait_for_server_index(store, rows: int) -> None:
+    """A Milvus server builds its index after the flush, in the background: until then a
+    search scans raw segments. Wait until every row is indexed (Milvus 2.3.5 leaves
+    pending_index_rows stale after the build: count indexed_rows)."""
+    store.client.flush(store.features_name)
+    while True:
+        done = int(store.client.describe_index(store.features_name, "desc").get("indexed_rows", 0))
+        if done >= rows:
+            return
+        log(f"  index build: {done} of {rows} rows indexed")
+        time.sleep(15)
 
 
 # ----------------------------------------------------------------------------- system
