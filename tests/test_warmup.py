@@ -59,8 +59,9 @@ def _photos_and_queries() -> tuple[list[tuple[str, bytes]], list[bytes]]:
         photos = small_photos(6) + [("rocket", jpeg(sample_photo("rocket")))]
         return photos, [jpeg(warped_query(sample_photo("rocket"), seed=s)[0]) for s in (3, 4)]
     photos, queries = [], []
-    for group in sorted(p for p in root.iterdir() if p.is_dir())[:3]:
-        files = sorted(group.glob("*.[jJ][pP]*[gG]"))[:5]
-        photos += [(f"{group.name}/{f.name}", f.read_bytes()) for f in files[:-1]]
+    groups = [sorted(f for f in g.iterdir() if f.suffix.lower() in (".jpg", ".jpeg", ".png"))[:5]
+              for g in sorted(p for p in root.iterdir() if p.is_dir())]
+    for files in [files for files in groups if len(files) >= 2][:3]:
+        photos += [(f"{f.parent.name}/{f.name}", f.read_bytes()) for f in files[:-1]]
         queries.append(files[-1].read_bytes())
     return photos, queries[:2]
