@@ -178,7 +178,7 @@ class DelfExtractor:
             x = F.interpolate(x, size=(max(1, round(h * base)), max(1, round(w * base))),
                               mode="bilinear", align_corners=False, antialias=True)
 
-        per_image: list[list[tuple]] = [[] for _ in range(n)]
+        parts: list[tuple] = []  # per level: (locations, scores (n, cells), descriptors (n, cells, C), scale)
         for scale, lh, lw in self._levels(h, w, max_scale):
             level = x if (lh, lw) == tuple(x.shape[-2:]) else F.interpolate(
                 x, size=(lh, lw), mode="bilinear", align_corners=False, antialias=True)
@@ -206,36 +206,34 @@ class DelfExtractor:
             loc = torch.stack([xx.flatten(), yy.flatten()], 1)[keep]
             desc = feats.flatten(2).transpose(1, 2)[:, keep]  # (n, cells, C)
             sc = scores.flatten(1)[:, keep]
-            for b in range(n):
-                per_image[b].append((loc, sc[b], desc[b], 1.0 / scale))
-        return [self._select(parts, (w, h)) for parts in per_image]
+            parts.append((loc, sc, desc, 1.0 / scale))
+        return self._select(parts, n, (w, h))
 
-    def _select(self, parts: list[tuple], size: tuple[int, int]) -> DelfFeatures:
+    def _select(self, parts: list[tuple], n: int, size: tuple[int, int]) -> list[DelfFeatures]:
+        """The best-scored features of each of the batch's n photos, from every level at once:
+        one top-k, one PCA product and one copy to the host for the whole batch."""
         cfg = self.cfg
         if not parts:
-            return self._empty(size)
-        loc = torch.cat([p[0] for p in parts])
-        sc = torch.cat([p[1] for p in parts])
-        desc = torch.cat([p[2] for p in parts])
-        scl = torch.cat([torch.full((len(p[1]),), p[3], device=self.device) for p in parts])
+            return [self._empty(size) for _ in range(n)]
+        loc = torch.cat([p[0] for p in parts])  # (cells, 2), shared by the batch
+        sc = torch.cat([p[1] for p in parts], dim=1)  # (n, cells)
+        desc = torch.cat([p[2] for p in parts], dim=1)  # (n, cells, C)
+        scl = torch.cat([torch.full((p[0].shape[0],), p[3], device=self.device) for p in parts])
         if cfg.score_threshold is not None:
-            ok = sc >= cfg.score_threshold
-            loc, sc, desc, scl = loc[ok], sc[ok], desc[ok], scl[ok]
+            sc = sc.masked_fill(sc < cfg.score_threshold, float("-inf"))
+        vals, top = torch.topk(sc, min(cfg.max_features, sc.shape[1]), dim=1)  # sorted, best first
+        kept = torch.isfinite(vals).sum(1)
+        desc = F.normalize(torch.gather(desc, 1, top[..., None].expand(-1, -1, desc.shape[2])), dim=2)
+        if self.pca is not None:
+            desc = F.normalize((desc - self._pca_mean) @ self._pca_w.T, dim=2)
+        host = [t.cpu().numpy() for t in (loc[top], scl[top], vals, desc, kept)]
+        return [self._features(*(a[b, :host[4][b]] for a in host[:4]), size) for b in range(n)]
+
+    def _features(self, loc, scl, sc, desc, size: tuple[int, int]) -> DelfFeatures:
         if len(sc) == 0:
             return self._empty(size)
-        top = torch.topk(sc, min(cfg.max_features, len(sc))).indices
-        desc = F.normalize(desc[top], dim=1)
-        if self.pca is not None:
-            desc = F.normalize((desc - self._pca_mean) @ self._pca_w.T, dim=1)
-        return DelfFeatures(
-            locations=loc[top].cpu().numpy(),
-            scales=scl[top].cpu().numpy(),
-            scores=sc[top].cpu().numpy(),
-            descriptors=desc.cpu().numpy(),
-            image_size=size,
-            model=cfg.name,
-            pca_id=self.pca_id,
-        )
+        return DelfFeatures(locations=loc, scales=scl, scores=sc, descriptors=desc, image_size=size,
+                            model=self.cfg.name, pca_id=self.pca_id)
 
     def _empty(self, size: tuple[int, int]) -> DelfFeatures:
         return DelfFeatures(np.zeros((0, 2)), np.zeros(0), np.zeros(0), np.zeros((0, self.dim)),
