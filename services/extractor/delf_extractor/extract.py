@@ -90,6 +90,8 @@ class DelfExtractor:
         self.pca = pca
         self._pca_mean = self._pca_w = None
         self._smallest: dict | None = None  # smallest_side() by max_scale, computed on first use
+        # Kept feature cells (device indices, host keypoints) by level and photo size; bounded.
+        self._cells: dict[tuple, tuple[torch.Tensor | None, np.ndarray]] = {}
         if pca is not None:
             self._pca_mean = torch.from_numpy(pca.mean).to(self.device)
             self._pca_w = torch.from_numpy(pca.components).to(self.device)
@@ -189,25 +191,38 @@ class DelfExtractor:
                     feats, scores = self.net(level)
             else:
                 feats, scores = self.net(level)
-            feats, scores = feats.float(), scores.float()
-            gy, gx = self.net.geometry(lh, lw)
-            fh, fw = scores.shape[-2:]
-            cy = gy.centre(torch.arange(fh, device=self.device, dtype=torch.float32))
-            cx = gx.centre(torch.arange(fw, device=self.device, dtype=torch.float32))
-            # level pixels -> submitted-photo pixels (pixel-centre convention of the resize)
-            py = (cy + 0.5) * (h / lh) - 0.5
-            px = (cx + 0.5) * (w / lw) - 0.5
-            keep_y = (py * base >= margin_y) & (py * base <= work_h - 1 - margin_y)
-            keep_x = (px * base >= margin_x) & (px * base <= work_w - 1 - margin_x)
-            keep = (keep_y[:, None] & keep_x[None, :]).flatten()
-            if not keep.any():
+            # Selected on the device by an index computed on the host: no device sync per level.
+            key = (tuple(scores.shape[-2:]), lh, lw, h, w)
+            if key not in self._cells:
+                if len(self._cells) > 1024:
+                    self._cells.clear()
+                idx, loc = self._kept_cells(key[0], (lh, lw), (h, w), base, (margin_y, margin_x))
+                self._cells[key] = (None if idx is None else idx.to(self.device), loc)
+            idx, loc = self._cells[key]
+            if idx is None:
                 continue
-            yy, xx = torch.meshgrid(py, px, indexing="ij")
-            loc = torch.stack([xx.flatten(), yy.flatten()], 1)[keep]
-            desc = feats.flatten(2).transpose(1, 2)[:, keep]  # (n, cells, C)
-            sc = scores.flatten(1)[:, keep]
+            desc = feats.flatten(2).index_select(2, idx).transpose(1, 2).float()  # (n, cells, C)
+            sc = scores.flatten(1).index_select(1, idx).float()
             parts.append((loc, sc, desc, 1.0 / scale))
         return self._select(parts, n, (w, h))
+
+    def _kept_cells(self, cells: tuple[int, int], level: tuple[int, int], photo: tuple[int, int],
+                    base: float, margin: tuple[float, float]) -> tuple[torch.Tensor | None, np.ndarray]:
+        """(flat indices of the feature cells outside the border margin, their keypoints in
+        submitted-photo pixels as (x, y)), from the receptive-field geometry alone, on the host."""
+        (fh, fw), (lh, lw), (h, w) = cells, level, photo
+        gy, gx = self.net.geometry(lh, lw)
+        # level pixels -> submitted-photo pixels (pixel-centre convention of the resize)
+        py = (gy.centre(np.arange(fh, dtype=np.float32)) + 0.5) * (h / lh) - 0.5
+        px = (gx.centre(np.arange(fw, dtype=np.float32)) + 0.5) * (w / lw) - 0.5
+        keep_y = (py * base >= margin[0]) & (py * base <= h * base - 1 - margin[0])
+        keep_x = (px * base >= margin[1]) & (px * base <= w * base - 1 - margin[1])
+        keep = (keep_y[:, None] & keep_x[None, :]).ravel()
+        if not keep.any():
+            return None, np.zeros((0, 2), np.float32)
+        yy, xx = np.meshgrid(py, px, indexing="ij")
+        loc = np.stack([xx.ravel(), yy.ravel()], 1)[keep].astype(np.float32)
+        return torch.from_numpy(np.flatnonzero(keep)), loc
 
     def _select(self, parts: list[tuple], n: int, size: tuple[int, int]) -> list[DelfFeatures]:
         """The best-scored features of each of the batch's n photos, from every level at once:
@@ -215,10 +230,10 @@ class DelfExtractor:
         cfg = self.cfg
         if not parts:
             return [self._empty(size) for _ in range(n)]
-        loc = torch.cat([p[0] for p in parts])  # (cells, 2), shared by the batch
+        loc = np.concatenate([p[0] for p in parts])  # (cells, 2) on the host, shared by the batch
+        scl = np.concatenate([np.full(len(p[0]), p[3], np.float32) for p in parts])
         sc = torch.cat([p[1] for p in parts], dim=1)  # (n, cells)
         desc = torch.cat([p[2] for p in parts], dim=1)  # (n, cells, C)
-        scl = torch.cat([torch.full((p[0].shape[0],), p[3], device=self.device) for p in parts])
         if cfg.score_threshold is not None:
             sc = sc.masked_fill(sc < cfg.score_threshold, float("-inf"))
         vals, top = torch.topk(sc, min(cfg.max_features, sc.shape[1]), dim=1)  # sorted, best first
@@ -226,8 +241,9 @@ class DelfExtractor:
         desc = F.normalize(torch.gather(desc, 1, top[..., None].expand(-1, -1, desc.shape[2])), dim=2)
         if self.pca is not None:
             desc = F.normalize((desc - self._pca_mean) @ self._pca_w.T, dim=2)
-        host = [t.cpu().numpy() for t in (loc[top], scl[top], vals, desc, kept)]
-        return [self._features(*(a[b, :host[4][b]] for a in host[:4]), size) for b in range(n)]
+        top, vals, desc, kept = (t.cpu().numpy() for t in (top, vals, desc, kept))
+        return [self._features(loc[top[b, :k]], scl[top[b, :k]], vals[b, :k], desc[b, :k], size)
+                for b, k in enumerate(kept)]
 
     def _features(self, loc, scl, sc, desc, size: tuple[int, int]) -> DelfFeatures:
         if len(sc) == 0:
