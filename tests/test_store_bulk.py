@@ -67,3 +67,40 @@ def test_add_many_with_a_repeated_id_keeps_the_last(store):
     store.add_many([("x", feats(80, 1), {"v": "1"}), ("y", feats(80, 2), {}), ("x", feats(80, 3), {"v": "3"})])
     assert store.get("x")["metadata"] == {"v": "3"}
     assert rows(store, "x") == 50 and store.stats()["images"] == 2
+
+
+def _all_rows(store) -> list[tuple]:
+    """Every descriptor row as comparable values (no primary key)."""
+    got = []
+    for image_id in sorted({h["image_id"] for h in store.client.query(
+            store.features_name, filter="idx >= 0", output_fields=["image_id"], limit=16384)}):
+        for h in store.client.query(store.features_name, filter=f"image_id == {quote(image_id)}",
+                                    output_fields=["image_id", "idx", "x", "y", "scale", "score", "desc"]):
+            got.append((h["image_id"], h["idx"], round(h["x"], 3), round(h["y"], 3), round(h["scale"], 5),
+                        round(h["score"], 5), tuple(np.round(np.asarray(h["desc"], np.float32), 5))))
+    return sorted(got)
+
+
+def test_direct_lite_insert_writes_what_the_api_writes_and_survives_a_reopen(tmp_path, monkeypatch):
+    """DELF_LITE_DIRECT_INSERT (the default) writes columns straight into Lite: the rows, the
+    search answers and the stats are those of Lite's insert API, and they are there after the
+    file is closed and opened again (its write-ahead log)."""
+    monkeypatch.setenv("DELF_STORED_FEATURES", "40")
+    photos = [(f"d{k}", feats(60 + k, k), {"k": str(k)}) for k in range(5)]
+    answers = {}
+    for direct in ("1", "0"):
+        monkeypatch.setenv("DELF_LITE_DIRECT_INSERT", direct)
+        path = str(tmp_path / f"direct{direct}.db")
+        with DescriptorStore(path, collection="c") as s:
+            assert s.direct_insert is (direct == "1")
+            s.add_many(photos[:3])
+            s.add("d1", feats(70, 11), {})  # a replacement, one photo per call
+            s.add_many(photos[3:])
+            top = s.search(noisy(feats(70, 11), 0.02, 5), shortlist=3)
+            assert s.direct_rows == (6 * 40 if direct == "1" else 0)
+        with DescriptorStore(path, collection="c") as s:  # reopened: rows come back from disk
+            answers[direct] = (s.stats(), _all_rows(s), [t["image_id"] for t in top],
+                               [t["image_id"] for t in s.search(noisy(feats(63, 3), 0.02, 6), shortlist=3)])
+    assert answers["1"][0] == {"images": 5, "descriptors": 5 * 40, "pca_id": "pca-a"}
+    assert answers["1"] == answers["0"]
+    assert answers["1"][2][0] == "d1" and answers["1"][3][0] == "d3"

@@ -199,6 +199,11 @@ SETTINGS: dict[str, Setting] = {
                 "(same rows, deletions and filters) instead of Lite's search API. "
                 "0: always the search API.",
                 "indexer"),
+        Setting("DELF_LITE_DIRECT_INSERT", True, _bool,
+                "Milvus Lite only: write descriptor rows to Lite's write-ahead log and memtable as "
+                "columns, in the indexer's process (the same rows, checked by the indexer), instead of "
+                "a dict per row through Lite's insert API. 0: always the insert API.",
+                "indexer"),
         Setting("DELF_QUERY_FEATURES", 500, int,
                 "Most query descriptors (the best-scored) that search the index and vote; "
                 "0: all of them.", "indexer"),

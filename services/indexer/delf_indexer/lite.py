@@ -91,6 +91,33 @@ class LiteFastPath:
         tomb = _tombstones(delta)
         return None if tomb is None else (segments, tomb)
 
+    # ------------------------------------------------------------ writes
+    def insert(self, columns: dict[str, np.ndarray]) -> bool:
+        """Append descriptor rows, given as one array per field (the vector field as an
+        (n, dim) float32 array), straight to Lite's write-ahead log and memtable: what its
+        public insert does after building a dict per row, checking each one and building
+        the same Arrow batch back from them (most of an insert's time). The caller has
+        checked the values (``rows.prepare``, the store's dimension check). Answers False,
+        having written nothing, when Lite's internals are not as expected: use the API."""
+        col = self._engine()
+        if col is None:
+            return False
+        try:
+            batch = _wal_batch(col, columns)
+            if batch is None:
+                return False
+            from milvus_lite.engine.operation import InsertOp
+        except _INTERNALS_DIFFER + (ImportError, ValueError):
+            log.warning("Milvus Lite's insert internals differ; using its API", exc_info=True)
+            return False
+        n = batch.num_rows
+        col._next_auto_id += n
+        col._next_seq += n
+        col._apply(InsertOp(partition=_PARTITION, batch=batch))
+        if col._should_flush():
+            col._trigger_flush()
+        return True
+
     # ------------------------------------------------------------ reads
     def rows(self, image_id: str, generation: int, dim: int) -> dict | None:
         """One image's descriptor rows of one generation ({idx, x, y, scale, score, desc}
@@ -263,3 +290,37 @@ def _merge(parts_d: list, parts_i: list, tables: list, k: int) -> list:
         out.append((dist[qi, :n].tolist(), img[qi, :n].tolist(), xs[qi, :n].tolist(),
                     ys[qi, :n].tolist(), ss[qi, :n].tolist()))
     return out
+
+
+_PARTITION = "_default"  # Lite's default partition: the only one the store uses
+
+
+def _wal_batch(col, columns: dict[str, np.ndarray]):
+    """The Arrow batch Lite's insert would write for these rows (auto primary keys and
+    sequence numbers taken from the collection's counters), or None for a collection this
+    path does not cover (dynamic fields, functions, partition keys, other fields)."""
+    import pyarrow as pa
+
+    if (not col._auto_id or col._ingestion_chain or col._bm25_analyzers
+            or col._partition_key_field is not None or col._schema.enable_dynamic_field
+            or not col._manifest.has_partition(_PARTITION)):
+        return None
+    schema = col._wal_data_schema
+    if set(schema.names) != {"_seq", "_partition", col._pk_name, *columns}:
+        return None
+    n = len(next(iter(columns.values())))
+    arrays = {"_seq": pa.array(np.arange(col._next_seq, col._next_seq + n, dtype=np.uint64)),
+              "_partition": pa.array([_PARTITION] * n, pa.string()),
+              col._pk_name: pa.array(np.arange(col._next_auto_id, col._next_auto_id + n, dtype=np.int64))}
+    for name, values in columns.items():
+        kind = schema.field(name).type
+        if pa.types.is_fixed_size_list(kind):
+            values = np.ascontiguousarray(values, dtype=np.float32)
+            if values.shape != (n, kind.list_size):
+                raise ValueError(f"{name}: expected ({n}, {kind.list_size}), got {values.shape}")
+            arrays[name] = pa.FixedSizeListArray.from_arrays(pa.array(values.reshape(-1)), kind.list_size)
+        else:
+            arrays[name] = pa.array(values, kind)
+        if len(arrays[name]) != n:
+            raise ValueError(f"{name}: {len(arrays[name])} values for {n} rows")
+    return pa.RecordBatch.from_arrays([arrays[f] for f in schema.names], schema=schema)

@@ -1,5 +1,17 @@
 """The index's two Milvus collections: their schemas, what an existing one holds, and
-reading one page by page. (What the fields mean: the module docstring of ``store``.)"""
+reading one page by page.
+
+Collections (``DELF_COLLECTION`` = ``<name>``):
+
+* ``<name>_features``: one row per descriptor: auto-id ``pk``, ``image_id``, ``idx``
+  (position in the image's feature list), ``x``, ``y``, ``scale``, ``score``,
+  ``generation`` and ``desc`` (FLOAT_VECTOR of the PCA dimension, L2 metric on unit
+  vectors).
+* ``<name>_images``: one row per image: ``image_id`` (pk), ``metadata`` (JSON text),
+  ``meta`` (the same metadata as a JSON field, for filters; collections created before
+  it existed lack it), ``width``, ``height``, ``num_features``, ``pca_id``, ``model``,
+  ``generation`` and a 2-d dummy vector (Milvus wants a vector field in every collection).
+"""
 from __future__ import annotations
 
 from typing import Iterator

@@ -10,16 +10,8 @@ One code path for both deployments, through pymilvus' ``MilvusClient``:
 * **Milvus server**: ``DELF_MILVUS_URI=http://host:19530`` (+ ``DELF_MILVUS_TOKEN``);
   any number of indexer workers may share it.
 
-Collections (``DELF_COLLECTION`` = ``<name>``):
-
-* ``<name>_features``: one row per descriptor: auto-id ``pk``, ``image_id``, ``idx``
-  (position in the image's feature list), ``x``, ``y``, ``scale``, ``score``,
-  ``generation`` and ``desc`` (FLOAT_VECTOR of the PCA dimension, L2 metric on unit
-  vectors).
-* ``<name>_images``: one row per image: ``image_id`` (pk), ``metadata`` (JSON text),
-  ``meta`` (the same metadata as a JSON field, for filters; collections created before
-  it existed lack it), ``width``, ``height``, ``num_features``, ``pca_id``, ``model``,
-  ``generation`` and a 2-d dummy vector (Milvus wants a vector field in every collection).
+Collections (``DELF_COLLECTION`` = ``<name>``): ``<name>_features``, one row per
+descriptor, and ``<name>_images``, one row per image (their fields: ``schema``).
 
 Metadata filters (``search(filter={key: value})``, exact equality on every pair) reach
 the descriptor search as described in ``filters``.
@@ -68,8 +60,7 @@ from delf_indexer.voting import vote
 log = logging.getLogger(__name__)
 
 INSERT_BATCH = 10000    # rows per insert call
-IMAGE_FIELDS = ["image_id", "metadata", "width", "height", "num_features", "pca_id",
-                "model", "generation"]
+IMAGE_FIELDS = ["image_id", "metadata", "width", "height", "num_features", "pca_id", "model", "generation"]
 
 
 class DescriptorStore:
@@ -95,6 +86,8 @@ class DescriptorStore:
         self.stored_features = int(config.get("DELF_STORED_FEATURES"))
         self._lock = threading.RLock()
         self._fast = LiteFastPath(self.uri, self.features_name) if self.lite else None
+        self.direct_insert = bool(config.get("DELF_LITE_DIRECT_INSERT"))
+        self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
         self.client = MilvusClient(uri=self.uri, token=token or "")
         self._dim: int | None = None
@@ -255,12 +248,9 @@ class DescriptorStore:
             old = self._image_rows(ids)
             self._check_projection(images, old)
             generation = time.time_ns()
-            feature_rows, image_rows = [], []
-            for k, image in enumerate(images):
-                feature_rows.extend(rows.feature_rows(image.image_id, image.features, generation + k))
-                image_rows.append(rows.image_row(image, generation + k, self._has_meta))
-            for i in range(0, len(feature_rows), INSERT_BATCH):
-                self.client.insert(self.features_name, feature_rows[i:i + INSERT_BATCH])
+            generations = [generation + k for k in range(len(images))]
+            self._insert_features(images, generations)
+            image_rows = [rows.image_row(image, g, self._has_meta) for image, g in zip(images, generations)]
             for row in image_rows:
                 if row["image_id"] in old:
                     # Only for a replacement: a delete by filter scans the collection. Rows
@@ -272,6 +262,19 @@ class DescriptorStore:
             self.client.upsert(self.images_name, image_rows)
             self._dirty = True
         return [rows.info(image) for image in images]
+
+    def _insert_features(self, images: list[rows.NewImage], generations: list[int]) -> None:
+        """Write the images' descriptor rows: on Milvus Lite straight as columns when its
+        internals allow (``LiteFastPath.insert``), else through the API in batches."""
+        if self._fast is not None and self.direct_insert:
+            columns = rows.feature_columns(images, generations)
+            if not columns or self._fast.insert(columns):
+                self.direct_rows += len(columns.get("idx", ()))
+                return
+        feature_rows = [r for image, g in zip(images, generations)
+                        for r in rows.feature_rows(image.image_id, image.features, g)]
+        for i in range(0, len(feature_rows), INSERT_BATCH):
+            self.client.insert(self.features_name, feature_rows[i:i + INSERT_BATCH])
 
     def _ensure_collection(self, images: list[rows.NewImage]) -> None:
         """Create the collections for the first image with descriptors (they fix the
