@@ -162,3 +162,16 @@ def test_every_query_reads_metrics_the_services_export(dashboard):
         assert names, f"{title}: no metric in {expr!r}"
         unknown = names - exported
         assert not unknown, f"{title}: {expr!r} reads {sorted(unknown)}, which no service exports"
+
+
+def test_no_metric_label_clashes_with_the_scrape_labels():
+    """A label named like one Prometheus gives each target (`service` here, `job`, `instance`)
+    would be renamed `exported_...` on scrape, and the dashboard's `by (...)` would group wrong."""
+    from prometheus_client.metrics import MetricWrapperBase
+
+    from delf_common import metrics
+
+    for value in vars(metrics).values():
+        if isinstance(value, MetricWrapperBase):
+            clash = set(value._labelnames) & {"service", "job", "instance"}
+            assert not clash, f"{value._name}: rename its label(s) {sorted(clash)}"

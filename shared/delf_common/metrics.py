@@ -101,8 +101,9 @@ INGEST_ITEMS = Counter(
     ["outcome"],
 )
 LIVE_WORKERS = Gauge(
-    "delf_live_workers", "Workers with a live heartbeat in Redis, by service (read by the gateway).",
-    ["service"], multiprocess_mode="livemax",
+    "delf_live_workers", "Workers with a live heartbeat in Redis, by kind: extractor, indexer, verifier "
+    "(read by the gateway; the label is not `service`, which scrape configs give the target).",
+    ["worker"], multiprocess_mode="livemax",
 )
 STORED = Gauge(
     "delf_index_stored", "What the index holds (images, descriptors), as an indexer last counted it.",
