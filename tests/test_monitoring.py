@@ -175,3 +175,9 @@ def test_no_metric_label_clashes_with_the_scrape_labels():
         if isinstance(value, MetricWrapperBase):
             clash = set(value._labelnames) & {"service", "job", "instance"}
             assert not clash, f"{value._name}: rename its label(s) {sorted(clash)}"
+
+
+def test_traces_are_off_by_default_and_configured_alike_everywhere(services):
+    endpoints = {name: environment(services[name]).get("OTEL_EXPORTER_OTLP_ENDPOINT") for name in DELF_SERVICES}
+    assert set(endpoints.values()) == {""}, \
+        f"every DELF service should get the same OTEL_EXPORTER_OTLP_ENDPOINT, empty (off) by default: {endpoints}"

@@ -192,8 +192,9 @@ def build_server(address: str | None = None, max_workers: int = 32):
     if tokens:
         interceptors.insert(0, AuthInterceptor(tokens))
     interceptors.insert(0, ObserveInterceptor())  # logs and counts refusals by auth too
-    if tracing.setup("gateway") and tracing.server_interceptor() is not None:
-        interceptors.insert(0, tracing.server_interceptor())  # outermost: its span is current in the others
+    traced = tracing.server_interceptor() if tracing.setup("gateway") else None
+    if traced is not None:
+        interceptors.insert(0, traced)  # outermost: each call's span is current in the others
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
