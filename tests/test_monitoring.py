@@ -181,3 +181,27 @@ def test_traces_are_off_by_default_and_configured_alike_everywhere(services):
     endpoints = {name: environment(services[name]).get("OTEL_EXPORTER_OTLP_ENDPOINT") for name in DELF_SERVICES}
     assert set(endpoints.values()) == {""}, \
         f"every DELF service should get the same OTEL_EXPORTER_OTLP_ENDPOINT, empty (off) by default: {endpoints}"
+
+
+def test_failures_are_counted_by_reason():
+    """What the "Failures by reason" panel reads: a rejected task by its error code, a
+    task that raised by the exception's type (Celery's task_postrun, as a worker sees it)."""
+    from types import SimpleNamespace
+
+    from prometheus_client import REGISTRY
+
+    from delf_common import metrics
+
+    task = SimpleNamespace(name="delf.test.failing")
+
+    def count(reason: str) -> float:
+        return REGISTRY.get_sample_value("delf_worker_failures_total",
+                                         {"task": task.name, "reason": reason}) or 0.0
+
+    before = {r: count(r) for r in ("INVALID_ARGUMENT", "ValueError")}
+    metrics._task_postrun(task_id="t1", task=task, state="SUCCESS",
+                          retval={"ok": False, "error": {"code": "INVALID_ARGUMENT", "message": "not a photo"}})
+    metrics._task_postrun(task_id="t2", task=task, state="FAILURE", retval=ValueError("boom"))
+    metrics._task_postrun(task_id="t3", task=task, state="SUCCESS", retval={"ok": True})
+    assert count("INVALID_ARGUMENT") == before["INVALID_ARGUMENT"] + 1
+    assert count("ValueError") == before["ValueError"] + 1
