@@ -2,7 +2,8 @@
 interpolation resolved to its defaults), the Dockerfiles and requirements files as
 text, and where each service's package lives (pyproject's package-dir).
 
-Used by tests/test_deployment.py (the compose file), tests/test_images.py (the
+Used by tests/test_deployment.py (the compose file), tests/test_monitoring.py (its
+`monitoring` profile: Prometheus, Grafana and the dashboard), tests/test_images.py (the
 Dockerfiles), tests/test_requirements.py (requirements vs imports) and
 tests/test_kubernetes.py.
 """
@@ -29,6 +30,7 @@ WORKERS = {  # compose service -> (Celery service name of delf_common.celery_app
 }
 PACKAGES = {"gateway": "delf_gateway", **{s: pkg for s, (_, pkg) in WORKERS.items()}}
 SCALABLE = tuple(WORKERS)
+MONITORING = ("prometheus", "grafana")  # the services of the `monitoring` profile
 GPU_PACKAGES = {"torch", "torchvision", "torchaudio", "triton", "xformers"}
 
 
@@ -112,6 +114,19 @@ def container_port(entry) -> int:
         return int(entry["target"])
     text = str(entry).split("/")[0]
     return int(text.rsplit(":", 1)[-1])
+
+
+def bind_mounts(service: dict) -> list[tuple[str, str]]:
+    """(host path, container path) of each bind mount (a source starting with . or /)."""
+    out = []
+    for volume in service.get("volumes") or []:
+        if isinstance(volume, dict):
+            source, target = str(volume.get("source", "")), str(volume.get("target", ""))
+        else:
+            source, target = (str(volume).split(":") + [""])[:2]
+        if source.startswith((".", "/")):
+            out.append((source, target))
+    return out
 
 
 def package_dirs() -> dict[str, Path]:

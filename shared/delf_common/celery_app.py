@@ -22,7 +22,7 @@ from typing import Callable
 from celery import Celery, signals
 from kombu import Queue
 
-from delf_common import config, logs
+from delf_common import config, logs, tracing
 # The task names and their queues are the contract between the gateway and the workers
 # (delf_common.contract); importable from here as before.
 from delf_common.contract import (  # noqa: F401 - re-exported
@@ -167,7 +167,9 @@ def _outcome(retval) -> str:
 
 @signals.task_prerun.connect(weak=False)
 def _task_started(task_id=None, task=None, args=None, kwargs=None, **_kwargs) -> None:
-    tokens = logs.bind(task_id=task_id, **ids_of_request(task, args, kwargs))
+    ids = ids_of_request(task, args, kwargs)
+    tokens = logs.bind(task_id=task_id, **ids)
+    tracing.annotate(**ids)  # the task's span, when the instrumentation's receiver ran first
     if task_id:
         _running[task_id] = (tokens, time.monotonic())
     task_log.info("task %s started", getattr(task, "name", "?"), extra={"task": getattr(task, "name", "?")})
@@ -231,6 +233,17 @@ def _setup_worker_logging(loglevel=None, **_kwargs) -> None:
         # delf.task lines, which carry the ids: keep only its warnings and errors.
         for name in ("celery.worker.strategy", "celery.app.trace"):
             logging.getLogger(name).setLevel(max(logging.getLogger().level, logging.WARNING))
+
+
+@signals.worker_init.connect(weak=False)
+def _start_tracing(sender=None, **_kwargs) -> None:
+    """OpenTelemetry spans of this worker's tasks when DELF_TRACING asks (delf_common.tracing)."""
+    tracing.setup(worker_service_name(getattr(sender, "app", None)))
+
+
+@signals.worker_shutdown.connect(weak=False)
+def _stop_tracing(**_kwargs) -> None:
+    tracing.shutdown()
 
 
 # --------------------------------------------------------------------------- heartbeats

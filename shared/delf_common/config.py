@@ -49,6 +49,16 @@ def _log_format(text: str) -> str:
     return value
 
 
+TRACING_MODES = ("auto", "off", "otlp", "console")
+
+
+def _tracing(text: str) -> str:
+    value = text.strip().lower() or "auto"
+    if value not in TRACING_MODES:
+        raise ValueError(f"expected one of {', '.join(TRACING_MODES)}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -279,6 +289,12 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_METRICS_PORT", 0, int,
                 "Port of the Prometheus `/metrics` HTTP endpoint of each service (gateway and workers). "
                 "0: off.", "gateway, extractor, indexer, verifier"),
+        Setting("DELF_TRACING", "auto", _tracing,
+                "OpenTelemetry traces of searches and ingest items (gateway and workers): `auto` (on, "
+                "exporting OTLP, when the standard `OTEL_EXPORTER_OTLP_ENDPOINT` or "
+                "`OTEL_EXPORTER_OTLP_TRACES_ENDPOINT` is set, else off), `otlp`, `console` (spans "
+                "printed to stderr) or `off`. Needs the `tracing` extra (docs/DEPLOYMENT.md).",
+                "gateway, extractor, indexer, verifier"),
         Setting("DELF_LOG_LEVEL", "INFO", str, "Log level of every service.", "all"),
         Setting("DELF_LOG_FORMAT", "text", _log_format,
                 "Log format of every service: `text` (for people) or `json` (one object per line).",

@@ -19,7 +19,7 @@ import time
 
 import redis
 
-from delf_common import config
+from delf_common import config, metrics
 from delf_common.contract import is_job_id, new_job_id
 
 RECEIVING = "RECEIVING"
@@ -114,6 +114,7 @@ class JobStore:
         for k in (done, failed):
             pipe.expire(k, JOB_TTL_S)
         pipe.execute()
+        metrics.INGEST_ITEMS.labels("done").inc()
         self._maybe_complete(job_id)
 
     def mark_failed(self, job_id: str, item_id: str, reason: str) -> None:
@@ -125,6 +126,7 @@ class JobStore:
         pipe.hset(key, "updated_at", time.time())
         pipe.expire(failed, JOB_TTL_S)
         pipe.execute()
+        metrics.INGEST_ITEMS.labels("failed").inc()
         self._maybe_complete(job_id)
 
     def cancel(self, job_id: str, interrupted: bool = False) -> None:
@@ -160,6 +162,7 @@ class JobStore:
         pipe.expire(items, JOB_TTL_S)
         pipe.hset(self._keys(job_id)[0], "received_at", time.time())
         pipe.execute()
+        metrics.INGEST_ITEMS.labels("received").inc()
 
     def recorded(self, job_id: str) -> int:
         return int(self.redis.hlen(self._items_key(job_id)))

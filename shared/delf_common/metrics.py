@@ -1,9 +1,12 @@
 """Prometheus metrics of every service, served on ``/metrics`` when DELF_METRICS_PORT is set.
 
 The gateway counts its calls by method and gRPC status code and samples the queue
-depths; the workers count their tasks by name and outcome (``ok``, ``rejected``: the
-task answered an error such as bad input, ``error``: it raised) and time them; the
-indexer counts the descriptors it adds.
+depths and the workers with a live heartbeat; the workers count their tasks by name and
+outcome (``ok``, ``rejected``: the task answered an error such as bad input, ``error``:
+it raised), their failures by reason (the error code, or the exception's type) and time
+them; whoever records an ingest item's progress in its job counts it (received, done,
+failed); the indexer counts the descriptors it adds and reports the images and
+descriptors stored. deploy/grafana/dashboards/delf.json charts them (docs/DEPLOYMENT.md).
 
 A Celery worker counts in prometheus_client's multiprocess mode: each process (the
 worker's main process and every child of a prefork pool) writes its samples to files in
@@ -84,8 +87,27 @@ WORKER_TASK_SECONDS = Histogram(
     "delf_worker_task_seconds", "Time a worker spent on a task, by task name.",
     ["task"], buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
 )
+WORKER_FAILURES = Counter(
+    "delf_worker_failures", "Tasks that did not succeed, by task name and reason: the error code of a "
+    "rejected task (e.g. INVALID_ARGUMENT), the exception type of one that raised.",
+    ["task", "reason"],
+)
 DESCRIPTORS_INDEXED = Counter(
     "delf_descriptors_indexed", "Descriptors the indexer added to Milvus.",
+)
+INGEST_ITEMS = Counter(
+    "delf_ingest_items", "Ingest job items by step: received (recorded in its job by the gateway), "
+    "done (indexed), failed (refused or failed at any step).",
+    ["outcome"],
+)
+LIVE_WORKERS = Gauge(
+    "delf_live_workers", "Workers with a live heartbeat in Redis, by kind: extractor, indexer, verifier "
+    "(read by the gateway; the label is not `service`, which scrape configs give the target).",
+    ["worker"], multiprocess_mode="livemax",
+)
+STORED = Gauge(
+    "delf_index_stored", "What the index holds (images, descriptors), as an indexer last counted it.",
+    ["what"], multiprocess_mode="livemax",
 )
 
 _started_port: int | None = None
@@ -119,6 +141,13 @@ def outcome(result) -> str:
     if isinstance(result, dict) and result.get("ok") is False:
         return "rejected"
     return "ok"
+
+
+def rejection_code(result) -> str:
+    """The error code of a rejected task's answer (``{"ok": False, "error": {"code": ...}}``)."""
+    err = result.get("error") if isinstance(result, dict) else None
+    code = err.get("code") if isinstance(err, dict) else None
+    return str(code)[:64] if code else "UNKNOWN"
 
 
 def _start_here(**_kwargs) -> None:
@@ -172,9 +201,13 @@ def _task_postrun(task_id=None, task=None, retval=None, state=None, **_kwargs) -
     if began is not None:
         WORKER_TASK_SECONDS.labels(name).observe(time.monotonic() - began)
     if state == "SUCCESS":
-        WORKER_TASKS.labels(name, outcome(retval)).inc()
+        result = outcome(retval)
+        WORKER_TASKS.labels(name, result).inc()
+        if result == "rejected":
+            WORKER_FAILURES.labels(name, rejection_code(retval)).inc()
     elif state == "FAILURE":
         WORKER_TASKS.labels(name, "error").inc()
+        WORKER_FAILURES.labels(name, type(retval).__name__ if isinstance(retval, BaseException) else "error").inc()
     # RETRY: counted when the retried task finishes
 
 

@@ -14,7 +14,7 @@ import time
 import grpc
 
 from delf_common import celery_app as tasks
-from delf_common import contract
+from delf_common import contract, tracing
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
@@ -119,7 +119,8 @@ class IngestJobs(WorkerCalls):
         index = self.app.signature(
             tasks.INGEST_INDEX, args=(job_id,), queue=tasks.queue_for_task(tasks.INGEST_INDEX)
         )
-        (extract | index).apply_async()
+        with tracing.new_trace("ingest item", job_id=job_id, image_id=image_id):  # one trace per item
+            (extract | index).apply_async()
 
     def GetJob(self, request, context):
         return job_proto(self._job(request.job_id))

@@ -16,6 +16,7 @@ import redis
 
 from delf_common import logs
 from delf_common import metrics
+from delf_common import tracing
 from delf_gateway.checks import RequestError
 
 log = logging.getLogger("delf.gateway")
@@ -120,6 +121,7 @@ class _CallObserver:
 
     def begin(self, context, request) -> list:
         tokens = logs.bind(request_id=self.request_id, job_id=_job_id_of(request))
+        tracing.annotate(request_id=self.request_id, job_id=_job_id_of(request))
         try:
             context.set_trailing_metadata(((logs.REQUEST_ID_HEADER, self.request_id),))
         except Exception:  # noqa: BLE001 - e.g. the call is already over

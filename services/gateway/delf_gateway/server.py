@@ -28,6 +28,7 @@ from delf_common import celery_app as tasks
 from delf_common import config
 from delf_common import logs
 from delf_common import metrics
+from delf_common import tracing
 from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
 from delf_gateway.checks import (  # noqa: F401 - re-exported: their former home
     MAX_ID_LENGTH, MAX_METADATA_BYTES, RequestError, check_image_id, check_location, check_metadata,
@@ -124,6 +125,7 @@ def dependency_status(client: redis.Redis) -> tuple[dict[str, int], dict[str, st
     status: dict[str, int] = {"redis": _SERVING}
     reasons: dict[str, str] = {}
     for service in ("extractor", "indexer", "verifier"):
+        metrics.LIVE_WORKERS.labels(service).set(len(beats.get(service, [])))
         alive = bool(beats.get(service))
         status[service] = _SERVING if alive else _NOT_SERVING
         if not alive:
@@ -189,7 +191,10 @@ def build_server(address: str | None = None, max_workers: int = 32):
     interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
     if tokens:
         interceptors.insert(0, AuthInterceptor(tokens))
-    interceptors.insert(0, ObserveInterceptor())  # outermost: logs and counts refusals by auth too
+    interceptors.insert(0, ObserveInterceptor())  # logs and counts refusals by auth too
+    traced = tracing.server_interceptor() if tracing.setup("gateway") else None
+    if traced is not None:
+        interceptors.insert(0, traced)  # outermost: each call's span is current in the others
     server = grpc.server(
         futures.ThreadPoolExecutor(max_workers=max_workers, thread_name_prefix="grpc"),
         interceptors=interceptors,
@@ -261,4 +266,5 @@ def main() -> None:
     signal.signal(signal.SIGTERM, shutdown)
     signal.signal(signal.SIGINT, shutdown)
     server.wait_for_termination()
+    tracing.shutdown()  # flush the spans not exported yet
     log.info("gateway stopped")

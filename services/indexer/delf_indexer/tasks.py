@@ -23,7 +23,7 @@ from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOU
                                   error, failure, ok)
 from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
-from delf_common.metrics import DESCRIPTORS_INDEXED, install_worker_hooks
+from delf_common.metrics import DESCRIPTORS_INDEXED, STORED, install_worker_hooks
 from delf_common.retry import retry_delay
 
 from delf_indexer.checks import check_filter
@@ -34,6 +34,7 @@ log = logging.getLogger(__name__)
 configure_worker(app)  # publish retries that ride out a Redis restart
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 MILVUS_CHECK_TIMEOUT_S = 5.0
+STORED_EVERY_S = 30.0  # how often the heartbeat recounts what the index holds (delf_index_stored)
 
 _store: DescriptorStore | None = None
 _store_lock = threading.Lock()
@@ -64,6 +65,24 @@ def milvus_reachable() -> None:
     if client is None:
         raise RuntimeError("the descriptor store is closed")
     client.list_collections(timeout=MILVUS_CHECK_TIMEOUT_S)
+    _count_stored()
+
+
+_stored_at = [float("-inf")]  # when delf_index_stored was last counted (time.monotonic)
+
+
+def _count_stored(stats: dict | None = None) -> None:
+    """Sets delf_index_stored (images, descriptors): from `stats` when given, else by
+    counting, at most every STORED_EVERY_S (the heartbeat calls it every few seconds)."""
+    import time
+
+    if stats is None:
+        if time.monotonic() - _stored_at[0] < STORED_EVERY_S:
+            return
+        stats = get_store().stats()
+    _stored_at[0] = time.monotonic()
+    for what in ("images", "descriptors"):
+        STORED.labels(what).set(int(stats.get(what, 0)))
 
 
 names.HEARTBEAT_CHECKS["milvus"] = milvus_reachable
@@ -272,4 +291,6 @@ def index_delete(image_id) -> dict:
 
 @app.task(name=names.INDEX_STATS)
 def index_stats() -> dict:
-    return ok(**get_store().stats())
+    stats = get_store().stats()
+    _count_stored(stats)
+    return ok(**stats)
