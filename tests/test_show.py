@@ -231,3 +231,23 @@ def test_re_added_id_gets_the_new_thumbnail_and_delete_removes_it(client):
     with pytest.raises(grpc.RpcError) as err:
         client.get_image("show-readd", thumbnail=True)
     assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_show_by_indexed_id_draws_the_query_from_its_thumbnail(client, system, warped, tmp_path):
+    path, query, _ = warped
+    client.add_image("show-warped", path)  # AddImage: its thumbnail comes through delf.extract
+    try:
+        out = tmp_path / "by-id.png"
+        args = ["--gateway", system.address, "search", "--id", "show-warped", "--top-k", "1", "--show", str(out)]
+        assert cli.main(args) == 0
+        picture = show.decode_rgb(out.read_bytes())
+        response = client.search(image_id="show-warped", top_k=1, correspondences=True)
+        assert response.matches[0].image_id == PHOTO_ID and response.matches[0].verified
+        photos = show.fetch_photos(client, response.matches)
+        _, (row,) = show.draw_matches(show.query_photo(client, None, "show-warped"), response.matches, photos)
+        panel = picture[row.query.y0:row.query.y0 + row.query.height, row.query.x0:row.query.x0 + row.query.width]
+        like = cv2.resize(query, (row.query.width, row.query.height), interpolation=cv2.INTER_AREA)
+        plain = ~np.any([np.all(panel == c, axis=2) for c in (show.INLIER, show.OUTLIER)], axis=0)
+        assert np.abs(panel.astype(float) - like)[plain].mean() < 8  # the query photo, under the drawing
+    finally:
+        client.delete_image("show-warped")
