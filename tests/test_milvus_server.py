@@ -11,6 +11,7 @@ import pytest
 from delf_common.features import decode_array
 
 from test_indexer import feats, noisy, rows
+from test_thumbnails import thumbnail_story
 
 milvus = pytest.importorskip("milvus", reason="the `milvus` server package is not installed")
 
@@ -77,10 +78,19 @@ def test_store_on_server(server_uri):
         info, f = s.get_features("img2")
         np.testing.assert_allclose(f.descriptors, images["img2"].descriptors, atol=1e-6)
     finally:
-        for name in (s.features_name, s.images_name):
+        for name in (s.features_name, s.images_name, s.thumbnails.name):
             if s.client.has_collection(name):
                 s.client.drop_collection(name)
         s.close()
+
+
+@pytest.mark.timeout(180)
+def test_thumbnails_on_server(server_uri):
+    """The thumbnails' story of tests/test_thumbnails.py on a Milvus server."""
+    from delf_indexer.store import DescriptorStore
+
+    name = f"thumb{int(time.time())}"
+    thumbnail_story(lambda: DescriptorStore(server_uri, token="root:Milvus", collection=name))
 
 
 @pytest.mark.timeout(180)

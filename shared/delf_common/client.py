@@ -121,11 +121,13 @@ class DelfClient:
 
     def search(self, image: ImageLike | None = None, *, image_id: str | None = None, top_k: int = 10,
                box: tuple[float, float, float, float] | None = None,
-               filter: Mapping[str, str] | None = None,
+               filter: Mapping[str, str] | None = None, correspondences: bool = False,
                timeout: float | None = None) -> delf_pb2.SearchResponse:
         """Photos showing what the query shows. ``filter``: only photos whose metadata
-        has every key/value pair (exact strings)."""
-        request = delf_pb2.SearchRequest(top_k=top_k, filter=dict(filter or {}))
+        has every key/value pair (exact strings). ``correspondences``: each match also
+        carries its correspondences (``match.correspondences``: query point, indexed
+        point, RANSAC inlier or not), the evidence to draw (`delf search --show`)."""
+        request = delf_pb2.SearchRequest(top_k=top_k, filter=dict(filter or {}), correspondences=correspondences)
         if image is not None:
             request.image = _image_bytes(image)
         elif image_id is not None:
@@ -142,8 +144,11 @@ class DelfClient:
         request = delf_pb2.AddImageRequest(image_id=image_id, image=_image_bytes(image), metadata=metadata or {})
         return self.stub.AddImage(request, timeout=timeout or self.timeout)
 
-    def get_image(self, image_id: str) -> delf_pb2.ImageInfo:
-        return self.stub.GetImage(delf_pb2.GetImageRequest(image_id=image_id), timeout=self.timeout)
+    def get_image(self, image_id: str, thumbnail: bool = False) -> delf_pb2.ImageInfo:
+        """What the index holds for an id; ``thumbnail``: also its stored thumbnail
+        (``info.thumbnail``, JPEG bytes; empty when it has none)."""
+        request = delf_pb2.GetImageRequest(image_id=image_id, thumbnail=thumbnail)
+        return self.stub.GetImage(request, timeout=self.timeout)
 
     def delete_image(self, image_id: str) -> delf_pb2.DeleteImageResponse:
         return self.stub.DeleteImage(delf_pb2.DeleteImageRequest(image_id=image_id), timeout=self.timeout)

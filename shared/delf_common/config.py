@@ -107,6 +107,16 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+THUMBNAIL_MAX_SIDE = 1024
+
+
+def _thumbnail_side(text: str) -> int:
+    value = int(text)
+    if not 0 <= value <= THUMBNAIL_MAX_SIDE:
+        raise ValueError(f"expected 0 (no thumbnails) or a side of 1 to {THUMBNAIL_MAX_SIDE} pixels")
+    return value
+
+
 HEALTH_DEPENDENCIES = ("redis", "extractor", "indexer", "verifier", "milvus")
 
 
@@ -197,6 +207,11 @@ SETTINGS: dict[str, Setting] = {
                 "gateway, extractor"),
         Setting("DELF_MIN_IMAGE_SIDE", 32, int,
                 "Smallest accepted width or height, in pixels.", "gateway, extractor"),
+        Setting("DELF_THUMBNAIL_SIDE", 320, _thumbnail_side,
+                "Longer side, in pixels, of the JPEG thumbnail the extractor makes of each indexed "
+                "photo; the indexer stores it with the photo, `GetImage` returns it on request and "
+                "`delf search --show` draws it. At most 1024 px and 48,000 bytes (a lower JPEG quality "
+                "or side when needed). 0: no thumbnails.", "extractor"),
         Setting("DELF_MAX_MESSAGE_BYTES", 64 * 1024 * 1024, int,
                 "Largest gRPC request message the gateway accepts.", "gateway"),
         Setting("DELF_SHORTLIST", 50, int,

@@ -217,3 +217,29 @@ def check_not_flat(rgb: np.ndarray) -> None:
             f"the photo is one flat colour (its grey levels vary by {spread:.1f} of 255; at least "
             f"{FLAT_MAX_RANGE:g} is needed): it has no detail to match",
         )
+
+
+# A stored thumbnail is at most this many bytes: base64 of it (what the indexer stores, a
+# Milvus VARCHAR) then fits the 65,535 bytes of a VARCHAR field.
+THUMBNAIL_MAX_BYTES = 48_000
+_THUMBNAIL_QUALITIES = (85, 70, 55, 40)
+
+
+def thumbnail_jpeg(rgb: np.ndarray, side: int | None = None) -> bytes:
+    """A JPEG of the photo (RGB uint8, as `decode_image` gives it) whose longer side is at
+    most ``side`` px (default DELF_THUMBNAIL_SIDE; never enlarged) and whose size is at most
+    THUMBNAIL_MAX_BYTES (lower quality, then a smaller side, when needed). b"" when
+    ``side`` is 0 (no thumbnails)."""
+    side = config.get("DELF_THUMBNAIL_SIDE") if side is None else int(side)
+    if side <= 0:
+        return b""
+    im = Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB")
+    while True:
+        small = im.copy()
+        small.thumbnail((side, side), Image.Resampling.LANCZOS)  # keeps the aspect ratio
+        for quality in _THUMBNAIL_QUALITIES:
+            out = io.BytesIO()
+            small.save(out, "JPEG", quality=quality, optimize=True)
+            if out.tell() <= THUMBNAIL_MAX_BYTES:
+                return out.getvalue()
+        side = max(16, int(side * 0.75))

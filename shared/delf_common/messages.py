@@ -6,7 +6,8 @@ A search's messages between the services, each a small dataclass with ``to_wire(
 * ``SearchCandidate``: one shortlisted photo and its tentative correspondences, as the
   indexer's ``delf.index.search`` answers (``candidates``) and ``delf.verify`` takes them;
 * ``VerifyQuery``: the query side of ``delf.verify`` (keypoints, image size, box);
-* ``VerifiedMatch``: one photo as ``delf.verify`` answers it (``matches``).
+* ``VerifiedMatch``: one photo as ``delf.verify`` answers it (``matches``), with which
+  correspondences are inliers when asked.
 
 The wire is what the services sent before these classes existed, key for key and
 encoding for encoding (arrays as ``encode_array`` dicts), so that a rolling upgrade can
@@ -122,7 +123,11 @@ class VerifyQuery:
 class VerifiedMatch:
     """One candidate after geometric verification: its inliers, whether they verify it,
     and the query -> photo transform (9 floats, row-major) with the query's (box) corners
-    in the photo (TL, TR, BR, BL), both empty when not verified."""
+    in the photo (TL, TR, BR, BL), both empty when not verified.
+
+    ``inlier_idx``, only when the search asked for correspondences: the positions, in the
+    candidate's correspondences (``SearchCandidate.query_idx`` / ``db_xy``), of RANSAC's
+    inliers (empty when no transform was fitted); None when not asked (or an older verifier)."""
 
     image_id: str
     votes: int
@@ -130,9 +135,14 @@ class VerifiedMatch:
     verified: bool
     transform: list[float] = dataclasses.field(default_factory=list)
     corners: list[list[float]] = dataclasses.field(default_factory=list)
+    inlier_idx: np.ndarray | None = None  # (K,) int32 on the wire
+
+    def __post_init__(self) -> None:
+        if self.inlier_idx is not None:
+            self.inlier_idx = np.asarray(self.inlier_idx).astype(np.int64, copy=False).reshape(-1)
 
     def to_wire(self) -> dict:
-        return {
+        wire = {
             "image_id": self.image_id,
             "votes": int(self.votes),
             "inliers": int(self.inliers),
@@ -140,9 +150,13 @@ class VerifiedMatch:
             "transform": [float(v) for v in self.transform],
             "corners": [[float(x), float(y)] for x, y in self.corners],
         }
+        if self.inlier_idx is not None:
+            wire["inlier_idx"] = encode_array(self.inlier_idx.astype(np.int32))
+        return wire
 
     @classmethod
     def from_wire(cls, wire: dict) -> "VerifiedMatch":
+        inlier_idx = wire.get("inlier_idx")
         return cls(
             image_id=wire["image_id"],
             votes=int(wire.get("votes", 0)),
@@ -150,4 +164,5 @@ class VerifiedMatch:
             verified=bool(wire.get("verified", False)),
             transform=[float(v) for v in wire.get("transform") or []],
             corners=[[float(x), float(y)] for x, y in wire.get("corners") or []],
+            inlier_idx=None if inlier_idx is None else decode_array(inlier_idx),
         )

@@ -7,6 +7,7 @@
     delf job JOB_ID                           a job's state
     delf cancel JOB_ID                        stop a job
     delf search PHOTO|--id ID [--top-k N] [--box x0,y0,x1,y1] [--filter KEY=VALUE ...]
+                [--show matches.png|matches.html]  ... and draw each match's evidence
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
     delf fit-pca ...                          learn the PCA of the descriptors
     delf eval MANIFEST ...                    mAP etc. of the running system against two baselines
@@ -158,8 +159,13 @@ def cmd_search(args) -> int:
     if (args.photo is None) == (args.id is None):
         print("delf search: give a PHOTO or --id ID (one of them)", file=sys.stderr)
         return 2
-    response = _client(args).search(None if args.photo is None else Path(args.photo), image_id=args.id,
-                                    top_k=args.top_k, box=args.box, filter=dict(args.filter))
+    if args.show is not None and Path(args.show).suffix.lower() not in (".png", ".html", ".htm"):
+        print(f"delf search: --show writes a .png or an .html file, not {args.show}", file=sys.stderr)
+        return 2
+    client = _client(args)
+    photo = None if args.photo is None else Path(args.photo)
+    response = client.search(photo, image_id=args.id, top_k=args.top_k, box=args.box,
+                             filter=dict(args.filter), correspondences=args.show is not None)
     print(f"{len(response.matches)} matches ({response.query_features} query features, "
           f"{response.elapsed_s:.2f} s)")
     limit = None if args.wide else ID_COLUMN_MAX
@@ -173,6 +179,10 @@ def cmd_search(args) -> int:
               f"{'yes' if m.verified else 'no':<8} {corners}")
     if any(i != m.image_id for i, m in zip(ids, response.matches)):
         print("(long ids are shortened in the middle with …; --wide prints them whole)", file=sys.stderr)
+    if args.show is not None:
+        from delf_tools.show import write_show
+
+        print(f"evidence drawn in {write_show(args.show, client, response, photo, args.id, args.box)}")
     return 0
 
 
@@ -299,6 +309,10 @@ def _index_commands(sub) -> None:
     s.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1: search only this region of PHOTO")
     s.add_argument("--filter", type=_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="only photos whose metadata has KEY=VALUE (repeat: all must hold)")
+    s.add_argument("--show", default=None, metavar="FILE.png|FILE.html",
+                   help="also draw each match beside the query: the matched region outlined, RANSAC "
+                        "inliers joined by lines, score, inliers and verified written on it (a PNG, or one "
+                        "self-contained HTML page)")
     s.add_argument("--wide", action="store_true",
                    help=f"print image ids whole (default: ids over {ID_COLUMN_MAX} columns are shortened)")
     s.set_defaults(func=cmd_search)

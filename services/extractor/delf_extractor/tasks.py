@@ -28,7 +28,7 @@ from celery.signals import celeryd_after_setup, worker_process_init
 from delf_common import fetch
 from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
 from delf_common.contract import CANCELLED, INVALID_ARGUMENT, error, ok
-from delf_common.images import ImageRejected, check_not_flat, decode_image
+from delf_common.images import ImageRejected, check_not_flat, decode_image, thumbnail_jpeg
 from delf_common.jobs import JobStore
 from delf_common.metrics import install_worker_hooks
 from delf_extractor import batcher
@@ -138,13 +138,25 @@ def _no_features_reason(width: int, height: int) -> str:
             f"its shorter side to be at least {ex.smallest_side()} px (model {ex.model_name})")
 
 
+def _with_thumbnail(reply: dict, rgb) -> dict:
+    """The reply with the photo's ``thumbnail`` (JPEG bytes, DELF_THUMBNAIL_SIDE), unless
+    thumbnails are off."""
+    thumbnail = thumbnail_jpeg(rgb)
+    if thumbnail:
+        reply["thumbnail"] = thumbnail
+    return reply
+
+
 @app.task(name=EXTRACT)
 def extract(image: bytes | None, options: dict | None = None) -> dict:
-    """Features of one photo: ``{"ok": True, "features": wire}``. ``options`` is reserved."""
+    """Features of one photo: ``{"ok": True, "features": wire}``; with ``options``
+    ``{"thumbnail": True}`` (AddImage) also its ``thumbnail``."""
     try:
         if image is None:
             raise ImageRejected(INVALID_ARGUMENT, "no image bytes given")
-        return ok(features=_features_wire(decode_image(bytes(image)), urgent=True))
+        rgb = decode_image(bytes(image))
+        reply = ok(features=_features_wire(rgb, urgent=True))
+        return _with_thumbnail(reply, rgb) if (options or {}).get("thumbnail") else reply
     except ImageRejected as exc:
         return error(exc.code, exc.message)
 
@@ -159,19 +171,22 @@ FETCH_MAX_RETRIES = 5
 
 @app.task(name=INGEST_EXTRACT, ignore_result=True)
 def ingest_extract(item: dict, job_id: str) -> dict:
-    """One bulk-ingest item -> ``{"ok": True, "image_id", "metadata", "features"}`` for delf.ingest.index."""
+    """One bulk-ingest item -> ``{"ok": True, "image_id", "metadata", "features", "thumbnail"}``
+    for delf.ingest.index (no ``thumbnail`` when DELF_THUMBNAIL_SIDE is 0)."""
     image_id = item.get("image_id")
     if _job_store().is_cancelled(job_id):  # skip the work; the index step records the item
         return error(CANCELLED, "job cancelled", image_id=image_id)
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
-            features = _features_wire(decode_image(item_bytes(item)), slot=slot)
+            rgb = decode_image(item_bytes(item))
+            features = _features_wire(rgb, slot=slot)
         except ImageRejected as exc:
             log.info("job %s: item %s refused: %s", job_id, image_id, exc.message)
             return error(exc.code, exc.message, image_id=image_id)
         except fetch.FetchError as exc:
             return _fetch_failed(exc, image_id, job_id)
-        return ok(image_id=image_id, metadata=dict(item.get("metadata") or {}), features=features)
+        reply = ok(image_id=image_id, metadata=dict(item.get("metadata") or {}), features=features)
+        return _with_thumbnail(reply, rgb)
 
 
 def _fetch_failed(exc: fetch.FetchError, image_id, job_id: str) -> dict:

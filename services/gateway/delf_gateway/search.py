@@ -10,6 +10,7 @@ from __future__ import annotations
 import time
 
 import grpc
+import numpy as np
 
 from delf_common import celery_app as tasks
 from delf_common import config
@@ -56,10 +57,14 @@ class SearchCalls(WorkerCalls):
             options["filter"] = filter
         reply = self._call(tasks.INDEX_SEARCH, features.to_wire(), options, context=context, what="indexer")
         candidates = reply["candidates"]  # passed on to the verifiers as received
-        metadata = {c.image_id: c.metadata for c in map(SearchCandidate.from_wire, candidates)}
-        matches = self._verify(features, (width, height), box, candidates, context)
+        by_id = {c.image_id: c for c in map(SearchCandidate.from_wire, candidates)}
+        matches = self._verify(features, (width, height), box, candidates, context, request.correspondences)
         for m in map(VerifiedMatch.from_wire, rank_matches(matches)[:top_k]):
-            response.matches.append(match_proto(m, metadata.get(m.image_id, {}), len(features)))
+            cand = by_id.get(m.image_id)
+            match = match_proto(m, cand.metadata if cand else {}, len(features))
+            if request.correspondences and cand is not None:
+                add_correspondences(match, features.locations[cand.query_idx], cand.db_xy, m.inlier_idx)
+            response.matches.append(match)
         response.elapsed_s = time.monotonic() - started
         return response
 
@@ -84,8 +89,10 @@ class SearchCalls(WorkerCalls):
             raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "give the query as image bytes or an image_id")
         return features, (width, height), exclude
 
-    def _verify(self, features: DelfFeatures, size, box, candidates: list[dict], context) -> list[dict]:
-        """The verified matches (wire) of the candidates (wire), verified in parallel chunks."""
+    def _verify(self, features: DelfFeatures, size, box, candidates: list[dict], context,
+                inliers: bool = False) -> list[dict]:
+        """The verified matches (wire) of the candidates (wire), verified in parallel chunks;
+        ``inliers``: each also says which of its correspondences are inliers."""
         if not candidates:
             return []
         query = VerifyQuery(features.locations, size, scales=features.scales, box=box).to_wire()
@@ -94,6 +101,8 @@ class SearchCalls(WorkerCalls):
             "min_inlier_ratio": config.get("DELF_MIN_INLIER_RATIO"),
             "ransac_px": config.get("DELF_RANSAC_PX"),
         }
+        if inliers:
+            options["inlier_idx"] = True
         pending = [
             self._send(tasks.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options, context=context)
             for i in range(0, len(candidates), VERIFY_CHUNK)
@@ -119,3 +128,15 @@ def match_proto(m: VerifiedMatch, metadata: dict, n_query: int) -> delf_pb2.Matc
     for x, y in m.corners:
         match.corners.append(delf_pb2.Point(x=float(x), y=float(y)))
     return match
+
+
+def add_correspondences(match: delf_pb2.Match, query_xy, db_xy, inlier_idx) -> None:
+    """The match's correspondences (query point, indexed point, inlier or not); no inlier
+    when the verifier did not say (``inlier_idx`` None: an older verifier)."""
+    inlier = np.zeros(len(db_xy), bool)
+    if inlier_idx is not None:
+        inlier[inlier_idx[(inlier_idx >= 0) & (inlier_idx < len(inlier))]] = True
+    pairs = zip(np.asarray(query_xy).tolist(), np.asarray(db_xy).tolist(), inlier.tolist())
+    for (qx, qy), (dx, dy), flag in pairs:
+        match.correspondences.add(query=delf_pb2.Point(x=qx, y=qy), indexed=delf_pb2.Point(x=dx, y=dy),
+                                  inlier=flag)

@@ -55,13 +55,18 @@ class Gateway(SearchCalls, IngestJobs, delf_pb2_grpc.ImageSearchServicer):
         metadata = check_metadata(request.metadata)
         check_photo(request.image)
         self._admit("extract", "index")
-        reply = self._call(tasks.EXTRACT, request.image, {}, context=context, what="extractor")
-        reply = self._call(tasks.INDEX_ADD, image_id, reply["features"], metadata, context=context, what="indexer")
+        reply = self._call(tasks.EXTRACT, request.image, {"thumbnail": True}, context=context, what="extractor")
+        # Optional arguments only when there is something to send: an older indexer takes none.
+        thumbnail = (reply["thumbnail"],) if reply.get("thumbnail") else ()
+        reply = self._call(tasks.INDEX_ADD, image_id, reply["features"], metadata, *thumbnail,
+                           context=context, what="indexer")
         return image_info_proto(reply["image"])
 
     def GetImage(self, request, context):
-        reply = self._call(tasks.INDEX_GET, check_image_id(request.image_id), context=context, what="indexer")
-        return image_info_proto(reply["image"])
+        options = ({"thumbnail": True},) if request.thumbnail else ()
+        reply = self._call(tasks.INDEX_GET, check_image_id(request.image_id), *options, context=context,
+                           what="indexer")
+        return image_info_proto(reply["image"], reply.get("thumbnail") or b"")
 
     def DeleteImage(self, request, context):
         image_id = check_image_id(request.image_id)
@@ -79,8 +84,9 @@ class Gateway(SearchCalls, IngestJobs, delf_pb2_grpc.ImageSearchServicer):
         )
 
 
-def image_info_proto(info: dict) -> delf_pb2.ImageInfo:
+def image_info_proto(info: dict, thumbnail: bytes = b"") -> delf_pb2.ImageInfo:
     return delf_pb2.ImageInfo(
+        thumbnail=bytes(thumbnail),
         image_id=info["image_id"],
         metadata=info.get("metadata") or {},
         width=int(info.get("width", 0)),

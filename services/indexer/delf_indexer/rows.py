@@ -2,6 +2,7 @@
 images row (the fields: the module docstring of ``schema``)."""
 from __future__ import annotations
 
+import json
 from typing import NamedTuple
 
 import numpy as np
@@ -12,22 +13,24 @@ from delf_indexer.checks import check_image_id, metadata_text
 
 class NewImage(NamedTuple):
     """One image about to be indexed, checked: its id, the features to store, its
-    metadata and that metadata as JSON text."""
+    metadata, that metadata as JSON text and its thumbnail (JPEG bytes, b"": none)."""
 
     image_id: str
     features: DelfFeatures
     metadata: dict
     meta_text: str
+    thumbnail: bytes = b""
 
 
-def prepare(image_id: str, features: DelfFeatures, metadata: dict | None, stored: int) -> NewImage:
+def prepare(image_id: str, features: DelfFeatures, metadata: dict | None, thumbnail: bytes | None = None,
+            *, stored: int) -> NewImage:
     """Check one image (ValueError / the id's checks) and keep its ``stored`` best-scored
     features (0: all)."""
     check_image_id(image_id)
     metadata, meta_text = metadata_text(metadata)
     if len(features) and not np.all(np.isfinite(features.descriptors)):
         raise ValueError("descriptors contain NaN or infinity")
-    return NewImage(image_id, features.best(stored), metadata, meta_text)
+    return NewImage(image_id, features.best(stored), metadata, meta_text, bytes(thumbnail or b""))
 
 
 def feature_rows(image_id: str, features: DelfFeatures, generation: int) -> list[dict]:
@@ -75,3 +78,10 @@ def info(image: NewImage) -> dict:
     f = image.features
     return {"image_id": image.image_id, "metadata": image.metadata, "width": f.image_size[0],
             "height": f.image_size[1], "num_features": len(f), "pca_id": f.pca_id}
+
+
+def stored_info(row: dict) -> dict:
+    """The info of an indexed image (what ``get`` answers) from its images row."""
+    return {"image_id": row["image_id"], "metadata": json.loads(row["metadata"]) if row["metadata"] else {},
+            "width": int(row["width"]), "height": int(row["height"]),
+            "num_features": int(row["num_features"]), "pca_id": row["pca_id"]}

@@ -11,6 +11,7 @@ Collections (``DELF_COLLECTION`` = ``<name>``):
   ``meta`` (the same metadata as a JSON field, for filters; collections created before
   it existed lack it), ``width``, ``height``, ``num_features``, ``pca_id``, ``model``,
   ``generation`` and a 2-d dummy vector (Milvus wants a vector field in every collection).
+* ``<name>_thumbnails``: one JPEG thumbnail per image that came with one (``thumbnails``).
 """
 from __future__ import annotations
 

@@ -11,7 +11,8 @@ One code path for both deployments, through pymilvus' ``MilvusClient``:
   any number of indexer workers may share it.
 
 Collections (``DELF_COLLECTION`` = ``<name>``): ``<name>_features``, one row per
-descriptor, and ``<name>_images``, one row per image (their fields: ``schema``).
+descriptor, ``<name>_images``, one row per image (their fields: ``schema``), and
+``<name>_thumbnails``, one JPEG thumbnail per image that came with one (``thumbnails``).
 
 Metadata filters (``search(filter={key: value})``, exact equality on every pair) reach
 the descriptor search as described in ``filters``.
@@ -29,12 +30,11 @@ descriptors with another ``pca_id`` (or another dimension) is refused with
 Around the store: ``settings`` (IndexSettings: which vector index), ``schema`` (the two
 collections), ``checks`` (ids, metadata, filters, quoting), ``filters`` (how a filter
 reaches the search), ``lite`` (the Milvus Lite fast path, the only reader of Lite's
-internals), ``voting`` (the pure DELF voting that ``search`` calls) and ``candidates``
-(its answer on the wire).
+internals), ``thumbnails`` (the photos' thumbnails), ``voting`` (the pure DELF voting
+that ``search`` calls) and ``candidates`` (its answer on the wire).
 """
 from __future__ import annotations
 
-import json
 import logging
 import os
 import threading
@@ -55,6 +55,7 @@ from delf_indexer.lite import LiteFastPath
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, create_collections, has_field, query_pages, vector_dim)
 from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
+from delf_indexer.thumbnails import ThumbnailStore
 from delf_indexer.voting import vote
 
 log = logging.getLogger(__name__)
@@ -90,6 +91,7 @@ class DescriptorStore:
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
         self.client = MilvusClient(uri=self.uri, token=token or "")
+        self.thumbnails = ThumbnailStore(self.client, f"{name}_thumbnails")
         self._dim: int | None = None
         self._has_meta = True  # the images collection has the `meta` JSON field
         if self.client.has_collection(self.features_name):
@@ -108,7 +110,7 @@ class DescriptorStore:
             if self.client is None:
                 return
             if self.lite:
-                for name in (self.features_name, self.images_name):
+                for name in (self.features_name, self.images_name, self.thumbnails.name):
                     try:
                         if self.client.has_collection(name):
                             self.client.flush(name)
@@ -205,16 +207,7 @@ class DescriptorStore:
                 out[row["image_id"]] = row
         return out
 
-    @staticmethod
-    def _info(row: dict) -> dict:
-        return {
-            "image_id": row["image_id"],
-            "metadata": json.loads(row["metadata"]) if row["metadata"] else {},
-            "width": int(row["width"]),
-            "height": int(row["height"]),
-            "num_features": int(row["num_features"]),
-            "pca_id": row["pca_id"],
-        }
+    _info = staticmethod(rows.stored_info)
 
     def _collection_pca(self) -> str | None:
         """pca_id of the indexed images (None when the index holds none)."""
@@ -231,13 +224,14 @@ class DescriptorStore:
         """Index (or replace) one image; returns its info."""
         return self.add_many([(image_id, features, metadata)])[0]
 
-    def add_many(self, items: Sequence[tuple[str, DelfFeatures, dict | None]]) -> list[dict]:
-        """Index (or replace) several images with few Milvus calls (the bulk path); returns
-        their infos in order. Every image is checked before anything is written: one bad
-        image refuses the whole call with ValueError. Each image keeps its
-        ``stored_features`` best-scored descriptors and gets its own generation, so a
-        replaced image is never missing and never doubled (module docstring)."""
-        ids = [image_id for image_id, _, _ in items]
+    def add_many(self, items: Sequence[tuple]) -> list[dict]:
+        """Index (or replace) several images, each (image_id, features, metadata[,
+        thumbnail JPEG]), with few Milvus calls (the bulk path); returns their infos in order.
+        Every image is checked before anything is written: one bad image refuses the whole
+        call with ValueError. Each image keeps its ``stored_features`` best-scored
+        descriptors and gets its own generation, so a replaced image is never missing and
+        never doubled (module docstring)."""
+        ids = [item[0] for item in items]
         if len(set(ids)) < len(ids):  # the same id twice: one after the other
             return [info for item in items for info in self.add_many([item])]
         images = [rows.prepare(*item, stored=self.stored_features) for item in items]
@@ -259,6 +253,7 @@ class DescriptorStore:
                     # id via delete().
                     self.client.delete(self.features_name, filter=(
                         f"image_id == {quote(row['image_id'])} and generation != {row['generation']}"))
+            self.thumbnails.write({i.image_id: i.thumbnail for i in images if i.thumbnail}, replaced=old)
             self.client.upsert(self.images_name, image_rows)
             self._dirty = True
         return [rows.info(image) for image in images]
@@ -317,6 +312,7 @@ class DescriptorStore:
         with self._lock:
             row = self._image_rows([image_id]).get(image_id)
             expr = f"image_id == {quote(image_id)}"
+            self.thumbnails.drop([image_id])
             if row is None:
                 self.client.delete(self.features_name, filter=expr)  # orphans, if any
                 raise KeyError(image_id)
@@ -331,13 +327,15 @@ class DescriptorStore:
         rows = self.client.query(collection, filter=expr, output_fields=["count(*)"])
         return int(rows[0]["count(*)"]) if rows else 0
 
-    def get(self, image_id: str) -> dict:
+    def get(self, image_id: str, thumbnail: bool = False) -> dict:
+        """An indexed image's info; with ``thumbnail`` also its ``thumbnail`` (JPEG, b"": none)."""
         check_image_id(image_id)
         with self._lock:
             row = self._image_rows([image_id]).get(image_id)
-        if row is None:
-            raise KeyError(image_id)
-        return self._info(row)
+            if row is None:
+                raise KeyError(image_id)
+            info = self._info(row)
+            return {**info, "thumbnail": self.thumbnails.get(image_id)} if thumbnail else info
 
     def get_features(self, image_id: str) -> tuple[dict, DelfFeatures]:
         """An indexed image's info and features (in the order they were added)."""

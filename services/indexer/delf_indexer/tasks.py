@@ -156,7 +156,7 @@ def _bad_id(image_id) -> dict | None:
     return None
 
 
-def _add(image_id, wire, metadata) -> dict:
+def _add(image_id, wire, metadata, thumbnail=None) -> dict:
     if (err := _bad_id(image_id)) is not None:
         return err
     try:
@@ -164,7 +164,7 @@ def _add(image_id, wire, metadata) -> dict:
     except (ValueError, KeyError, TypeError) as exc:
         return error(INVALID_ARGUMENT, f"malformed features: {exc}")
     try:
-        info = get_store().add(image_id, features, metadata or {})
+        info = get_store().add_many([(image_id, features, metadata or {}, thumbnail)])[0]
     except ContractError as exc:  # metadata over the limits (the gateway checks them first)
         return error(exc.code, str(exc))
     except ValueError as exc:
@@ -174,8 +174,9 @@ def _add(image_id, wire, metadata) -> dict:
 
 
 @app.task(name=names.INDEX_ADD)
-def index_add(image_id, features, metadata=None) -> dict:
-    return _add(image_id, features, metadata)
+def index_add(image_id, features, metadata=None, thumbnail=None) -> dict:
+    """``thumbnail``: the photo's JPEG thumbnail (the extractor's), stored with it."""
+    return _add(image_id, features, metadata, thumbnail)
 
 
 def _remove_orphans(image_id: str) -> None:
@@ -229,7 +230,7 @@ def _ingest_index(task, extracted, job_id, image_id) -> dict:
     request = task.request
     if (request.retries or (request.delivery_info or {}).get("redelivered")) and _bad_id(image_id) is None:
         _remove_orphans(image_id)
-    result = _add(image_id, extracted.get("features"), extracted.get("metadata"))
+    result = _add(image_id, extracted.get("features"), extracted.get("metadata"), extracted.get("thumbnail"))
     if failure(result) is None:
         jobs.mark_done(job_id, image_id)
     else:
@@ -259,13 +260,16 @@ def index_search(features, options=None) -> dict:
 
 
 @app.task(name=names.INDEX_GET)
-def index_get(image_id) -> dict:
+def index_get(image_id, options=None) -> dict:
+    """``options`` ``{"thumbnail": True}``: also ``thumbnail`` (JPEG bytes, b"" when none)."""
     if (err := _bad_id(image_id)) is not None:
         return err
+    want = bool((options or {}).get("thumbnail"))
     try:
-        return ok(image=get_store().get(image_id))
+        info = get_store().get(image_id, thumbnail=want)
     except KeyError:
         return _not_found(image_id)
+    return ok(image=info, thumbnail=info.pop("thumbnail")) if want else ok(image=info)
 
 
 @app.task(name=names.INDEX_FEATURES)

@@ -46,6 +46,7 @@ class Verification:
     transform: list[float]            # 9 floats, row-major; [] when unverified
     corners: list[list[float]]        # [[x, y]] x 4 (TL, TR, BR, BL); [] when unverified
     model: str = ""                   # "homography" | "affine" | ""
+    inlier_mask: np.ndarray | None = None  # (M,) bool: RANSAC's inliers; None when no model was fitted
 
 
 def box_corners(image_size, box=None) -> np.ndarray:
@@ -242,8 +243,9 @@ def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
     if h is None:
         return none
     inliers = int(np.count_nonzero(mask))
+    mask = np.asarray(mask).reshape(-1) != 0
     if inliers < min_inliers or inliers < min_inlier_ratio * n:
-        return Verification(inliers, False, [], [], model)
+        return Verification(inliers, False, [], [], model, mask)
     if query_scale is not None and db_scale is not None:
         qs = np.asarray(query_scale, np.float64).reshape(-1)
         ds = np.asarray(db_scale, np.float64).reshape(-1)
@@ -254,6 +256,7 @@ def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
         [float(v) for v in h.reshape(9)],
         [[float(x), float(y)] for x, y in project(h, corners)],
         model,
+        mask,
     )
 
 

@@ -65,8 +65,10 @@ def _mismatch(query: VerifyQuery, cand: SearchCandidate) -> str | None:
 
 
 def verify_candidates(query: dict, candidates: list[dict], options: dict | None = None) -> dict:
-    """``{"ok": True, "matches": [VerifiedMatch wire, ...]}`` best first, or INVALID_ARGUMENT."""
+    """``{"ok": True, "matches": [VerifiedMatch wire, ...]}`` best first, or INVALID_ARGUMENT.
+    With ``options["inlier_idx"]`` each match also says which correspondences are inliers."""
     opts = _options(options)
+    with_inliers = bool((options or {}).get("inlier_idx"))
     try:
         q = VerifyQuery.from_wire(query)
     except (KeyError, TypeError, ValueError) as exc:
@@ -83,7 +85,11 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
         v = verify(q.locations[cand.query_idx], cand.db_xy, q.image_size, q.box, **opts,
                    query_scale=q.scales[cand.query_idx] if both else None,
                    db_scale=cand.db_scale if both else None)
-        matches.append(VerifiedMatch(cand.image_id, cand.votes, v.inliers, v.verified, v.transform, v.corners))
+        inlier_idx = None
+        if with_inliers:
+            inlier_idx = np.flatnonzero(v.inlier_mask) if v.inlier_mask is not None else np.zeros(0, np.int64)
+        matches.append(VerifiedMatch(cand.image_id, cand.votes, v.inliers, v.verified, v.transform, v.corners,
+                                     inlier_idx=inlier_idx))
     return ok(matches=rank([m.to_wire() for m in matches]))
 
 

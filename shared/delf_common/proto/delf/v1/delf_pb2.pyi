@@ -41,7 +41,7 @@ class Point(_message.Message):
     def __init__(self, x: _Optional[float] = ..., y: _Optional[float] = ...) -> None: ...
 
 class SearchRequest(_message.Message):
-    __slots__ = ("image", "image_id", "box", "top_k", "filter")
+    __slots__ = ("image", "image_id", "box", "top_k", "filter", "correspondences")
     class FilterEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -54,15 +54,27 @@ class SearchRequest(_message.Message):
     BOX_FIELD_NUMBER: _ClassVar[int]
     TOP_K_FIELD_NUMBER: _ClassVar[int]
     FILTER_FIELD_NUMBER: _ClassVar[int]
+    CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
     image: bytes
     image_id: str
     box: Box
     top_k: int
     filter: _containers.ScalarMap[str, str]
-    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ...) -> None: ...
+    correspondences: bool
+    def __init__(self, image: _Optional[bytes] = ..., image_id: _Optional[str] = ..., box: _Optional[_Union[Box, _Mapping]] = ..., top_k: _Optional[int] = ..., filter: _Optional[_Mapping[str, str]] = ..., correspondences: _Optional[bool] = ...) -> None: ...
+
+class Correspondence(_message.Message):
+    __slots__ = ("query", "indexed", "inlier")
+    QUERY_FIELD_NUMBER: _ClassVar[int]
+    INDEXED_FIELD_NUMBER: _ClassVar[int]
+    INLIER_FIELD_NUMBER: _ClassVar[int]
+    query: Point
+    indexed: Point
+    inlier: bool
+    def __init__(self, query: _Optional[_Union[Point, _Mapping]] = ..., indexed: _Optional[_Union[Point, _Mapping]] = ..., inlier: _Optional[bool] = ...) -> None: ...
 
 class Match(_message.Message):
-    __slots__ = ("image_id", "metadata", "inliers", "score", "verified", "votes", "transform", "corners")
+    __slots__ = ("image_id", "metadata", "inliers", "score", "verified", "votes", "transform", "corners", "correspondences")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -78,6 +90,7 @@ class Match(_message.Message):
     VOTES_FIELD_NUMBER: _ClassVar[int]
     TRANSFORM_FIELD_NUMBER: _ClassVar[int]
     CORNERS_FIELD_NUMBER: _ClassVar[int]
+    CORRESPONDENCES_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     metadata: _containers.ScalarMap[str, str]
     inliers: int
@@ -86,7 +99,8 @@ class Match(_message.Message):
     votes: int
     transform: _containers.RepeatedScalarFieldContainer[float]
     corners: _containers.RepeatedCompositeFieldContainer[Point]
-    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., inliers: _Optional[int] = ..., score: _Optional[float] = ..., verified: _Optional[bool] = ..., votes: _Optional[int] = ..., transform: _Optional[_Iterable[float]] = ..., corners: _Optional[_Iterable[_Union[Point, _Mapping]]] = ...) -> None: ...
+    correspondences: _containers.RepeatedCompositeFieldContainer[Correspondence]
+    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., inliers: _Optional[int] = ..., score: _Optional[float] = ..., verified: _Optional[bool] = ..., votes: _Optional[int] = ..., transform: _Optional[_Iterable[float]] = ..., corners: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., correspondences: _Optional[_Iterable[_Union[Correspondence, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
     __slots__ = ("matches", "query_features", "elapsed_s")
@@ -116,7 +130,7 @@ class AddImageRequest(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ImageInfo(_message.Message):
-    __slots__ = ("image_id", "metadata", "width", "height", "num_features", "pca_id")
+    __slots__ = ("image_id", "metadata", "width", "height", "num_features", "pca_id", "thumbnail")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -130,13 +144,15 @@ class ImageInfo(_message.Message):
     HEIGHT_FIELD_NUMBER: _ClassVar[int]
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     PCA_ID_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     metadata: _containers.ScalarMap[str, str]
     width: int
     height: int
     num_features: int
     pca_id: str
-    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_features: _Optional[int] = ..., pca_id: _Optional[str] = ...) -> None: ...
+    thumbnail: bytes
+    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_features: _Optional[int] = ..., pca_id: _Optional[str] = ..., thumbnail: _Optional[bytes] = ...) -> None: ...
 
 class DeleteImageRequest(_message.Message):
     __slots__ = ("image_id",)
@@ -153,10 +169,12 @@ class DeleteImageResponse(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., descriptors_removed: _Optional[int] = ...) -> None: ...
 
 class GetImageRequest(_message.Message):
-    __slots__ = ("image_id",)
+    __slots__ = ("image_id", "thumbnail")
     IMAGE_ID_FIELD_NUMBER: _ClassVar[int]
+    THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
     image_id: str
-    def __init__(self, image_id: _Optional[str] = ...) -> None: ...
+    thumbnail: bool
+    def __init__(self, image_id: _Optional[str] = ..., thumbnail: _Optional[bool] = ...) -> None: ...
 
 class IngestItem(_message.Message):
     __slots__ = ("image_id", "metadata", "image", "location")
