@@ -104,3 +104,37 @@ def test_direct_lite_insert_writes_what_the_api_writes_and_survives_a_reopen(tmp
     assert answers["1"][0] == {"images": 5, "descriptors": 5 * 40, "pca_id": "pca-a"}
     assert answers["1"] == answers["0"]
     assert answers["1"][2][0] == "d1" and answers["1"][3][0] == "d3"
+
+
+def test_fast_memtable_flush_builds_the_table_lite_builds(tmp_path, monkeypatch):
+    """The flush builder the store installs gives Lite's own table, row for row, also
+    for rows from several insert batches out of order (a replaced primary key)."""
+    from milvus_lite.storage.memtable import MemTable
+
+    from delf_indexer.lite import _take_rows
+
+    monkeypatch.setenv("DELF_STORED_FEATURES", "0")
+    with DescriptorStore(str(tmp_path / "flush.db"), collection="f") as s:
+        for k in range(3):
+            s.add_many([(f"m{k}{j}", feats(30 + j, 10 * k + j), {}) for j in range(2)])
+        memtable = s._fast._engine()._memtable
+        rows = [(b, r) for b, batch in enumerate(memtable._insert_batches) for r in range(batch.num_rows)]
+        assert len(memtable._insert_batches) >= 3 and len(rows) == sum(2 * 30 + 1 for _ in range(3))
+        shuffled = rows[40:] + rows[:40]
+        lite_own = MemTable._build_data_table._delf_original
+        for picked in (rows, shuffled, rows[5:9]):
+            ours = MemTable._build_data_table(memtable, picked)
+            assert ours.equals(_take_rows(memtable._insert_batches, picked, memtable._data_schema))
+            for theirs in (lite_own(memtable, picked), _lite_build(memtable, picked)):
+                assert ours.schema == theirs.schema and ours.equals(theirs)
+
+
+def _lite_build(memtable, rows):
+    """Lite's own construction: one Python object per cell (what its builder does)."""
+    import pyarrow as pa
+
+    cols = {name: [] for name in memtable._data_schema.names}
+    for b, r in rows:
+        for name in cols:
+            cols[name].append(memtable._insert_batches[b].column(name)[r].as_py())
+    return pa.Table.from_pydict(cols, schema=memtable._data_schema)

@@ -227,7 +227,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_LITE_DIRECT_INSERT", True, _bool,
                 "Milvus Lite only: write descriptor rows to Lite's write-ahead log and memtable as "
                 "columns, in the indexer's process (the same rows, checked by the indexer), instead of "
-                "a dict per row through Lite's insert API. 0: always the insert API.",
+                "a dict per row through Lite's insert API, and let Lite's memtable flush build its "
+                "table with Arrow takes instead of a Python object per cell (the same table). "
+                "0: Lite's own code for both.",
                 "indexer"),
         Setting("DELF_QUERY_FEATURES", 500, int,
                 "Most query descriptors (the best-scored) that search the index and vote; "

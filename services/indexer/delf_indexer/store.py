@@ -51,7 +51,7 @@ from delf_indexer.checks import (  # noqa: F401 - re-exported: the store's names
     check_filter, check_image_id, metadata_matches, metadata_text, quote)
 from delf_indexer.filters import SearchScope, matching_images, search_scope
 from delf_indexer import rows
-from delf_indexer.lite import LiteFastPath
+from delf_indexer.lite import LiteFastPath, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, create_collections, has_field, query_pages, vector_dim)
 from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
@@ -87,7 +87,7 @@ class DescriptorStore:
         self.stored_features = int(config.get("DELF_STORED_FEATURES"))
         self._lock = threading.RLock()
         self._fast = LiteFastPath(self.uri, self.features_name) if self.lite else None
-        self.direct_insert = bool(config.get("DELF_LITE_DIRECT_INSERT"))
+        self.direct_insert = self.lite and bool(config.get("DELF_LITE_DIRECT_INSERT")) and speed_up_flush()
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
         self.client = MilvusClient(uri=self.uri, token=token or "")
