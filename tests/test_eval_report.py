@@ -196,27 +196,29 @@ def test_report_is_self_contained_with_the_photos_as_thumbnails(evaluated, manif
 # --------------------------------------------------------------------------- in a real browser
 
 
-def chromium() -> str:
+@pytest.fixture(scope="module")
+def browser() -> str:
+    """Chromium's path; skips (before the module's evaluation runs) where there is none."""
     for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
         if path := shutil.which(name):
             return path
     pytest.skip("no Chromium installed (Debian: apt-get install chromium)")
 
 
-def run_chromium(page: Path, *args: str) -> tuple[str, list[str]]:
+def run_chromium(browser: str, page: Path, *args: str) -> tuple[str, list[str]]:
     """(stdout, the console lines) of headless Chromium loading `page`."""
     proc = subprocess.run(
-        [chromium(), "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--enable-logging=stderr",
+        [browser, "--headless", "--disable-gpu", "--no-sandbox", "--no-first-run", "--enable-logging=stderr",
          "--v=0", "--hide-scrollbars", f"--user-data-dir={page.parent / 'chromium-profile'}", *args,
          page.as_uri()], capture_output=True, text=True, timeout=120)
     console = [line for line in proc.stderr.splitlines() if "CONSOLE" in line or "Uncaught" in line]
     return proc.stdout, console
 
 
-def test_report_renders_in_chromium_without_console_errors(evaluated, tmp_path):
+def test_report_renders_in_chromium_without_console_errors(browser, evaluated, tmp_path):
     report, _ = evaluated
     shot = tmp_path / "report.png"
-    _, console = run_chromium(report, f"--screenshot={shot}", "--window-size=1280,2000")
+    _, console = run_chromium(browser, report, f"--screenshot={shot}", "--window-size=1280,2000")
     assert console == []
     img = cv2.imread(str(shot))
     assert img is not None and img.shape[:2] == (2000, 1280)
@@ -228,7 +230,7 @@ def test_report_renders_in_chromium_without_console_errors(evaluated, tmp_path):
     broken = report.with_name("broken.html")   # the check does see a script error
     broken.write_text(report.read_text(encoding="utf-8").replace("</body>", "<script>noSuchFunction()</script></body>"),
                       encoding="utf-8")
-    _, console = run_chromium(broken, "--dump-dom")
+    _, console = run_chromium(browser, broken, "--dump-dom")
     assert any("Uncaught ReferenceError" in line for line in console)
 
 
@@ -240,11 +242,11 @@ tables[1].querySelector("th[data-key=query] button").click();       // and back:
 </script></body>"""
 
 
-def test_clicking_a_header_sorts_the_rows(hand_report):
+def test_clicking_a_header_sorts_the_rows(browser, hand_report):
     report = hand_report
     clicked = report.with_name("clicked.html")
     clicked.write_text(report.read_text(encoding="utf-8").replace("</body>", CLICKS), encoding="utf-8")
-    dom, console = run_chromium(clicked, "--dump-dom")
+    dom, console = run_chromium(browser, clicked, "--dump-dom")
     assert console == []
     before, after = parse_report(report.read_text(encoding="utf-8")), parse_report(dom)
     for method in before.methods:   # the same rows, reordered
