@@ -17,6 +17,7 @@ import pytest
 from delf_tools import cli
 from delf_tools import eval_command as ev
 from photos import jpeg, sample_photo, warped_query
+from report_html import parse_report
 
 PAIRS = ("astronaut", "coffee", "rocket")
 
@@ -138,12 +139,22 @@ def test_sift_voting_matches_the_indexer_rule():
 
 @pytest.mark.slow
 def test_delf_method_through_the_running_system(system, tiny_manifest, tmp_path, capsys):
-    out_json = tmp_path / "eval.json"
+    out_json, out_html = tmp_path / "eval.json", tmp_path / "report.html"
     code = cli.main(["--gateway", system.address, "eval", str(tiny_manifest), "--methods", "delf",
-                     "--json", str(out_json)])
+                     "--json", str(out_json), "--report", str(out_html)])
     captured = capsys.readouterr()
     assert code == 0, captured.err
     f = json.loads(out_json.read_text())["delf"]
     assert f["queries"] == 6
     assert f["precision_at_1"] == 1.0, captured
     assert f["ingest_photos_per_s"] > 0 and f["latency_median_s"] > 0
+    # The report (tests/test_eval_report.py checks it in depth): the same APs; results that
+    # are other photos of the shared index (not the manifest's) are shown by id, no picture.
+    page = parse_report(out_html.read_text(encoding="utf-8"))
+    rows = page.methods["delf"]
+    assert len(rows) == 6 and np.mean([r.ap for r in rows]) == pytest.approx(f["map"], abs=1e-12)
+    ours = {f"{name}/{kind}" for name in PAIRS for kind in ("original", "warped")}
+    for row in rows:
+        assert row.figures["first"][0].kind == "right"
+        for fig in row.figures["first"]:
+            assert (fig.thumb is not None) == (fig.image_id in ours), fig

@@ -10,7 +10,7 @@
                 [--show matches.png|matches.html]  ... and draw each match's evidence
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
     delf fit-pca ...                          learn the PCA of the descriptors
-    delf eval MANIFEST ...                    mAP etc. of the running system against two baselines
+    delf eval MANIFEST ... [--report R.html]  mAP etc. of the running system against two baselines
     delf train-attention MANIFEST ...         train the attention head (backbone frozen)
     delf finetune MANIFEST ...                fine-tune the backbone on landmark labels (GPU)
 
@@ -267,8 +267,10 @@ def _tool_commands(sub) -> None:
                                            "(see `delf train-attention --help`)", add_help=False)
     sub.add_parser("finetune", help="fine-tune the backbone with cross-entropy on a manifest's group labels "
                                     "(see `delf finetune --help`)", add_help=False)
-    sub.add_parser("eval", help="retrieval quality against two baselines on a manifest "
-                                "(ingests into the running index; see `delf eval --help`)", add_help=False)
+    sub.add_parser("eval", help="retrieval quality against two baselines on a manifest (--report: an HTML "
+                                "page of every query's results; ingests into the running index; "
+                                "see `delf eval --help`)",
+                   add_help=False)
 
 
 def _job_commands(sub) -> None:

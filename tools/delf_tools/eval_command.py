@@ -1,6 +1,6 @@
 """`delf eval`: retrieval quality of the running system against two baselines.
 
-    delf eval MANIFEST [--gateway ADDR] [--json PATH] [--plot PATH]
+    delf eval MANIFEST [--gateway ADDR] [--json PATH] [--plot PATH] [--report PATH]
                        [--methods delf,global-gem,sift] [--limit N]
 
 MANIFEST is a tab-separated file with a header row and `path` (relative to the
@@ -33,7 +33,10 @@ latency is the search alone, without extracting the query again):
 
 Metrics per method: mAP (`average_precision` over the top 100), precision@1,
 recall@10, median and p95 search latency, ingest photos/s; ``--plot`` draws the
-interpolated precision-recall curves (averaged over queries) as a PNG with OpenCV.
+interpolated precision-recall curves (averaged over queries) as a PNG with OpenCV;
+``--report`` writes one self-contained HTML page to look at (`eval_report`): the summary
+and the curves, then per method and query its thumbnail, AP, first results marked right
+or wrong and the positives it missed with their rank, sortable by AP.
 """
 from __future__ import annotations
 
@@ -47,6 +50,7 @@ from delf_common import config
 from delf_tools.eval_methods import connect, run_delf, run_global_gem, run_sift
 from delf_tools.eval_metrics import JSON_KEYS, format_table, summarise
 from delf_tools.eval_plot import plot_pr
+from delf_tools.eval_report import write_report
 from delf_tools.eval_set import TOP_K, EvalError, Photo, load_photos
 from delf_tools.evaluation import queries_and_positives
 # Also reachable as `eval_command.<name>` (tests and benchmark scripts use them).
@@ -86,6 +90,11 @@ def parser() -> argparse.ArgumentParser:
                    help=f"comma-separated, from {','.join(METHODS)} (default: all)")
     p.add_argument("--json", default=None, metavar="PATH", help="write the figures as JSON, {method: {...}}")
     p.add_argument("--plot", default=None, metavar="PATH", help="write a precision-recall plot (PNG)")
+    p.add_argument("--report", default=None, metavar="PATH",
+                   help="write a self-contained HTML report (no network needed to view it): the summary "
+                        "and precision-recall curves, then per method and query its thumbnail, AP, first "
+                        "results marked right or wrong and the positives it missed with their rank; "
+                        "sortable by AP")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the manifest's first N photos")
     p.add_argument("--top-k", type=int, default=TOP_K, help=f"results ranked per query (default {TOP_K})")
     return p
@@ -93,7 +102,7 @@ def parser() -> argparse.ArgumentParser:
 
 def evaluate(photos: list[Photo], methods: list[str], client=None, top_k: int = TOP_K,
              log: Callable[[str], None] = print) -> dict[str, dict]:
-    """{method: figures (JSON_KEYS plus pr_curve)} on the given photos."""
+    """{method: figures (JSON_KEYS plus pr_curve, and rankings: {query: ranked ids})} on the given photos."""
     groups = {p.image_id: p.group for p in photos}
     queries = queries_and_positives(groups)
     if not queries:
@@ -108,6 +117,7 @@ def evaluate(photos: list[Photo], methods: list[str], client=None, top_k: int = 
         else:
             run = run_sift(photos, queries, top_k, log)
         results[m] = summarise(run, queries, len(photos))
+        results[m]["rankings"] = run.rankings
         log(f"{m}: mAP {results[m]['map']:.3f}")
     return results
 
@@ -146,15 +156,23 @@ def main(argv: list[str] | None = None, *, gateway: str | None = None, token: st
             client.close()
 
     print(format_table(results))
+    return _write_outputs(args, photos, results)
+
+
+def _write_outputs(args: argparse.Namespace, photos: list[Photo], results: dict[str, dict]) -> int:
+    """--json, --plot and --report; 2 when one cannot be written."""
     if args.json:
         out = {m: {k: r[k] for k in JSON_KEYS} for m, r in results.items()}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
-    if args.plot:
-        try:
+    try:
+        if args.plot:
             plot_pr(results, args.plot)
-        except EvalError as exc:
-            print(f"delf eval: {exc}", file=sys.stderr)
-            return 2
+        if args.report:
+            write_report(args.report, photos, results, args.top_k, title=f"delf eval {Path(args.manifest).name}")
+            print(f"report: {args.report}", file=sys.stderr)
+    except EvalError as exc:
+        print(f"delf eval: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 

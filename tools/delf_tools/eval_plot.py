@@ -1,4 +1,5 @@
-"""`delf eval --plot`: the interpolated precision-recall curves as a PNG, drawn with OpenCV."""
+"""`delf eval --plot` (and the report's figure): the interpolated precision-recall curves as a
+PNG, drawn with OpenCV."""
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,6 +14,28 @@ COLOURS = {"delf": (180, 90, 20), "global-gem": (0, 140, 255), "sift": (60, 160,
 
 def plot_pr(results: dict[str, dict], path: str | Path, levels: np.ndarray = RECALL_LEVELS) -> None:
     """Interpolated precision-recall curves (one per method) as a PNG, drawn with OpenCV."""
+    import cv2
+
+    img = draw_pr(results, levels)
+    path = Path(path)
+    if path.parent and not path.parent.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+    if not cv2.imwrite(str(path), img):
+        raise EvalError(f"could not write the plot to {path} (use a .png name)")
+
+
+def pr_png(results: dict[str, dict], levels: np.ndarray = RECALL_LEVELS) -> bytes:
+    """The same plot as PNG bytes (`delf eval --report` embeds it)."""
+    import cv2
+
+    ok, buf = cv2.imencode(".png", draw_pr(results, levels))
+    if not ok:  # pragma: no cover - a BGR uint8 image always encodes
+        raise EvalError("could not encode the precision-recall plot")
+    return buf.tobytes()
+
+
+def draw_pr(results: dict[str, dict], levels: np.ndarray = RECALL_LEVELS) -> np.ndarray:
+    """The precision-recall plot as a BGR uint8 image."""
     import cv2
 
     W, H, left, right, top, bottom = 900, 680, 90, 30, 50, 80
@@ -46,8 +69,4 @@ def plot_pr(results: dict[str, dict], path: str | Path, levels: np.ndarray = REC
         ly = top + ph - 20 - 24 * (len(results) - 1 - n)
         cv2.line(img, (left + 20, ly - 5), (left + 50, ly - 5), colour, 3, cv2.LINE_AA)
         cv2.putText(img, f"{name}  mAP {r['map']:.3f}", (left + 58, ly), font, 0.55, (0, 0, 0), 1, cv2.LINE_AA)
-    path = Path(path)
-    if path.parent and not path.parent.exists():
-        path.parent.mkdir(parents=True, exist_ok=True)
-    if not cv2.imwrite(str(path), img):
-        raise EvalError(f"could not write the plot to {path} (use a .png name)")
+    return img
