@@ -10,6 +10,12 @@ whose messages were lost (a worker killed between Redis' BRPOP and kombu's unack
 record, a gateway restarted mid-stream, a client that went away) can be resumed:
 items neither done nor failed are sent again (``unfinished``). `total` is the number
 of recorded items.
+
+An extracted item waits in ``:extracted`` (id -> msgpack of its metadata, features and
+thumbnail)
+until the index step has recorded it: the index message carries only its id (a claim
+check, `delf_common.parked`), so a lost index message is re-sent from Redis, never
+extracted again.
 """
 from __future__ import annotations
 
@@ -17,6 +23,7 @@ import dataclasses
 import json
 import time
 
+import msgpack
 import redis
 
 from delf_common import config, metrics
@@ -83,6 +90,9 @@ class JobStore:
     def _items_key(self, job_id: str) -> str:
         return self.prefix + job_id + ":items"
 
+    def _extracted_key(self, job_id: str) -> str:
+        return self.prefix + job_id + ":extracted"
+
     def create(self) -> str:
         job_id = new_job_id()
         now = time.time()
@@ -142,6 +152,7 @@ class JobStore:
         pipe.hset(key, mapping=mapping)
         if not interrupted:
             pipe.hdel(key, "interrupted")
+            pipe.delete(self._extracted_key(job_id))  # final: its index steps only record "job cancelled"
         pipe.execute()
 
     def is_interrupted(self, job_id: str) -> bool:
@@ -213,6 +224,48 @@ class JobStore:
         pipe.execute()
         return reopened
 
+    # -- extracted items (claim check, delf_common.parked) ----------------------
+
+    def park(self, job_id: str, item_id: str, extracted: dict) -> None:
+        """Keeps an extracted item (`{"metadata", "features", "thumbnail"?}`, the index step's
+        payload) until its index step is done."""
+        key = self._extracted_key(job_id)
+        pipe = self.redis.pipeline()
+        pipe.hset(key, item_id, msgpack.packb(extracted, use_bin_type=True))
+        pipe.expire(key, JOB_TTL_S)
+        pipe.execute()
+
+    def parked(self, job_id: str, item_id: str) -> dict | None:
+        """The parked item as `park` was given it, or None (never parked, or unparked)."""
+        raw = self.redis.hget(self._extracted_key(job_id), item_id)
+        return None if raw is None else msgpack.unpackb(raw, raw=False)
+
+    def unpark(self, job_id: str, item_id: str) -> None:
+        self.redis.hdel(self._extracted_key(job_id), item_id)
+
+    def parked_ids(self, job_id: str) -> set[str]:
+        return {k.decode() for k in self.redis.hkeys(self._extracted_key(job_id))}
+
+    def parked_unfinished(self, job_id: str) -> list[str]:
+        """Ids of the parked items neither done nor failed (their index step is pending or
+        was lost); the payloads of finished ones (an indexer that died before unparking)
+        are dropped on the way."""
+        _, done, failed = self._keys(job_id)
+        parked = self.parked_ids(job_id)
+        if not parked:
+            return []
+        finished = {m.decode() for m in self.redis.smembers(done)}
+        finished.update(k.decode() for k in self.redis.hkeys(failed))
+        if stale := parked & finished:
+            self.redis.hdel(self._extracted_key(job_id), *stale)
+        return sorted(parked - finished)
+
+    def first_resend(self, job_id: str, progress_mark: str) -> bool:
+        """True once per `progress_mark` (the job's updated_at) and job, across gateways: a
+        job that stays stalled has its parked items re-sent once, not on every sweep."""
+        old = self.redis.set(self.prefix + job_id + ":resent", progress_mark, ex=JOB_TTL_S, get=True)
+        return old is None or old.decode() != progress_mark
+
     def job_ids(self):
         """Every job id in the store (a SCAN: for the gateway's periodic sweep)."""
         for key in self.redis.scan_iter(match=self.prefix + "*", count=1000):
@@ -234,7 +287,10 @@ class JobStore:
     def _maybe_complete(self, job_id: str) -> None:
         status = self.get(job_id)
         if status and status.state == RUNNING and status.finished >= status.total:
-            self.redis.hset(self._keys(job_id)[0], "state", COMPLETED)
+            pipe = self.redis.pipeline()
+            pipe.hset(self._keys(job_id)[0], "state", COMPLETED)
+            pipe.delete(self._extracted_key(job_id))  # every item finished: nothing left to index
+            pipe.execute()
 
     def get(self, job_id: str, explain: bool = False) -> JobStatus | None:
         """The job's status; None when no such job, or when `job_id` is not a job id
@@ -271,26 +327,42 @@ class JobStore:
         """What a stalled job waits for, and the one command that finishes it."""
         # The threshold, not the idle time: a hint that changes on every look is news to no one.
         job_id, idle = status.job_id, f"over {config.get('DELF_JOB_STALLED_AFTER_S'):.0f} s"
-        unfinished = self.unfinished(job_id).values()
-        uploaded = sum(1 for r in unfinished if r["location"] is None)
-        located = len(unfinished) - uploaded
         if status.state == RECEIVING:
             return (f"its client has sent no photo for {idle}: the upload stopped. To finish the job, "
                     f"send the rest: `delf ingest PATH --resume {job_id}` (PATH: the folder or manifest "
                     f"it was started from; photos already done are skipped)")
-        left = f"{len(unfinished)} photo{'s' if len(unfinished) != 1 else ''}"
-        lead = (f"no photo finished for {idle}; {left} not finished. Their tasks were lost or are held "
-                f"by a worker that died (handed out again after DELF_VISIBILITY_TIMEOUT_S="
-                f"{config.get('DELF_VISIBILITY_TIMEOUT_S'):.0f} s; `delf up` restarts dead workers and "
-                f"hands their tasks out at once). Check that the workers run (`delf stats`). ")
+        unfinished = self.unfinished(job_id)
+        parked = self.parked_ids(job_id) & unfinished.keys()  # their features wait in Redis
+        extracted = len(parked)
+        uploaded = sum(1 for i, r in unfinished.items() if r["location"] is None and i not in parked)
+        located = len(unfinished) - extracted - uploaded
+        waits = []
+        if extracted:
+            waits.append(f"{_photos(extracted)} extracted, waiting for an indexer (the gateway sends "
+                         f"their index tasks again by itself once a job is stalled, `delf up` as soon as "
+                         f"a worker dies: still waiting means no indexer takes them)")
+        if located + uploaded:
+            waits.append(f"the tasks of {_photos(located + uploaded)} lost or held by a worker that died "
+                         f"(handed out again after DELF_VISIBILITY_TIMEOUT_S="
+                         f"{config.get('DELF_VISIBILITY_TIMEOUT_S'):.0f} s; `delf up` restarts dead "
+                         f"workers and hands their tasks out at once)")
+        lead = (f"no photo finished for {idle}; {_photos(len(unfinished))} not finished"
+                + "".join(": " + w for w in waits[:1]) + "".join("; " + w for w in waits[1:])
+                + ". Check that the workers run (`delf stats`). ")
         if uploaded:
             return lead + (f"To finish it now: `delf ingest PATH --resume {job_id}` (PATH: the folder or "
                            f"manifest it was started from; {uploaded} of these photos were uploaded as "
                            f"bytes, which the server does not keep, so `delf resume` cannot resend them)")
+        what = " and ".join(w for w in (f"the {located} photos the server reads itself" if located else "",
+                                        f"the index tasks of the {extracted} extracted" if extracted else "") if w)
+        what = what or "them"
         auto = config.get("DELF_JOB_RESUME_AFTER_S")
-        return lead + (f"To finish it now: `delf resume {job_id}` (resends the {located} photos the "
-                       f"server reads itself)" + (f"; the gateway does so by itself after {auto:.0f} s "
-                                                  f"without progress" if auto > 0 else ""))
+        by_itself = f"; the gateway does so by itself after {auto:.0f} s without progress" if auto > 0 else ""
+        return lead + f"To finish it now: `delf resume {job_id}` (resends {what}){by_itself}"
+
+
+def _photos(n: int) -> str:
+    return f"{n} photo{'s' if n != 1 else ''}"
 
 
 def _mark_stalled(status: JobStatus, received_at: float) -> None:

@@ -247,13 +247,13 @@ class Launcher:
                        exclude: set[str] = frozenset()) -> None:
         """Hands out again the unacknowledged tasks of `queues` no live worker holds."""
         from delf_common.celery_app import make_app
-        from delf_tools.orphans import restore_orphans
+        from delf_tools.orphans import hand_out_again
 
         if not queues:
             return
         app = make_app("delf-up")
         try:
-            n = restore_orphans(app, queues, ask_workers=ask_workers, exclude=exclude)
+            n = hand_out_again(app, queues, ask_workers=ask_workers, exclude=exclude)
         except Exception as exc:  # noqa: BLE001 - they still come back after the visibility timeout
             _say(f"could not look for tasks {why}: {exc}")
             return

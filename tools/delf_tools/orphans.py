@@ -13,6 +13,12 @@ and restores the others through kombu (``restore_by_tag``: atomic, skips a task
 acknowledged meanwhile). A task restored while a worker that did not answer still runs
 it is done twice, which the ingest tasks survive (an id indexed again is replaced, a job
 counts an item once). Tasks are idempotent per docs/CONTRACTS.md.
+
+A message can also be lost outright: a worker killed while kombu's BRPOP hands it over
+(popped from the queue, not yet in ``unacked``). For the index step of an ingest job,
+`hand_out_again` then also sends again the index tasks of every unfinished job's
+extracted photos (delf_common.parked: their features wait in Redis); duplicates of tasks
+still queued or restored are no-ops.
 """
 from __future__ import annotations
 
@@ -74,3 +80,21 @@ def restore_orphans(app, queues: set[str], ask_workers: bool = True, exclude: se
         for tag in orphans:
             channel.qos.restore_by_tag(tag, client=channel.client)
     return len(orphans)
+
+
+def hand_out_again(app, queues: set[str], ask_workers: bool = True, exclude: set[str] = frozenset()) -> int:
+    """`restore_orphans`, then, when `queues` hold the index queue, the index tasks of the
+    unfinished jobs' extracted photos (delf_common.parked), said in a line. Returns how many
+    tasks were restored (not counting those re-sent)."""
+    from delf_common.contract import INGEST_INDEX, queue_for_task
+    from delf_common.parked import resend_parked_of_jobs
+    from delf_tools.logsink import say
+
+    restored = restore_orphans(app, queues, ask_workers=ask_workers, exclude=exclude)
+    if queue_for_task(INGEST_INDEX) in queues:
+        resent = resend_parked_of_jobs(app)
+        if n := sum(resent.values()):
+            say(f"re-sent the index tasks of {n} extracted photo{'s' if n != 1 else ''} of "
+                f"{len(resent)} unfinished job{'s' if len(resent) != 1 else ''} (a message lost with a worker "
+                f"is found again this way; duplicates are no-ops)")
+    return restored

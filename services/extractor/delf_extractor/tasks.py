@@ -25,7 +25,7 @@ import time
 
 from celery.signals import celeryd_after_setup, worker_process_init
 
-from delf_common import fetch
+from delf_common import fetch, parked
 from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
 from delf_common.contract import CANCELLED, INVALID_ARGUMENT, error, ok
 from delf_common.images import ImageRejected, check_not_flat, decode_image, thumbnail_jpeg
@@ -162,8 +162,9 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
 
 
 # The result goes to delf.ingest.index as the next step of the chain and is never read
-# from the result backend: do not store it there (it holds a photo's features, and a
-# Redis restart at that moment would fail the task after the work was done).
+# from the result backend: do not store it there (a Redis restart at that moment would
+# fail the task after the work was done). The features themselves wait in the job
+# (delf_common.parked: a lost index message is re-sent from there, not extracted again).
 # URL items: transient fetch failures (connection errors, timeouts, HTTP 5xx/429) are retried
 # with backoff (1, 2, 4, 8, 16 s, jitter; Retry-After honoured up to 30 s), then the item fails.
 FETCH_MAX_RETRIES = 5
@@ -171,8 +172,9 @@ FETCH_MAX_RETRIES = 5
 
 @app.task(name=INGEST_EXTRACT, ignore_result=True)
 def ingest_extract(item: dict, job_id: str) -> dict:
-    """One bulk-ingest item -> ``{"ok": True, "image_id", "metadata", "features", "thumbnail"}``
-    for delf.ingest.index (no ``thumbnail`` when DELF_THUMBNAIL_SIDE is 0)."""
+    """One bulk-ingest item -> its features, metadata and thumbnail (none when DELF_THUMBNAIL_SIDE
+    is 0) parked in the job (delf_common.parked), and ``{"ok": True, "image_id", "parked": True}``
+    for delf.ingest.index; an error is not parked."""
     image_id = item.get("image_id")
     if _job_store().is_cancelled(job_id):  # skip the work; the index step records the item
         return error(CANCELLED, "job cancelled", image_id=image_id)
@@ -185,8 +187,8 @@ def ingest_extract(item: dict, job_id: str) -> dict:
             return error(exc.code, exc.message, image_id=image_id)
         except fetch.FetchError as exc:
             return _fetch_failed(exc, image_id, job_id)
-        reply = ok(image_id=image_id, metadata=dict(item.get("metadata") or {}), features=features)
-        return _with_thumbnail(reply, rgb)
+        extracted = _with_thumbnail({"metadata": dict(item.get("metadata") or {}), "features": features}, rgb)
+    return parked.park(_job_store(), job_id, image_id, extracted)
 
 
 def _fetch_failed(exc: fetch.FetchError, image_id, job_id: str) -> dict:

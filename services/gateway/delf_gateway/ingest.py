@@ -1,9 +1,12 @@
 """Bulk ingestion jobs: StartIngestJob and the job RPCs around it.
 
 Each streamed item is checked, recorded in the job (delf_common.jobs) before it is sent,
-and sent as an extract | index Celery chain. A job whose stream broke or whose messages
-were lost is resumed: by ResumeJob, by a new stream with `delf-resume-job`, or by the
-stall sweeper (DELF_JOB_RESUME_AFTER_S). Items already finished are never redone.
+and sent as an extract | index Celery chain; the extract step parks the features in the
+job and the index step reads them there (delf_common.parked). A job whose stream broke or
+whose messages were lost is resumed: by ResumeJob, by a new stream with `delf-resume-job`,
+or by the sweeper (DELF_JOB_RESUME_AFTER_S); the sweeper also re-sends the index tasks of a
+stalled job's extracted photos (DELF_JOB_STALLED_AFTER_S). Items already finished are
+never redone.
 """
 from __future__ import annotations
 
@@ -14,7 +17,7 @@ import time
 import grpc
 
 from delf_common import celery_app as tasks
-from delf_common import contract, tracing
+from delf_common import config, contract, parked, tracing
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
@@ -168,13 +171,20 @@ class IngestJobs(WorkerCalls):
                         f"; {awaiting} bytes items need `delf ingest PATH --resume {job_id}`" if awaiting else "")
         return out
 
-    def sweep_forever(self, idle_s: float, stop: threading.Event) -> None:
-        interval = min(60.0, max(1.0, idle_s / 4))
+    def sweep_forever(self, resume_after_s: float, stop: threading.Event) -> None:
+        """Every little while: the index tasks of stalled jobs' extracted photos are sent
+        again (once per stall, delf_common.parked), and with `resume_after_s` > 0
+        (DELF_JOB_RESUME_AFTER_S) jobs with no progress for that long are resumed."""
+        stalled_after = config.get("DELF_JOB_STALLED_AFTER_S")
+        shortest = min(stalled_after, resume_after_s) if resume_after_s > 0 else stalled_after
+        interval = min(60.0, max(1.0, shortest / 4))
         while not stop.wait(interval):
             try:
-                self.resume_stalled_jobs(idle_s)
+                parked.resend_parked_of_jobs(self.app, self.jobs, stalled_only=True)
+                if resume_after_s > 0:
+                    self.resume_stalled_jobs(resume_after_s)
             except Exception:  # noqa: BLE001 - Redis away, queue full: the next round tries again
-                log.exception("resuming stalled jobs failed")
+                log.exception("sweeping stalled jobs failed")
 
     def _check_resumable(self, status: JobStatus, stream: bool) -> None:
         if status.state == "COMPLETED":
@@ -191,11 +201,13 @@ class IngestJobs(WorkerCalls):
                                f"once its stream has stopped (no item for {RESUME_STREAM_IDLE_S:.0f} s)")
 
     def _resend_unfinished(self, job_id: str, context, exclude: set[str] = frozenset()) -> tuple[int, int]:
-        """Sends the job's unfinished location items (not in `exclude`) again;
-        returns (re-sent, unfinished bytes items left for the client)."""
-        resent = awaiting = 0
+        """Sends the job's unfinished items (not in `exclude`) again: the index task of those
+        extracted already (parked), the whole chain for location items; returns (re-sent,
+        unfinished bytes items left for the client)."""
+        indexing = set(parked.resend_parked(self.app, self.jobs, job_id, exclude=exclude))
+        resent, awaiting = len(indexing), 0
         for image_id, record in sorted(self.jobs.unfinished(job_id).items()):
-            if image_id in exclude:
+            if image_id in exclude or image_id in indexing:
                 continue
             if record["location"] is None:
                 awaiting += 1

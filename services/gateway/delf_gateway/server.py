@@ -231,9 +231,9 @@ def build_server(address: str | None = None, max_workers: int = 32):
         target=_watch_dependencies, args=(health_servicer, gateway.jobs.redis, stop, interval, require),
         name="health", daemon=True,
     )
-    if config.get("DELF_JOB_RESUME_AFTER_S") > 0:  # off by default
-        threading.Thread(target=gateway.sweep_forever, args=(config.get("DELF_JOB_RESUME_AFTER_S"), stop),
-                         name="job-sweep", daemon=True).start()
+    # Stalled jobs: index tasks of extracted photos re-sent; resumed after DELF_JOB_RESUME_AFTER_S (0: never).
+    threading.Thread(target=gateway.sweep_forever, args=(config.get("DELF_JOB_RESUME_AFTER_S"), stop),
+                     name="job-sweep", daemon=True).start()
     return server, port, stop, watcher
 
 

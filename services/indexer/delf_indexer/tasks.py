@@ -18,6 +18,7 @@ import redis
 from celery.signals import celeryd_after_setup, worker_shutdown
 
 from delf_common import celery_app as names
+from delf_common import parked
 from delf_common.celery_app import app, configure_worker
 from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, ContractError, check_image_id,
                                   error, failure, ok)
@@ -221,20 +222,32 @@ def ingest_index(self, extracted, job_id) -> dict:
 
 def _ingest_index(task, extracted, job_id, image_id) -> dict:
     jobs = JobStore()
+    claim = parked.is_reference(extracted)  # the features wait in the job (delf_common.parked)
+    resent = claim and bool(extracted.get("resent"))
     if jobs.is_cancelled(job_id):
         jobs.mark_failed(job_id, image_id, "job cancelled")
+        if claim:
+            jobs.unpark(job_id, image_id)  # a resume extracts it again
         return error(FAILED_PRECONDITION, "job cancelled")
     if (failed := failure(extracted, INVALID_ARGUMENT, "extraction failed")) is not None:
-        jobs.mark_failed(job_id, image_id, failed.message)
+        jobs.mark_failed(job_id, image_id, failed.message)  # errors are never parked
         return error(failed.code, failed.message)
+    if claim:
+        payload = None if jobs.is_finished(job_id, image_id) else jobs.parked(job_id, image_id)
+        if payload is None:  # a duplicate reference (resent, redelivered): nothing to do
+            jobs.unpark(job_id, image_id)
+            return ok(image_id=image_id, skipped="already recorded")
+        extracted = payload
     request = task.request
-    if (request.retries or (request.delivery_info or {}).get("redelivered")) and _bad_id(image_id) is None:
+    if (request.retries or (request.delivery_info or {}).get("redelivered") or resent) and _bad_id(image_id) is None:
         _remove_orphans(image_id)
     result = _add(image_id, extracted.get("features"), extracted.get("metadata"), extracted.get("thumbnail"))
     if failure(result) is None:
         jobs.mark_done(job_id, image_id)
     else:
         jobs.mark_failed(job_id, image_id, result["error"]["message"])
+    if claim:
+        jobs.unpark(job_id, image_id)  # recorded: a reference sent again is now a no-op
     return result
 
 
