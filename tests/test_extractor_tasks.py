@@ -53,21 +53,27 @@ def test_ingest_extract_task_with_bytes_and_location(worker, tmp_path, monkeypat
     (root / "sub" / "cat.png").write_bytes(png_bytes(data.chelsea()))
     monkeypatch.setenv("DELF_INGEST_ROOTS", str(root))
 
+    jobs = worker._job_store()
+    job = jobs.create()
     out = worker.ingest_extract({"image_id": "a", "metadata": {"k": "v"}, "image": png_bytes(data.coffee()),
-                                 "location": None}, "job1")
-    assert out["ok"] and out["image_id"] == "a" and out["metadata"] == {"k": "v"}
-    assert DelfFeatures.from_wire(out["features"]).image_size == (600, 400)
+                                 "location": None}, job)
+    assert out == {"ok": True, "image_id": "a", "parked": True}  # the index step reads the rest from the job
+    kept = jobs.parked(job, "a")
+    assert kept["metadata"] == {"k": "v"} and DelfFeatures.from_wire(kept["features"]).image_size == (600, 400)
 
-    out = worker.ingest_extract({"image_id": "b", "metadata": {}, "image": None, "location": "sub/cat.png"}, "job1")
-    assert out["ok"] and DelfFeatures.from_wire(out["features"]).image_size == (451, 300)
+    out = worker.ingest_extract({"image_id": "b", "metadata": {}, "image": None, "location": "sub/cat.png"}, job)
+    assert out["ok"] and DelfFeatures.from_wire(jobs.parked(job, "b")["features"]).image_size == (451, 300)
 
     out = worker.ingest_extract({"image_id": "c", "metadata": {}, "image": None,
-                                 "location": "sub/missing.png"}, "job1")
+                                 "location": "sub/missing.png"}, job)
     assert out == {"ok": False, "image_id": "c", "error": {"code": "NOT_FOUND", "message": out["error"]["message"]}}
 
     out = worker.ingest_extract({"image_id": "d", "metadata": {}, "image": b"\x89PNG broken", "location": None},
-                                "job1")
+                                job)
     assert not out["ok"] and out["image_id"] == "d" and out["error"]["code"] == "INVALID_ARGUMENT"
+    assert jobs.parked_ids(job) == {"a", "b"}  # errors are not parked
+    jobs.cancel(job)  # drops what is parked
+    assert not jobs.parked_ids(job)
 
 
 @pytest.fixture

@@ -270,7 +270,8 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_JOB_STALLED_AFTER_S", 120.0, _positive_float,
                 "An ingest job with no progress for this many seconds (RUNNING: no item finished; "
                 "RECEIVING: no item received) is reported as stalled (`Job.stalled`, `delf job`), "
-                "with what it waits for and the command that finishes it.",
+                "with what it waits for and the command that finishes it; the gateway then sends the "
+                "index tasks of its photos already extracted again (once per stall).",
                 "gateway"),
         Setting("DELF_URL_TIMEOUT_S", 30.0, float,
                 "Longest one URL fetch may take (connect and read, redirects included); slower "
