@@ -263,7 +263,11 @@ class JobStore:
     def first_resend(self, job_id: str, progress_mark: str) -> bool:
         """True once per `progress_mark` (the job's updated_at) and job, across gateways: a
         job that stays stalled has its parked items re-sent once, not on every sweep."""
-        old = self.redis.set(self.prefix + job_id + ":resent", progress_mark, ex=JOB_TTL_S, get=True)
+        key = self.prefix + job_id + ":resent"
+        pipe = self.redis.pipeline()  # MULTI: one gateway sees the old mark
+        pipe.getset(key, progress_mark)
+        pipe.expire(key, JOB_TTL_S)
+        old, _ = pipe.execute()
         return old is None or old.decode() != progress_mark
 
     def job_ids(self):

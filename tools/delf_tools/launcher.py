@@ -245,7 +245,7 @@ class Launcher:
 
     def _restore_tasks(self, queues: set[str], ask_workers: bool, why: str,
                        exclude: set[str] = frozenset()) -> None:
-        """Hands out again the unacknowledged tasks of `queues` no live worker holds."""
+        """Hands out again the unacknowledged tasks of `queues` no live worker holds, and parked index tasks."""
         from delf_common.celery_app import make_app
         from delf_tools.orphans import hand_out_again
 
