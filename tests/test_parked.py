@@ -122,7 +122,7 @@ def _exactly_once(cluster: Cluster, sizes: dict[str, int]) -> None:
     try:
         assert store.stats()["images"] == len(sizes) and store.stats()["descriptors"] == sum(sizes.values())
         rows = store._query_all(store.features_name, 'image_id != ""', ["image_id", "generation"])
-        by_image: dict[str, set] = {}
+        by_image: dict[str, list] = {}
         for row in rows:
             by_image.setdefault(row["image_id"], []).append(row["generation"])
         assert {i: len(g) for i, g in by_image.items()} == sizes
