@@ -60,6 +60,7 @@ def test_ingest_extract_task_with_bytes_and_location(worker, tmp_path, monkeypat
     assert out == {"ok": True, "image_id": "a", "parked": True}  # the index step reads the rest from the job
     kept = jobs.parked(job, "a")
     assert kept["metadata"] == {"k": "v"} and DelfFeatures.from_wire(kept["features"]).image_size == (600, 400)
+    assert kept["thumbnail"][:2] == b"\xff\xd8"  # a JPEG, stored with the photo by the index step
 
     out = worker.ingest_extract({"image_id": "b", "metadata": {}, "image": None, "location": "sub/cat.png"}, job)
     assert out["ok"] and DelfFeatures.from_wire(jobs.parked(job, "b")["features"]).image_size == (451, 300)

@@ -136,7 +136,10 @@ def test_duplicate_stale_and_old_form_index_messages(cluster):
     """In process (eager): a reference indexes its parked item once; sent again (plain or
     resent) it is a no-op, as is one whose payload is gone; the old inline form still
     indexes (rolling upgrade); a cancelled job's parked item is failed and unparked."""
+    from photos import sample_photo
+
     from delf_common import parked
+    from delf_common.images import thumbnail_jpeg
     from delf_common.jobs import JobStore
     from delf_indexer import tasks
 
@@ -145,12 +148,15 @@ def test_duplicate_stale_and_old_form_index_messages(cluster):
     try:
         store = tasks.get_store()
         job_id, refs = _job(jobs, {"a": 30, "gone": 20, "inline": 10})
+        thumb = thumbnail_jpeg(sample_photo("coffee"), 64)
+        jobs.park(job_id, "a", {**jobs.parked(job_id, "a"), "thumbnail": thumb})  # as the extractor parks it
         for _ in range(2):
             assert tasks.ingest_index.apply(args=(refs["a"], job_id)).get()["ok"]
         again = tasks.ingest_index.apply(args=(parked.reference("a", resent=True), job_id)).get()
         assert again == {"ok": True, "image_id": "a", "skipped": "already recorded"}, again
         assert store.stats()["images"] == 1 and store.stats()["descriptors"] == 30
         assert jobs.parked(job_id, "a") is None  # recorded: unparked
+        assert store.get("a", thumbnail=True)["thumbnail"] == thumb  # the parked thumbnail went with it
 
         jobs.unpark(job_id, "gone")  # its payload lost (expired): the reference does nothing
         assert tasks.ingest_index.apply(args=(refs["gone"], job_id)).get()["skipped"]
