@@ -341,9 +341,15 @@ def plot(paths: list[Path], out: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, (ax_ram, ax_lat) = plt.subplots(1, 2, figsize=(11, 4.2))
+    series: dict[str, list[dict]] = {}  # one line per setting, whichever files its sizes are in
     for path in paths:
-        runs = sorted(json.loads(Path(path).read_text()), key=lambda r: r["photos"])
-        label = f"{runs[0]['backend']} {runs[0].get('index', '')}".strip()
+        for r in json.loads(Path(path).read_text()):
+            label = f"{r['backend']} {r.get('index', '')}".strip()
+            if r.get("stored_per_photo"):
+                label += f", {r['stored_per_photo']} stored"
+            series.setdefault(label, []).append(r)
+    for label, runs in series.items():
+        runs.sort(key=lambda r: r["photos"])
         x = [r["photos"] for r in runs]
         ax_ram.plot(x, [r["ram_bytes_per_photo"] / 1024 for r in runs], "o-", label=label)
         ax_lat.plot(x, [r["search_bytes_median_s"] for r in runs], "o-", label=f"{label}, median")
