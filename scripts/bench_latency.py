@@ -149,7 +149,7 @@ def fill(store, size: int, real: dict, distractors: Distractors, log) -> dict:
             log(f"  {rows} rows, {rows / (time.monotonic() - t0):.0f} rows/s")
     insert_s = time.monotonic() - t0
     t = time.monotonic()
-    store._settle()
+    store.settle()
     return {"real_photos": len(added), "rows": rows, "insert_rows_per_s": rows / insert_s,
             "settle_s": time.monotonic() - t}
 

@@ -111,7 +111,7 @@ def test_fast_memtable_flush_builds_the_table_lite_builds(tmp_path, monkeypatch)
     for rows from several insert batches out of order (a replaced primary key)."""
     from milvus_lite.storage.memtable import MemTable
 
-    from delf_indexer.lite import _take_rows
+    from delf_indexer.lite_patches import _take_rows
 
     monkeypatch.setenv("DELF_STORED_FEATURES", "0")
     with DescriptorStore(str(tmp_path / "flush.db"), collection="f") as s:
@@ -138,3 +138,70 @@ def _lite_build(memtable, rows):
         for name in cols:
             cols[name].append(memtable._insert_batches[b].column(name)[r].as_py())
     return pa.Table.from_pydict(cols, schema=memtable._data_schema)
+
+
+@pytest.mark.parametrize("points", [4, 0])
+def test_lite_trains_its_ivf_lists_on_the_configured_sample(tmp_path, monkeypatch, points):
+    """DELF_LITE_TRAIN_POINTS reaches the k-means of every segment index Lite builds (0:
+    Lite's own, faiss' 256 per list), every row is still indexed, and photos are found."""
+    import faiss
+
+    monkeypatch.setenv("DELF_LITE_NLIST", "8")
+    monkeypatch.setenv("DELF_LITE_TRAIN_POINTS", str(points))
+    monkeypatch.setenv("DELF_STORED_FEATURES", "0")
+    with DescriptorStore(str(tmp_path / "train.db"), collection="t") as s:
+        photos = {f"p{k}": feats(300, 40 + k) for k in range(4)}
+        s.add_many(list((k, f, {}) for k, f in photos.items()))
+        for k, f in photos.items():
+            assert s.search(noisy(f, 0.02, 1), shortlist=1)[0]["image_id"] == k
+        segments, _ = s._lite_snapshot()
+        built = [(seg.num_rows, seg.indexes["desc"]._index) for seg in segments if seg.num_rows]
+        assert sum(rows for rows, _ in built) == 4 * 300
+        for rows, index in built:
+            assert isinstance(index, faiss.IndexIVFScalarQuantizer) and index.ntotal == rows
+            assert index.cp.max_points_per_centroid == (points or 256)
+    assert isinstance(faiss.IndexIVFScalarQuantizer, type)  # faiss itself is untouched
+
+
+def test_training_sample_declines_other_lite_internals(monkeypatch):
+    """When Lite's index modules do not hold faiss as expected, nothing is patched."""
+    import milvus_lite.index.faiss_ivf_flat as flat_module
+    import milvus_lite.index.faiss_ivf_sq8 as sq8_module
+
+    from delf_indexer.lite_patches import sample_training
+
+    before = sq8_module.faiss
+    monkeypatch.setattr(flat_module, "faiss", object())
+    assert sample_training(16) is False
+    assert sq8_module.faiss is before
+
+
+def test_settle_waits_for_lite_s_index_build_however_long_and_a_search_does_not(tmp_path, monkeypatch, caplog):
+    """`settle()` (bulk loads, benchmarks) returns only once Lite's background index build is
+    done, saying so each minute; a search's own settle gives up after its timeout and
+    searches what is not indexed yet exactly, with a warning."""
+    import concurrent.futures
+    import logging
+
+    with DescriptorStore(str(tmp_path / "wait.db"), collection="w") as s:
+        s.add("a", feats(200, 5), {})
+        engine = s._fast._engine()
+        own, calls = engine._wait_for_bg, []
+
+        def slow(timeout=None):  # a build that outlasts three waits
+            calls.append(timeout)
+            if len(calls) <= 3:
+                raise concurrent.futures.TimeoutError()
+            own(timeout=timeout)
+
+        monkeypatch.setattr(engine, "_wait_for_bg", slow)
+        with caplog.at_level(logging.INFO, logger="delf_indexer.lite"):
+            s.settle()
+        assert len(calls) == 4 and calls[0] == 60.0
+        assert sum("still indexing" in r.getMessage() for r in caplog.records) == 3
+        calls.clear()
+        assert s._fast.wait_for_index(timeout=0.0) is False
+        assert any("exactly" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
+        s.add("b", feats(200, 6), {})
+        calls.clear()
+        assert s.search(noisy(feats(200, 6), 0.02, 1), shortlist=1)[0]["image_id"] == "b"

@@ -162,8 +162,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_MILVUS_TOKEN", "", str,
                 "Milvus token (`user:password` or an API key) for a server.", "indexer"),
         Setting("DELF_LITE_NLIST", 1024, _positive_int,
-                "IVF lists per Milvus Lite segment (up to 100k descriptors), set when the collection "
-                "is created; an existing collection keeps its own.", "indexer"),
+                "IVF lists per Milvus Lite segment (a segment holds what one memtable flush wrote, "
+                "about 300k descriptors in bulk), set when the collection is created; an existing "
+                "collection keeps its own.", "indexer"),
+        Setting("DELF_LITE_TRAIN_POINTS", 64, _non_negative_int,
+                "Descriptors per IVF list that Milvus Lite's k-means trains on when it indexes a "
+                "new segment (a sample; every descriptor is still indexed): fewer makes rows "
+                "searchable sooner; 0: Lite's own (up to 256 per list).", "indexer"),
         Setting("DELF_STORED_FEATURES", 500, _non_negative_int,
                 "Descriptors the indexer keeps per indexed photo: the best-scored ones; 0: all the "
                 "extractor finds. Queries keep DELF_QUERY_FEATURES (docs/SCALING.md).", "indexer"),

@@ -56,22 +56,42 @@ class LiteFastPath:
         except Exception:  # pragma: no cover - depends on milvus-lite internals
             return None
 
-    def wait_for_index(self, timeout: float = 600) -> None:
-        """Wait for Lite's background compaction and index build after a flush.
+    def wait_for_index(self, timeout: float | None = 600) -> bool:
+        """Wait for Lite's background compaction and index build after a flush; True when
+        it finished, False after `timeout` seconds (None: however long it takes, with a log
+        line a minute) or when the internals are not as expected.
 
         Lite searches its memtable and any segment whose index is not built yet by a
         numpy broadcast (queries x rows x dim floats: gigabytes for a few hundred
         queries), and builds indexes in a background thread after a flush. Without
         this hook (other internals) the store only flushes.
         """
+        import concurrent.futures
+        import time
+
         try:
             from milvus_lite.server_manager import server_manager_instance
 
             entry = server_manager_instance._servers.get(self.uri)
-            if entry is not None:
-                entry[1].get_collection(self.collection)._wait_for_bg(timeout=timeout)
+            if entry is None:
+                return False
+            collection = entry[1].get_collection(self.collection)
+            start = time.monotonic()
+            while True:
+                step = 60.0 if timeout is None else max(0.0, min(60.0, start + timeout - time.monotonic()))
+                try:
+                    collection._wait_for_bg(timeout=step)
+                    return True
+                except concurrent.futures.TimeoutError:
+                    waited = time.monotonic() - start
+                    if timeout is not None and waited >= timeout:
+                        log.warning("Milvus Lite is still indexing after %.0f s; searches scan the "
+                                    "segments it has not indexed yet exactly", waited)
+                        return False
+                    log.info("Milvus Lite is still indexing new segments (%.0f s so far)", waited)
         except Exception:  # pragma: no cover - depends on milvus-lite internals
             log.warning("could not wait for Milvus Lite's background index build", exc_info=True)
+            return False
 
     def release(self) -> None:
         """Stop the in-process Lite server of this file (after the client closed), so its
@@ -324,48 +344,3 @@ def _wal_batch(col, columns: dict[str, np.ndarray]):
         if len(arrays[name]) != n:
             raise ValueError(f"{name}: {len(arrays[name])} values for {n} rows")
     return pa.RecordBatch.from_arrays([arrays[f] for f in schema.names], schema=schema)
-
-
-def speed_up_flush() -> bool:
-    """Make Milvus Lite's memtable flush build its table with Arrow takes, a run of rows of
-    one insert batch at a time, instead of one Python object per cell (most of a flush's
-    time: seconds per 100k rows). Same table; any surprise falls back to Lite's own code.
-    Idempotent; False when Lite's memtable is not as expected (nothing changed)."""
-    try:
-        from milvus_lite.storage.memtable import MemTable
-
-        original = MemTable._build_data_table
-    except (ImportError, AttributeError):
-        return False
-    if getattr(original, "_delf_fast", False):
-        return True
-
-    def build(self, rows):
-        try:
-            table = _take_rows(self._insert_batches, rows, self._data_schema)
-        except Exception:  # noqa: BLE001 - Lite's internals differ: its own code
-            log.warning("fast memtable flush declined; using Milvus Lite's", exc_info=True)
-            table = None
-        return original(self, rows) if table is None else table
-
-    build._delf_fast = True
-    build._delf_original = original
-    MemTable._build_data_table = build
-    return True
-
-
-def _take_rows(batches, rows, schema):
-    """The Arrow table of `rows` ((batch index, row index) pairs, in order) of `batches`,
-    with `schema`'s columns; None for no rows."""
-    import pyarrow as pa
-
-    if not rows:
-        return None
-    where = np.asarray(rows, dtype=np.int64).reshape(-1, 2)
-    cuts = np.flatnonzero(np.diff(where[:, 0])) + 1
-    parts = []
-    for start, end in zip(np.r_[0, cuts], np.r_[cuts, len(where)]):
-        batch = batches[int(where[start, 0])]
-        taken = batch.select(schema.names).take(pa.array(where[start:end, 1]))
-        parts.append(pa.Table.from_batches([taken]).cast(schema))
-    return pa.concat_tables(parts).combine_chunks()

@@ -51,7 +51,8 @@ from delf_indexer.checks import (  # noqa: F401 - re-exported: the store's names
     check_filter, check_image_id, metadata_matches, metadata_text, quote)
 from delf_indexer.filters import SearchScope, matching_images, search_scope
 from delf_indexer import rows
-from delf_indexer.lite import LiteFastPath, speed_up_flush
+from delf_indexer.lite import LiteFastPath
+from delf_indexer.lite_patches import sample_training, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, create_collections, has_field, query_pages, vector_dim)
 from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
@@ -88,6 +89,8 @@ class DescriptorStore:
         self._lock = threading.RLock()
         self._fast = LiteFastPath(self.uri, self.features_name) if self.lite else None
         self.direct_insert = self.lite and bool(config.get("DELF_LITE_DIRECT_INSERT")) and speed_up_flush()
+        if self.lite:
+            sample_training(int(config.get("DELF_LITE_TRAIN_POINTS")))
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
         self.client = MilvusClient(uri=self.uri, token=token or "")
@@ -156,12 +159,13 @@ class DescriptorStore:
 
     # ------------------------------------------------------------ Lite upkeep
     def settle(self) -> None:
-        """Make every write so far searchable through the ANN index (Milvus Lite; a no-op
-        on a server)."""
+        """Make every write so far searchable through the ANN index, however long Milvus
+        Lite's index build takes (bulk loads; a no-op on a server). A search settles too,
+        but waits at most 600 s before it scans unindexed segments exactly."""
         with self._lock:
-            self._settle()
+            self._settle(timeout=None)
 
-    def _settle(self) -> None:
+    def _settle(self, timeout: float | None = 600) -> None:
         """Milvus Lite only: make every row searchable through the ANN index.
 
         Lite searches its memtable and any segment whose index is not built yet by a
@@ -173,7 +177,7 @@ class DescriptorStore:
         if not self.lite or not self._dirty or not self.exists:
             return
         self.client.flush(self.features_name)
-        self._fast.wait_for_index()
+        self._fast.wait_for_index(timeout)  # after a timeout, searches scan the rest exactly
         self._dirty = False
 
     def _lite_snapshot(self):
