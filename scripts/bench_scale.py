@@ -30,6 +30,8 @@ type comes from DELF_MILVUS_INDEX (``--server-index``).
 
     .venv/bin/python scripts/bench_scale.py --sizes 1000,10000,30000 --json scale.json
     .venv/bin/python scripts/bench_scale.py --sizes 30000 --backend server --server-index IVF_SQ8
+    DELF_MILVUS_INDEX_PARAMS='{"m": 12}' .venv/bin/python scripts/bench_scale.py --sizes 30000 \
+        --backend server --server-index IVF_PQ --server-mmap
     .venv/bin/python scripts/bench_scale.py --plot scale.json [more.json ...] --out scale.png
 """
 from __future__ import annotations
@@ -113,12 +115,18 @@ class ServerBackend:
 
     name = "server"
 
-    def __init__(self, work: Path):
+    def __init__(self, work: Path, mmap: bool = False):
         from milvus import MilvusServer
 
         self.base = work / "milvus"
         self.server = MilvusServer()
         self.server.set_base_dir(str(self.base))
+        # Milvus 2.3 maps sealed segments' raw fields from this folder instead of loading
+        # them into RAM (2.4+: queryNode.mmap.*). The PyPI package's config template lacks
+        # the key; Milvus reads QUERYNODE_MMAPDIRPATH from the environment as that key.
+        os.environ.pop("QUERYNODE_MMAPDIRPATH", None)
+        if mmap:
+            os.environ["QUERYNODE_MMAPDIRPATH"] = str(self.base / "mmap")
         self.server.start()
         self.env = {"DELF_MILVUS_URI": self.uri(), "DELF_MILVUS_TOKEN": "root:Milvus"}
 
@@ -132,7 +140,8 @@ class ServerBackend:
         return [proc.pid] + [p.pid for p in proc.children(recursive=True)]
 
     def disk_bytes(self) -> int:
-        return _du(self.base)
+        """The server's stored data and its mmap files (not its binaries and logs)."""
+        return sum(_du(self.base / part) for part in ("data", "mmap") if (self.base / part).exists())
 
     def stop(self) -> None:
         self.server.stop()
@@ -218,6 +227,14 @@ def rss_bytes(pids: list[int]) -> int:
     return sum(psutil.Process(pid).memory_info().rss for pid in pids)
 
 
+def file_backed_bytes(pids: list[int]) -> int:
+    """The part of rss_bytes that is mapped files (e.g. mmapped segments): pages the OS
+    may drop and read back."""
+    import psutil
+
+    return sum(psutil.Process(pid).memory_info().shared for pid in pids)
+
+
 def timed_searches(client, inputs: Inputs) -> dict:
     by_bytes, by_id = [], []
     for qid in inputs.timed:
@@ -256,7 +273,9 @@ def measure_system(work: Path, backend, inputs: Inputs, photos: int, env: dict) 
         client.search(image_id=inputs.timed[0], top_k=10)  # warm-up: the indexer opens the index
         out = timed_searches(client, inputs)
         out.update(accuracy(client, inputs))
-        held = rss_bytes(indexer_pids(proc.pid) + backend.index_pids())
+        pids = indexer_pids(proc.pid) + backend.index_pids()
+        held = rss_bytes(pids)
+        out["ram_file_backed_bytes"] = file_backed_bytes(pids)
         out["ram_bytes_per_photo"] = held / photos
         out["ram_bytes"] = held
         client.close()
@@ -283,7 +302,7 @@ def run_size(args, inputs: Inputs, photos: int) -> dict:
     stored = int(config.get("DELF_STORED_FEATURES")) or 1000
     with tempfile.TemporaryDirectory(prefix="delf-bench-scale-", dir=args.work) as tmp:
         work = Path(tmp)
-        backend = (ServerBackend if args.backend == "server" else LiteBackend)(work)
+        backend = ServerBackend(work, args.server_mmap) if args.backend == "server" else LiteBackend(work)
         try:
             log(f"{backend.name} {photos} photos: filling ({stored} descriptors per photo)")
             info = build_index(backend, inputs, photos, stored)
@@ -299,6 +318,7 @@ def run_size(args, inputs: Inputs, photos: int) -> dict:
             **{k: result[k] for k in ("search_bytes_median_s", "search_bytes_p95_s", "search_id_median_s",
                                       "map", "precision_at_1")},
             "extra": {"settle_s": info["settle_s"], "ram_bytes": result["ram_bytes"],
+                      "ram_file_backed_bytes": result["ram_file_backed_bytes"],
                       "queries": result["queries"], "map_queries": result["map_queries"],
                       "cpu_cores": os.cpu_count()}}
 
@@ -312,8 +332,12 @@ def _system_env(args) -> dict[str, str]:
 def _index_name(args) -> str:
     from delf_indexer.settings import IndexSettings
 
-    return IndexSettings.for_lite().index_type if args.backend == "lite" else \
-        IndexSettings.for_uri("http://milvus").index_type
+    if args.backend == "lite":
+        return IndexSettings.for_lite().index_type
+    index = IndexSettings.for_uri("http://milvus")
+    params = index.build_params_for(96) if index.index_type == "IVF_PQ" else {}
+    return " ".join([index.index_type, *(f"{k}={v}" for k, v in sorted(params.items()) if k == "m"),
+                     *(["mmap"] if args.server_mmap else [])])
 
 
 # ----------------------------------------------------------------------------- output
@@ -369,6 +393,8 @@ def parse_args(argv=None):
     p.add_argument("--sizes", default="1000,10000,30000", help="photos per index, comma-separated")
     p.add_argument("--backend", choices=("lite", "server"), default="lite")
     p.add_argument("--server-index", default="", help="DELF_MILVUS_INDEX for --backend server")
+    p.add_argument("--server-mmap", action="store_true",
+                   help="--backend server: map sealed segments' raw fields from disk (queryNode.mmapDirPath)")
     p.add_argument("--json", type=Path, help="write the results (a list, one object per size)")
     p.add_argument("--queries", type=int, default=20, help="photos searched for the latency figures")
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)

@@ -165,7 +165,7 @@ SETTINGS: dict[str, Setting] = {
                 "IVF lists per Milvus Lite segment (a segment holds what one memtable flush wrote, "
                 "about 300k descriptors in bulk), set when the collection is created; an existing "
                 "collection keeps its own.", "indexer"),
-        Setting("DELF_LITE_TRAIN_POINTS", 64, _non_negative_int,
+        Setting("DELF_LITE_TRAIN_POINTS", 128, _non_negative_int,
                 "Descriptors per IVF list that Milvus Lite's k-means trains on when it indexes a "
                 "new segment (a sample; every descriptor is still indexed): fewer makes rows "
                 "searchable sooner; 0: Lite's own (up to 256 per list).", "indexer"),

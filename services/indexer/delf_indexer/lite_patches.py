@@ -8,9 +8,9 @@ Milvus Lite"):
   the patch builds the same table with Arrow takes.
 * ``sample_training``: its IVF index build trains the k-means quantizer of every new
   segment on every vector (faiss' cap, 256 per list, is above a segment's rows); the patch
-  caps the training points per list (``DELF_LITE_TRAIN_POINTS``), as faiss itself does for
-  larger inputs. The lists, the codes and every row stay the same; only the centroids are
-  fitted on a sample.
+  caps the training points per list (``DELF_LITE_TRAIN_POINTS``, default 128), as faiss
+  itself does for larger inputs. Every row is still indexed; only the centroids are fitted
+  on a sample (fewer points: faster, but less even lists, so slower searches).
 
 Like ``delf_indexer.lite``, this touches names Lite does not promise to keep; each patch
 checks them first and changes nothing (answers False) when they are not as expected.
