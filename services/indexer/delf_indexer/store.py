@@ -166,14 +166,10 @@ class DescriptorStore:
             self._settle(timeout=None)
 
     def _settle(self, timeout: float | None = 600) -> None:
-        """Milvus Lite only: make every row searchable through the ANN index.
-
-        Lite searches its memtable and any segment whose index is not built yet by a
-        brute-force numpy broadcast, and builds indexes in a background thread after a
-        flush. So before a search that follows writes: flush, then wait for that
-        background compaction + index build (``LiteFastPath.wait_for_index``). A Milvus
-        server needs none of this.
-        """
+        """Milvus Lite only: make every row searchable through the ANN index. Lite builds
+        segment indexes in a background thread after a flush; until then it scans them
+        by brute force. So before a search that follows writes: flush, then wait for that
+        build (``LiteFastPath.wait_for_index``). A Milvus server needs none of this."""
         if not self.lite or not self._dirty or not self.exists:
             return
         self.client.flush(self.features_name)
