@@ -350,9 +350,12 @@ def _index_name(args) -> str:
     if args.backend == "lite":
         return IndexSettings.for_lite().index_type
     index = IndexSettings.for_uri("http://milvus")
-    params = index.build_params_for(96) if index.index_type == "IVF_PQ" else {}
-    return " ".join([index.index_type, *(f"{k}={v}" for k, v in sorted(params.items()) if k == "m"),
-                     *(["mmap"] if args.server_mmap else [])])
+    parts = [index.index_type]
+    if index.index_type == "IVF_PQ":
+        parts.append(f"m={index.build_params_for(96)['m']}")
+    if args.server_mmap:
+        parts.append("mmap")
+    return " ".join(parts)
 
 
 # ----------------------------------------------------------------------------- output

@@ -1,4 +1,4 @@
-"""Milvus Lite's own write-side code made faster, in this process (patches, each undoable).
+"""Milvus Lite's own write-side code made faster, in this process (patches).
 
 Milvus Lite (milvus-lite 3.2.x, pinned in pyproject.toml) is pure Python around faiss; two
 of its steps bound how fast rows become searchable (BENCHMARKS.md, "Indexer write path on
