@@ -64,6 +64,7 @@ def real_features(photos: Path, cache: Path):
 
     rows = read_manifest(photos / "MANIFEST.tsv")
     path = cache / "real.npz"
+    cache.mkdir(parents=True, exist_ok=True)
     ranking_cache = Path("/tmp/delf-bench-ranking.npz")  # scripts/bench_ranking.py's, same extractor
     default_extractor = not (os.environ.get("DELF_MODEL") or os.environ.get("DELF_PCA"))
     if not path.exists() and ranking_cache.exists() and default_extractor:

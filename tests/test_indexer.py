@@ -130,9 +130,19 @@ def test_mixed_pca_refused(store):
     with pytest.raises(ValueError, match="dimensions"):
         store.add("c", feats(50, 3, dim=64))
     assert store.stats() == {"images": 1, "descriptors": 50, "pca_id": "pca-a"}
-    # the only image may be replaced under a new projection
+    assert store.search(feats(50, 1, pca="pca-a"), shortlist=1)[0]["image_id"] == "a"
+    with pytest.raises(ValueError, match="pca_id"):  # a search refuses the other projection too
+        store.search(feats(50, 1, pca="pca-b"))
+    # the only image may be replaced under a new projection; searches follow it
     store.add("a", feats(40, 4, pca="pca-b"))
     assert store.stats()["pca_id"] == "pca-b"
+    assert store.search(feats(40, 4, pca="pca-b"), shortlist=1)[0]["image_id"] == "a"
+    with pytest.raises(ValueError, match="pca_id"):
+        store.search(feats(50, 1, pca="pca-a"))
+    store.delete("a")  # an empty index: any projection may come next, and none matches
+    assert store.search(feats(50, 1, pca="pca-a")) == []
+    store.add("c", feats(30, 5, pca="pca-c"))
+    assert store.search(feats(30, 5, pca="pca-c"), shortlist=1)[0]["image_id"] == "c"
 
 
 def test_persists_across_stores(tmp_path):

@@ -93,6 +93,7 @@ class DescriptorStore:
             sample_training(int(config.get("DELF_LITE_TRAIN_POINTS")))
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
+        self._pca: str | None = None  # Lite: the index's pca_id, read once per write
         self.client = MilvusClient(uri=self.uri, token=token or "")
         self.thumbnails = ThumbnailStore(self.client, f"{name}_thumbnails")
         self._dim: int | None = None
@@ -167,9 +168,8 @@ class DescriptorStore:
 
     def _settle(self, timeout: float | None = 600) -> None:
         """Milvus Lite only: make every row searchable through the ANN index. Lite builds
-        segment indexes in a background thread after a flush; until then it scans them
-        by brute force. So before a search that follows writes: flush, then wait for that
-        build (``LiteFastPath.wait_for_index``). A Milvus server needs none of this."""
+        segment indexes in a background thread after a flush (until then it scans them
+        exactly): so before a search that follows writes, flush and wait for that build."""
         if not self.lite or not self._dirty or not self.exists:
             return
         self.client.flush(self.features_name)
@@ -210,12 +210,15 @@ class DescriptorStore:
     _info = staticmethod(rows.stored_info)
 
     def _collection_pca(self) -> str | None:
-        """pca_id of the indexed images (None when the index holds none)."""
-        if not self.exists:
-            return None
+        """pca_id of the indexed images (None when none); on Lite kept until this store
+        writes (no other process writes its file), saving a query per search."""
+        if self._pca is not None or not self.exists:
+            return self._pca
         rows = self.client.query(self.images_name, filter='image_id != ""',
                                  output_fields=["pca_id"], limit=1)
-        return rows[0]["pca_id"] if rows else None
+        pca = rows[0]["pca_id"] if rows else None
+        self._pca = pca if self.lite else None
+        return pca
 
     # ------------------------------------------------------------ writes
     feature_rows = staticmethod(rows.feature_rows)
@@ -255,7 +258,7 @@ class DescriptorStore:
                         f"image_id == {quote(row['image_id'])} and generation != {row['generation']}"))
             self.thumbnails.write({i.image_id: i.thumbnail for i in images if i.thumbnail}, replaced=old)
             self.client.upsert(self.images_name, image_rows)
-            self._dirty = True
+            self._dirty, self._pca = True, None
         return [rows.info(image) for image in images]
 
     def _insert_features(self, images: list[rows.NewImage], generations: list[int]) -> None:
@@ -319,7 +322,7 @@ class DescriptorStore:
             removed = self._count(self.features_name, expr)
             self.client.delete(self.images_name, filter=expr)
             self.client.delete(self.features_name, filter=expr)
-            self._dirty = True
+            self._dirty, self._pca = True, None
             return removed
 
     # ------------------------------------------------------------ reads
