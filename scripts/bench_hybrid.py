@@ -5,7 +5,7 @@ Issue 4 welcomes a hybrid "if it measures better". This measures it offline, wit
 pieces the system uses, before anyone builds it into the services:
 
 * local features: the default extractor, the 500 best-scored query descriptors
-  (DELF_QUERY_FEATURES), exact kNN voting as the indexer does (11 neighbours, ratio 0.9,
+  (DELF_QUERY_FEATURES), exact kNN voting as the indexer did then (11 neighbours, ratio 0.9,
   shortlist 50; `ExactVoter`), the verifier's RANSAC and the shipped verification rule
   (8 px, 25 inliers and 15% of the correspondences);
 * global descriptor: `delf eval`'s global-gem baseline (EfficientNet-Lite0 head, GeM p=3,

@@ -3,7 +3,8 @@
 
 Extracts every photo once with the default extractor (cached in --cache), then for
 each query (photos whose group has another) runs exact numpy kNN over all other
-photos' descriptors, the indexer's ratio-test voting (11 neighbours, 0.9) and
+photos' descriptors, ratio-test voting (11 neighbours, 0.9: the indexer's default when the
+rule was chosen; it fetches DELF_NEIGHBOURS + 1 = 21 since 2026-11-30) and
 50-image shortlist, and the verifier's RANSAC (delf_verifier.ransac.verify).
 Rankings compared: votes only; verified first by inliers, then the rest by votes,
 where verified = inliers >= gate and inliers >= ratio x correspondences, for several

@@ -387,7 +387,7 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
     monkeypatch.setenv("DELF_MILVUS_INDEX", "auto")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_SQ8"
-    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 16
+    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 6
     monkeypatch.setenv("DELF_LITE_NPROBE", "4")
     assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 4
     for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]"),

@@ -172,7 +172,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_STORED_FEATURES", 500, _non_negative_int,
                 "Descriptors the indexer keeps per indexed photo: the best-scored ones; 0: all the "
                 "extractor finds. Queries keep DELF_QUERY_FEATURES (docs/SCALING.md).", "indexer"),
-        Setting("DELF_LITE_NPROBE", 16, _positive_int,
+        Setting("DELF_LITE_NPROBE", 6, _positive_int,
                 "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
                 "(at most all of them): fewer is faster, more finds more true neighbours.",
                 "indexer"),
@@ -239,7 +239,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_QUERY_FEATURES", 500, int,
                 "Most query descriptors (the best-scored) that search the index and vote; "
                 "0: all of them.", "indexer"),
-        Setting("DELF_NEIGHBOURS", 10, int,
+        Setting("DELF_NEIGHBOURS", 20, int,
                 "Nearest neighbours per query descriptor that may vote "
                 "(one more is fetched for the ratio test).", "indexer"),
         Setting("DELF_RATIO", 0.9, float,
