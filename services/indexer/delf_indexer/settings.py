@@ -57,7 +57,7 @@ class IndexSettings:
     squared_l2: bool = True
     # IVF lists probed per Lite segment by the indexer's direct search (segments larger
     # than lite.EXACT_SEGMENT_ROWS; smaller ones are scanned exactly); see BENCHMARKS.md.
-    direct_nprobe: int = 6
+    direct_nprobe: int = config.SETTINGS["DELF_LITE_NPROBE"].default
 
     @classmethod
     def for_uri(cls, uri: str, index_type: str | None = None,
@@ -106,9 +106,10 @@ class IndexSettings:
 
 
 # Server index types: (build parameters, search parameters), chosen for 40-d DELF descriptors
-# with 11 neighbours per query descriptor (21 since 2026-11-30; ef 64 still covers them). HNSW: M 16 / ef 64 gave the same landmarks-dev mAP as
-# Lite's IVF (BENCHMARKS.md); IVF_*: 1024 lists per segment (a server segment holds about
-# 2M of these rows), 16 probed; DISKANN: Milvus' defaults, search list 100.
+# with 11 neighbours per query descriptor (21 since 2026-11-30; ef 64 still covers them).
+# HNSW: M 16 / ef 64 gave the same landmarks-dev mAP as Lite's IVF (BENCHMARKS.md); IVF_*:
+# 1024 lists per segment (a server segment holds about 2M of these rows), 16 probed;
+# DISKANN: Milvus' defaults, search list 100.
 SERVER_INDEXES: dict[str, tuple[dict, dict]] = {
     "HNSW": ({"M": 16, "efConstruction": 200}, {"ef": 64}),
     "IVF_FLAT": ({"nlist": 1024}, {"nprobe": 16}),
