@@ -7,7 +7,7 @@ method; everything else is the same: the effnet-lite0 preset's backbone, pyramid
 (weights/effnet-lite0-pca40.npz) and the system's voting (`eval_command.ExactVoter`:
 11 nearest neighbours, ratio 0.9 against the 11th, one vote per query descriptor and
 photo, shortlist max(DELF_SHORTLIST, 100)); then, as the system does, RANSAC re-ranking
-(`eval_command.rerank`, DELF_MIN_INLIERS, DELF_RANSAC_PX, DELF_MIN_INLIER_RATIO).
+(`eval_command.rerank`, DELF_RANSAC_PX, DELF_VERIFIED_SCORE).
 
 Queries: only photos of the HELD-OUT groups (`delf_tools.train_data.split_groups`; groups
 never seen by `delf train-attention --split train`), each with another photo in its group;
@@ -113,13 +113,12 @@ def evaluate(feats: dict[str, LocalFeatures], queries: dict[str, set[str]]) -> d
     voter = ExactVoter(feats)
     shortlist = max(config.get("DELF_SHORTLIST"), TOP_K)
     neighbours, ratio = config.get("DELF_NEIGHBOURS"), config.get("DELF_RATIO")
-    min_inliers, ransac_px = config.get("DELF_MIN_INLIERS"), config.get("DELF_RANSAC_PX")
-    min_ratio = config.get("DELF_MIN_INLIER_RATIO")
+    ransac_px, verified_score = config.get("DELF_RANSAC_PX"), config.get("DELF_VERIFIED_SCORE")
     out = {}
     for q, positives in queries.items():
         cands = voter.search(feats[q].desc, shortlist, neighbours, ratio, exclude=q)
         votes = [c["image_id"] for c in cands][:TOP_K]
-        ranked = [m["image_id"] for m in rerank(feats[q], cands, min_inliers, ransac_px, min_ratio)][:TOP_K]
+        ranked = [m["image_id"] for m in rerank(feats[q], cands, ransac_px, verified_score)][:TOP_K]
         out[q] = (average_precision(votes, positives), average_precision(ranked, positives))
     return out
 

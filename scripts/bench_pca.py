@@ -65,7 +65,7 @@ def accuracy(feats: list[dict], descs: list[np.ndarray], groups: list[str]) -> t
         cands = voter.search(query.desc, SHORTLIST, NEIGHBOURS, RATIO, exclude=str(q))
         positives = {str(i) for i in range(len(feats)) if groups[i] == groups[q] and i != q}
         votes_ap.append(average_precision([c["image_id"] for c in cands], positives))
-        ranked = rerank(query, cands, 25, 8.0, 0.15)
+        ranked = rerank(query, cands, 8.0, 0.9)
         verified_ap.append(average_precision([m["image_id"] for m in ranked], positives))
     return float(np.mean(votes_ap)), float(np.mean(verified_ap))
 

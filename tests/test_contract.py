@@ -349,7 +349,7 @@ def test_verify_task_answers_typed_matches():
     query = VerifyQuery(q, (600, 600), scales=np.ones(80, np.float32)).to_wire()
     cands = [SearchCandidate("good", 50, idx, q * 0.9 + 5, np.ones(80, np.float32)).to_wire(),
              SearchCandidate("noise", 60, idx, rng.uniform(0, 600, (80, 2))).to_wire()]
-    reply = verify_candidates(query, cands, {"min_inliers": 12, "ransac_px": 8.0})
+    reply = verify_candidates(query, cands, {"verified_score": 0.9, "ransac_px": 8.0})
     matches = [VerifiedMatch.from_wire(m) for m in reply["ok"] and reply["matches"]]
     assert [m.image_id for m in matches] == ["good", "noise"]
     assert matches[0].verified and len(matches[0].transform) == 9 and len(matches[0].corners) == 4

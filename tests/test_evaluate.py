@@ -68,6 +68,39 @@ def test_metrics_on_a_hand_made_ranking():
     assert len(s["pr_curve"]) == len(ev.RECALL_LEVELS)
 
 
+def test_conditions_from_the_manifest_or_a_file(tmp_path):
+    from delf_tools.eval_set import EvalError, load_photos
+
+    (tmp_path / "a.jpg").write_bytes(b"x")
+    (tmp_path / "b.jpg").write_bytes(b"x")
+    (tmp_path / "c.jpg").write_bytes(b"x")
+    (tmp_path / "d.jpg").write_bytes(b"x")
+    (tmp_path / "MANIFEST.tsv").write_text(
+        "path\tgroup\tnote\n"
+        "a.jpg\tg1\tcond=day-night; night query\n"           # landmarks-hard's way
+        "b.jpg\tg1\tcond=illumination (+backlight)\n"
+        "c.jpg\tg2\tsome note\n"                             # none: the conditions file decides
+        "d.jpg\tg2\t\n")
+    (tmp_path / "conditions.tsv").write_text("# comment\ngroup\tcondition\ng2\tobject\n")
+    by_id = {p.image_id: p.condition for p in load_photos(tmp_path / "MANIFEST.tsv")}
+    assert by_id == {"a": "day-night", "b": "illumination", "c": "", "d": ""}
+    by_id = {p.image_id: p.condition for p in
+             load_photos(tmp_path / "MANIFEST.tsv", conditions=tmp_path / "conditions.tsv")}
+    assert by_id == {"a": "day-night", "b": "illumination", "c": "object", "d": "object"}
+    (tmp_path / "bad.tsv").write_text("group\twhat\ng2\tobject\n")
+    with pytest.raises(EvalError, match="'group' and 'condition'"):
+        load_photos(tmp_path / "MANIFEST.tsv", conditions=tmp_path / "bad.tsv")
+
+    run = ev.MethodRun({"a": ["b"], "b": ["c", "a"], "c": ["d"], "d": ["a", "b"]}, [0.1], 1.0, 4)
+    queries = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c"}}
+    s = ev.summarise(run, queries, 4, {"a": "day-night", "b": "day-night", "c": "object", "d": "object"})
+    assert s["by_condition"]["day-night"] == {"map": 0.75, "precision_at_1": 0.5, "recall_at_10": 1.0,
+                                              "queries": 2}
+    assert s["by_condition"]["object"]["map"] == 0.5 and s["by_condition"]["object"]["queries"] == 2
+    table = ev.format_conditions({"delf": s})
+    assert "day-night" in table and "0.750/0.500" in table
+
+
 def test_manifest_errors(tmp_path, capsys):
     assert cli.main(["eval", str(tmp_path / "missing.tsv"), "--methods", "sift"]) == 2
     assert "no manifest" in capsys.readouterr().err

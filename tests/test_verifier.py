@@ -2,7 +2,8 @@
 import numpy as np
 
 from delf_common.features import encode_array
-from delf_verifier.ransac import box_corners, project, rank, verify
+from delf_common.ranking import match_score
+from delf_verifier.ransac import box_corners, judge, project, rank, verify
 from delf_verifier.tasks import verify_candidates
 
 W, H = 800, 600
@@ -84,97 +85,38 @@ def test_mirrored_homography_is_rejected():
     assert not v.verified
 
 
-def test_ranking_order():
+def test_one_score_ranks_every_result():
     ms = [
-        {"image_id": "u1", "votes": 50, "inliers": 5, "verified": False},
-        {"image_id": "v1", "votes": 10, "inliers": 30, "verified": True},
-        {"image_id": "v2", "votes": 40, "inliers": 30, "verified": True},
-        {"image_id": "v3", "votes": 5, "inliers": 80, "verified": True},
-        {"image_id": "u2", "votes": 70, "inliers": 9, "verified": False},
+        {"image_id": "few-votes-many-inliers", "votes": 5, "inliers": 80},
+        {"image_id": "many-votes-no-plane", "votes": 300, "inliers": 0},
+        {"image_id": "many-votes-many-inliers", "votes": 300, "inliers": 90},
+        {"image_id": "some-votes", "votes": 40, "inliers": 30},
+        {"image_id": "same-votes-fewer-inliers", "votes": 40, "inliers": 12},
     ]
-    assert [m["image_id"] for m in rank(ms)] == ["v3", "v2", "v1", "u2", "u1"]
+    assert [m["image_id"] for m in rank(ms)] == [
+        "many-votes-many-inliers", "many-votes-no-plane", "some-votes", "same-votes-fewer-inliers",
+        "few-votes-many-inliers"]
+    scores = [match_score(m["votes"], m["inliers"]) for m in rank(ms)]
+    assert all(0.0 <= x <= 1.0 for x in scores) and scores == sorted(scores, reverse=True)
 
 
-def test_task_contract():
-    q, d, _ = _pairs(seed=6)
-    rng = np.random.default_rng(7)
-    noise_db = rng.uniform([0, 0], [W, H], (len(q), 2)).astype(np.float32)
-    idx = np.arange(len(q), dtype=np.int32)
-    cands = [
-        {"image_id": "noise", "votes": 99, "metadata": {}, "width": W, "height": H,
-         "query_idx": encode_array(idx), "db_xy": encode_array(noise_db)},
-        {"image_id": "match", "votes": 20, "metadata": {}, "width": W, "height": H,
-         "query_idx": encode_array(idx[::-1].copy()), "db_xy": encode_array(d[::-1].copy())},
-    ]
-    query = {"locations": encode_array(q), "image_size": [W, H], "box": None}
-    res = verify_candidates(query, cands, {"min_inliers": 12, "ransac_px": 8.0})
-    assert res["ok"]
-    m = res["matches"]
-    assert [x["image_id"] for x in m] == ["match", "noise"]
-    assert m[0]["verified"] and len(m[0]["transform"]) == 9 and len(m[0]["corners"]) == 4
-    assert not m[1]["verified"] and m[1]["transform"] == [] and m[1]["corners"] == []
-    bad = dict(cands[0], query_idx=encode_array(np.array([len(q) + 5] * len(q), np.int32)))
-    assert verify_candidates(query, [bad], {})["error"]["code"] == "INVALID_ARGUMENT"
+def test_score_never_falls_with_more_evidence():
+    # No photo with more votes and more inliers ranks below one with fewer: no hidden gate.
+    grid = [(v, i) for v in (0, 1, 5, 20, 60, 150, 400) for i in (0, 3, 12, 25, 27, 60, 200)]
+    for v, i in grid:
+        for v2, i2 in grid:
+            if v2 >= v and i2 >= i:
+                assert match_score(v2, i2) >= match_score(v, i), ((v, i), (v2, i2))
 
 
-def _multiscale_pairs(seed, h=H_TRUE, n_fine=60, n_coarse=240, n_out=200):
-    """Correspondences as DELF gives them: a few from fine pyramid levels (scale 0.71,
-    ~1.5 px noise), many from coarse ones (scale 4, ~10 px noise and a shared offset:
-    coarse cells locate a feature poorly), and random outliers."""
-    rng = np.random.default_rng(seed)
-    q = rng.uniform([0, 0], [W, H], (n_fine + n_coarse + n_out, 2))
-    d = project(h, q)
-    scale = np.concatenate([np.full(n_fine, 0.71), np.full(n_coarse, 4.0), rng.choice([0.71, 4.0], n_out)])
-    d[:n_fine] += rng.normal(0, 1.5, (n_fine, 2))
-    d[n_fine:n_fine + n_coarse] += rng.normal(0, 7.0, (n_coarse, 2)) + [5.0, -4.0]
-    d[n_fine + n_coarse:] = rng.uniform([0, 0], [W, H], (n_out, 2))
-    return q.astype(np.float32), d.astype(np.float32), scale.astype(np.float32)
+def test_verified_is_a_threshold_on_the_score():
+    q, d, _ = _pairs(n=300, outlier_frac=0.3, seed=8)
+    v_many = judge(q, d, (W, H), None, votes=250, verified_score=0.9)
+    assert v_many.verified and match_score(250, v_many.inliers) >= 0.9
+    assert len(v_many.transform) == 9 and len(v_many.corners) == 4
+    v_few = judge(q, d, (W, H), None, votes=3, verified_score=0.9)
+    assert v_few.inliers == v_many.inliers  # the same geometry ...
+    assert not v_few.verified and v_few.corners == []  # ... below the bar: no region
+    assert judge(q, d, (W, H), None, votes=3, verified_score=0.0).verified  # 0 is a value
 
 
-def test_scales_refine_the_transform_but_not_the_score():
-    want = project(H_TRUE, box_corners((W, H)))
-    plain, refined = [], []
-    for seed in range(5):
-        q, d, s = _multiscale_pairs(seed)
-        a = verify(q, d, (W, H), ransac_px=8.0)
-        b = verify(q, d, (W, H), ransac_px=8.0, query_scale=s, db_scale=s)
-        assert a.verified and b.verified and b.model == a.model == "homography"
-        assert b.inliers == a.inliers  # the ranking stays RANSAC's
-        plain.append(np.abs(np.array(a.corners) - want).max())
-        refined.append(np.abs(np.array(b.corners) - want).max())
-        assert np.allclose(project(np.array(b.transform).reshape(3, 3), box_corners((W, H))), b.corners)
-    # the fine correspondences dominate: corners several times closer
-    assert max(refined) < 4.0, refined
-    assert np.median(refined) < 0.5 * np.median(plain), (plain, refined)
-
-
-def test_scales_refine_an_affine_fit():
-    a = np.array([[1.1, 0.1, 30.0], [-0.1, 0.95, 12.0], [0, 0, 1]])
-    q, d, s = _multiscale_pairs(3, h=a, n_fine=3, n_coarse=4, n_out=0)
-    v = verify(q, d, (W, H), min_inliers=5, ransac_px=8.0, query_scale=s, db_scale=s)
-    assert v.verified and v.model == "affine"
-    assert np.allclose(np.array(v.transform).reshape(3, 3)[2], [0, 0, 1])
-
-
-def test_task_uses_scales_when_both_sides_send_them():
-    q, d, s = _multiscale_pairs(11)
-    idx = np.arange(len(q), dtype=np.int32)
-    cand = {"image_id": "m", "votes": 9, "query_idx": encode_array(idx), "db_xy": encode_array(d)}
-    query = {"locations": encode_array(q), "image_size": [W, H], "box": None}
-    want = project(H_TRUE, box_corners((W, H)))
-    opts = {"min_inliers": 12, "ransac_px": 8.0}
-
-    def err(query, cand):
-        res = verify_candidates(query, [cand], opts)
-        assert res["ok"], res
-        return np.abs(np.array(res["matches"][0]["corners"]) - want).max()
-
-    with_scales = err(dict(query, scales=encode_array(s)), dict(cand, db_scale=encode_array(s)))
-    assert with_scales < 4.0 and with_scales < err(query, cand)
-    # only one side: RANSAC's transform, as before
-    assert err(dict(query, scales=encode_array(s)), cand) == err(query, cand)
-    short = dict(query, scales=encode_array(s[:-1]))
-    assert verify_candidates(short, [cand], opts)["error"]["code"] == "INVALID_ARGUMENT"
-    bad = dict(cand, db_scale=encode_array(s[:5]))
-    assert verify_candidates(query | {"scales": encode_array(s)}, [bad], opts)["error"]["code"] == \
-        "INVALID_ARGUMENT"

@@ -107,6 +107,13 @@ def _non_negative_float(text: str) -> float:
     return value
 
 
+def _unit_float(text: str) -> float:
+    value = float(text)
+    if not 0 <= value <= 1:
+        raise ValueError("expected a number from 0 to 1")
+    return value
+
+
 THUMBNAIL_MAX_SIDE = 1024
 
 
@@ -239,17 +246,15 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_QUERY_FEATURES", 500, int,
                 "Most query descriptors (the best-scored) that search the index and vote; "
                 "0: all of them.", "indexer"),
-        Setting("DELF_NEIGHBOURS", 20, int,
+        Setting("DELF_NEIGHBOURS", 10, int,
                 "Nearest neighbours per query descriptor that may vote "
                 "(one more is fetched for the ratio test).", "indexer"),
         Setting("DELF_RATIO", 0.9, float,
                 "Ratio test: a neighbour votes when its distance is below this times the "
                 "distance of the next-after-last neighbour.", "indexer"),
-        Setting("DELF_MIN_INLIERS", 25, int,
-                "RANSAC inliers a candidate needs to count as verified.", "gateway (sent to the verifier)"),
-        Setting("DELF_MIN_INLIER_RATIO", 0.15, float,
-                "Share of a candidate's correspondences that must be RANSAC inliers for it to count "
-                "as verified.", "gateway (sent to the verifier)"),
+        Setting("DELF_VERIFIED_SCORE", 0.9, _unit_float,
+                "Score (0-1, `delf_common.ranking`) from which a result counts as verified; every "
+                "result is ranked by the same score either way.", "gateway (sent to the verifier)"),
         Setting("DELF_RANSAC_PX", 8.0, float,
                 "RANSAC reprojection threshold in query pixels.", "gateway (sent to the verifier)"),
         Setting("DELF_TASK_TIMEOUT_S", 120.0, float,

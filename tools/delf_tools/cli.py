@@ -171,12 +171,15 @@ def cmd_search(args) -> int:
     limit = None if args.wide else ID_COLUMN_MAX
     ids = [_fit(m.image_id, limit) for m in response.matches]
     width = max([len("image id"), *(_width(i) for i in ids)])
-    print(f"{'rank':>4}  {_pad('image id', width)} {'inliers':>7} {'score':>8}  {'verified':<8} "
+    print(f"{'rank':>4}  {_pad('image id', width)} {'score':>6} {'votes':>6} {'inliers':>7}  {'verified':<8} "
           "region corners (TL TR BR BL)")
     for rank, (m, image_id) in enumerate(zip(response.matches, ids), 1):
         corners = " ".join(f"({p.x:.0f},{p.y:.0f})" for p in m.corners) or "-"
-        print(f"{rank:>4}  {_pad(image_id, width)} {m.inliers:>7} {m.score:>8.2f}  "
+        print(f"{rank:>4}  {_pad(image_id, width)} {m.score:>6.2f} {m.votes:>6} {m.inliers:>7}  "
               f"{'yes' if m.verified else 'no':<8} {corners}")
+    if response.matches:
+        print(f"score: 0-1 from votes and RANSAC inliers, one scale for every row; verified from "
+              f"{response.verified_score:.2f} (docs/METHOD.md)")
     if any(i != m.image_id for i, m in zip(ids, response.matches)):
         print("(long ids are shortened in the middle with …; --wide prints them whole)", file=sys.stderr)
     if args.show is not None:

@@ -1,7 +1,7 @@
 """`delf eval`: retrieval quality of the running system against two baselines.
 
     delf eval MANIFEST [--gateway ADDR] [--json PATH] [--plot PATH] [--report PATH]
-                       [--methods delf,global-gem,sift] [--limit N]
+                       [--methods delf,global-gem,sift] [--limit N] [--conditions TSV]
 
 MANIFEST is a tab-separated file with a header row and `path` (relative to the
 manifest's folder) and `group` columns (`delf_tools.evaluation`). Every photo is
@@ -25,14 +25,15 @@ latency is the search alone, without extracting the query again):
   L2-normalised scale vectors averaged and L2-normalised; stored and searched (FLAT, inner
   product) in a temporary Milvus Lite file.
 * ``sift``: RootSIFT (OpenCV SIFT, at most 1000 keypoints per photo, L1-normalised then
-  square-rooted) with the system's voting (exact kNN: 11 nearest neighbours, ratio 0.9
-  against the 11th, one vote per query descriptor and image), the gateway's shortlist
-  (max(DELF_SHORTLIST, top_k)) and RANSAC re-ranking with the verifier's `verify` and the
-  shared `rank_matches` (verified as in the system: DELF_MIN_INLIERS and
-  DELF_MIN_INLIER_RATIO).
+  square-rooted) with the system's voting (exact kNN: DELF_NEIGHBOURS nearest neighbours,
+  DELF_RATIO against the next one, one vote per query descriptor and image), the gateway's
+  shortlist (max(DELF_SHORTLIST, top_k)) and the verifier's verdict (``judge``) ranked by the
+  shared score (`delf_common.ranking`), as in the system.
 
 Metrics per method: mAP (`average_precision` over the top 100), precision@1,
-recall@10, median and p95 search latency, ingest photos/s; ``--plot`` draws the
+recall@10, median and p95 search latency, ingest photos/s, and mAP, precision@1 and
+recall@10 per condition of the queries (``by_condition``: from the manifest's `condition`
+column or `note` `cond=NAME`, or ``--conditions`` {group: condition}); ``--plot`` draws the
 interpolated precision-recall curves (averaged over queries) as a PNG with OpenCV;
 ``--report`` writes one self-contained HTML page to look at (`eval_report`): the summary
 and the curves, then per method and query its thumbnail, AP, first results marked right
@@ -48,7 +49,7 @@ from typing import Callable
 
 from delf_common import config
 from delf_tools.eval_methods import connect, run_delf, run_global_gem, run_sift
-from delf_tools.eval_metrics import JSON_KEYS, format_table, summarise
+from delf_tools.eval_metrics import JSON_KEYS, format_conditions, format_table, summarise
 from delf_tools.eval_plot import plot_pr
 from delf_tools.eval_report import write_report
 from delf_tools.eval_set import TOP_K, EvalError, Photo, load_photos
@@ -96,6 +97,10 @@ def parser() -> argparse.ArgumentParser:
                         "results marked right or wrong and the positives it missed with their rank; "
                         "sortable by AP")
     p.add_argument("--limit", type=int, default=None, metavar="N", help="only the manifest's first N photos")
+    p.add_argument("--conditions", default=None, metavar="TSV",
+                   help="'group' and 'condition' columns: each group's condition, for per-condition figures "
+                        "when the manifest names none (a 'condition' column, or a 'note' starting with "
+                        "'cond=NAME'); docs/eval/landmarks-dev-conditions.tsv is landmarks-dev's")
     p.add_argument("--top-k", type=int, default=TOP_K, help=f"results ranked per query (default {TOP_K})")
     return p
 
@@ -104,6 +109,7 @@ def evaluate(photos: list[Photo], methods: list[str], client=None, top_k: int = 
              log: Callable[[str], None] = print) -> dict[str, dict]:
     """{method: figures (JSON_KEYS plus pr_curve, and rankings: {query: ranked ids})} on the given photos."""
     groups = {p.image_id: p.group for p in photos}
+    conditions = {p.image_id: p.condition for p in photos if p.condition}
     queries = queries_and_positives(groups)
     if not queries:
         raise EvalError("no group has two photos: there is nothing to query")
@@ -116,7 +122,7 @@ def evaluate(photos: list[Photo], methods: list[str], client=None, top_k: int = 
             run = run_global_gem(photos, queries, top_k, log)
         else:
             run = run_sift(photos, queries, top_k, log)
-        results[m] = summarise(run, queries, len(photos))
+        results[m] = summarise(run, queries, len(photos), conditions)
         results[m]["rankings"] = run.rankings
         log(f"{m}: mAP {results[m]['map']:.3f}")
     return results
@@ -134,7 +140,8 @@ def main(argv: list[str] | None = None, *, gateway: str | None = None, token: st
 
     client = None
     try:
-        photos = load_photos(args.manifest, args.limit, warn=lambda m: log(f"delf eval: {m}"))
+        photos = load_photos(args.manifest, args.limit, warn=lambda m: log(f"delf eval: {m}"),
+                             conditions=args.conditions)
         if "delf" in args.methods:  # fail fast, before minutes of baseline work
             client = connect(args.gateway or gateway or config.get("DELF_GATEWAY"),
                              args.token if args.token is not None else token,
@@ -156,13 +163,15 @@ def main(argv: list[str] | None = None, *, gateway: str | None = None, token: st
             client.close()
 
     print(format_table(results))
+    if table := format_conditions(results):
+        print("\n" + table)
     return _write_outputs(args, photos, results)
 
 
 def _write_outputs(args: argparse.Namespace, photos: list[Photo], results: dict[str, dict]) -> int:
     """--json, --plot and --report; 2 when one cannot be written."""
     if args.json:
-        out = {m: {k: r[k] for k in JSON_KEYS} for m, r in results.items()}
+        out = {m: {k: r[k] for k in JSON_KEYS if k in r} for m, r in results.items()}
         Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
     try:
         if args.plot:

@@ -98,16 +98,16 @@ class ExactVoter:
         return out
 
 
-def rerank(query: LocalFeatures, candidates: list[dict], min_inliers: int, ransac_px: float,
-           min_inlier_ratio: float = 0.0) -> list[dict]:
-    """The verifier's RANSAC on every candidate, ranked by the shared rule."""
+def rerank(query: LocalFeatures, candidates: list[dict], ransac_px: float, verified_score: float) -> list[dict]:
+    """The verifier's verdict (``judge``: plane-model inliers and the shared score) on every
+    candidate, ranked by the shared rule."""
     from delf_common.ranking import rank_matches
-    from delf_verifier.ransac import verify
+    from delf_verifier.ransac import judge
 
     matches = []
     for c in candidates:
-        v = verify(query.xy[c["query_idx"]], c["db_xy"], query.size, None,
-                   min_inliers=min_inliers, ransac_px=ransac_px, min_inlier_ratio=min_inlier_ratio)
+        v = judge(query.xy[c["query_idx"]], c["db_xy"], query.size, None, c["votes"],
+                  verified_score=verified_score, ransac_px=ransac_px)
         matches.append({"image_id": c["image_id"], "votes": c["votes"], "inliers": v.inliers,
                         "verified": v.verified})
     return rank_matches(matches)

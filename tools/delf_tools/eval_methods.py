@@ -198,8 +198,7 @@ def run_sift(photos: list[Photo], queries: dict[str, set[str]], top_k: int = TOP
     # As the gateway: the shortlist covers top_k; verified as the verifier decides.
     shortlist = max(config.get("DELF_SHORTLIST"), top_k)
     neighbours, ratio = config.get("DELF_NEIGHBOURS"), config.get("DELF_RATIO")
-    min_inliers, ransac_px = config.get("DELF_MIN_INLIERS"), config.get("DELF_RANSAC_PX")
-    min_ratio = config.get("DELF_MIN_INLIER_RATIO")
+    ransac_px, verified_score = config.get("DELF_RANSAC_PX"), config.get("DELF_VERIFIED_SCORE")
     rankings, latencies = {}, []
     for n, q in enumerate(queries, 1):
         if q not in feats:
@@ -207,7 +206,7 @@ def run_sift(photos: list[Photo], queries: dict[str, set[str]], top_k: int = TOP
             continue
         t = time.monotonic()
         cands = voter.search(feats[q].desc, shortlist, neighbours, ratio, exclude=q)
-        ranked = rerank(feats[q], cands, min_inliers, ransac_px, min_ratio)[:top_k]
+        ranked = rerank(feats[q], cands, ransac_px, verified_score)[:top_k]
         latencies.append(time.monotonic() - t)
         rankings[q] = [m["image_id"] for m in ranked]
         if n % 20 == 0:

@@ -205,6 +205,28 @@ def _summary(results: dict[str, dict]) -> str:
     return f'<table id="summary"><thead><tr>{head}</tr></thead><tbody>{rows}</tbody></table>'
 
 
+def _conditions(results: dict[str, dict]) -> str:
+    """mAP / P@1 / R@10 per condition of the queries, one column group per method ("" when
+    the manifest names no conditions)."""
+    conds = sorted({c for r in results.values() for c in r.get("by_condition", {})})
+    if not conds:
+        return ""
+    head = "<th>condition</th><th>queries</th>" + "".join(
+        f"<th>{html.escape(m)} mAP</th><th>P@1</th><th>R@10</th>" for m in results)
+    body = []
+    for c in conds:
+        cells, n = [], 0
+        for r in results.values():
+            f = r.get("by_condition", {}).get(c)
+            n = max(n, f["queries"] if f else 0)
+            cells += ([f'<td class="num">{f[k]:.3f}</td>' for k in ("map", "precision_at_1", "recall_at_10")]
+                      if f else ["<td>-</td>"] * 3)
+        body.append(f'<tr data-condition="{html.escape(c)}"><td>{html.escape(c)}</td>'
+                    f'<td class="num">{n}</td>{"".join(cells)}</tr>')
+    return (f'<h2>By condition</h2><table id="conditions"><thead><tr>{head}</tr></thead>'
+            f'<tbody>{"".join(body)}</tbody></table>')
+
+
 def render(photos: list[Photo], results: dict[str, dict], top_k: int, title: str = "delf eval") -> str:
     """The whole page. `results` as `eval_command.evaluate` returns them (with `rankings`)."""
     groups = {p.image_id: p.group for p in photos}
@@ -225,7 +247,7 @@ def render(photos: list[Photo], results: dict[str, dict], top_k: int, title: str
             f"<h1>{html.escape(title)} report</h1>"
             f'<p class="meta">{len(photos)} photos, {len(queries)} queries, methods '
             f"{html.escape(', '.join(results))}, top {top_k}; written {html.escape(when)}</p>"
-            f'<div class="top"><div><h2>Summary</h2>{_summary(results)}</div>'
+            f'<div class="top"><div><h2>Summary</h2>{_summary(results)}{_conditions(results)}</div>'
             f'<div><h2>Precision-recall</h2><img id="pr-curves" width="900" height="680" '
             f'alt="interpolated precision-recall curves, mean over queries" src="data:image/png;base64,{plot}">'
             f"</div></div>"

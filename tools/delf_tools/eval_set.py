@@ -8,7 +8,7 @@ from typing import Callable
 
 import numpy as np
 
-from delf_tools.evaluation import read_manifest
+from delf_tools.evaluation import read_conditions, read_conditions_file, read_manifest
 
 TOP_K = 100
 MAX_SIDE = 1024
@@ -24,6 +24,7 @@ class Photo:
     path: Path
     rel: str
     group: str
+    condition: str = ""  # for per-condition figures; "" when the manifest names none
 
 
 @dataclasses.dataclass
@@ -40,16 +41,21 @@ class MethodRun:
 
 
 def load_photos(manifest: str | Path, limit: int | None = None,
-                warn: Callable[[str], None] = lambda m: None) -> list[Photo]:
-    """The manifest's photos that exist (missing ones reported through `warn` and skipped)."""
+                warn: Callable[[str], None] = lambda m: None,
+                conditions: str | Path | None = None) -> list[Photo]:
+    """The manifest's photos that exist (missing ones reported through `warn` and skipped),
+    with their condition (``delf_tools.evaluation``; ``conditions``: a {group: condition}
+    file for a manifest that names none)."""
     manifest = Path(manifest)
     if not manifest.is_file():
         raise EvalError(f"no manifest at {manifest} (a tab-separated file with 'path' and 'group' columns)")
     try:
         rows = read_manifest(manifest)
+        by_path = read_conditions(manifest)
+        by_group = read_conditions_file(conditions) if conditions else {}
     except ValueError as exc:
         raise EvalError(str(exc)) from None
-    except (IndexError, UnicodeDecodeError) as exc:
+    except (IndexError, UnicodeDecodeError, OSError) as exc:
         raise EvalError(f"{manifest}: not a readable tab-separated manifest ({exc})") from None
     if limit:
         rows = rows[:limit]
@@ -64,7 +70,7 @@ def load_photos(manifest: str | Path, limit: int | None = None,
             missing.append(rel)
             continue
         seen.add(image_id)
-        photos.append(Photo(image_id, path, rel, group))
+        photos.append(Photo(image_id, path, rel, group, by_path.get(rel) or by_group.get(group, "")))
     if missing:
         warn(f"{len(missing)} photo(s) of the manifest not found, skipped: " + ", ".join(missing[:10])
              + (" ..." if len(missing) > 10 else ""))

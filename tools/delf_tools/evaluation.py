@@ -4,9 +4,15 @@ A manifest is a tab-separated file with a header row; `path` (relative to the
 manifest's folder) and `group` columns are used, others ignored. Every photo is
 in the database; every photo whose group has another is a query, left out of its
 own ranking; its positives are the other photos of its group.
+
+Conditions (day-night, illumination, outdoor-viewpoint, ...) for per-condition figures come
+from a `condition` column, else from a `note` column starting with `cond=NAME` (as
+landmarks-hard writes them), else from a conditions file (`read_conditions_file`: `group`
+and `condition` columns; the project keeps one for landmarks-dev in `docs/eval/`).
 """
 from __future__ import annotations
 
+import re
 from collections import Counter
 from pathlib import Path
 
@@ -21,6 +27,36 @@ def read_manifest(path: str | Path) -> list[tuple[str, str]]:
         raise ValueError(f"{path}: the header needs 'path' and 'group' columns, got {header}") from None
     rows = [line.split("\t") for line in lines[1:] if line.strip()]
     return [(r[ip], r[ig]) for r in rows]
+
+
+def read_conditions(path: str | Path) -> dict[str, str]:
+    """{relative photo path: condition} of the rows of a MANIFEST.tsv that name one."""
+    lines = Path(path).read_text().splitlines()
+    header = lines[0].split("\t")
+    ip = header.index("path")
+    ic = header.index("condition") if "condition" in header else None
+    inote = header.index("note") if "note" in header else None
+    out = {}
+    for line in lines[1:]:
+        r = line.split("\t")
+        if not line.strip() or len(r) <= ip:
+            continue
+        if ic is not None and len(r) > ic and r[ic].strip():
+            out[r[ip]] = r[ic].strip()
+        elif inote is not None and len(r) > inote and r[inote].startswith("cond="):
+            out[r[ip]] = re.split(r"[\s;(]", r[inote][5:], maxsplit=1)[0]
+    return out
+
+
+def read_conditions_file(path: str | Path) -> dict[str, str]:
+    """{group: condition} of a tab-separated file with `group` and `condition` columns."""
+    lines = [line for line in Path(path).read_text().splitlines() if line.strip() and not line.startswith("#")]
+    header = lines[0].split("\t")
+    try:
+        ig, ic = header.index("group"), header.index("condition")
+    except ValueError:
+        raise ValueError(f"{path}: the header needs 'group' and 'condition' columns, got {header}") from None
+    return {r[ig]: r[ic] for r in (line.split("\t") for line in lines[1:]) if len(r) > max(ig, ic)}
 
 
 def queries_and_positives(groups: dict[str, str]) -> dict[str, set[str]]:

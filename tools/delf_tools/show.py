@@ -2,9 +2,10 @@
 
 One row per match: the query (left) beside the matched photo (right, from the thumbnail
 the index keeps, `GetImage` with ``thumbnail``), the query's region outlined on the match
-(the verified corners the search returns), the RANSAC inlier correspondences joined by
-lines, the other correspondences as dots, and a header with the rank, id, score, inliers,
-votes and whether the match is verified. ``.html`` writes one self-contained page: each
+(the verified corners the search returns), the RANSAC inlier correspondences of a verified
+match joined by lines, the other correspondences (all of them, for a match the score does
+not accept) as dots, a header with the rank, id, score, inliers, votes and whether the match
+is verified, and a legend on top. ``.html`` writes one self-contained page: each
 row as an inline PNG (base64) under a table of the same figures, nothing fetched.
 
 Coordinates come from the search answer in each photo's own pixels (as submitted); a
@@ -132,6 +133,8 @@ def drawn_inliers(inlier: np.ndarray) -> np.ndarray:
 
 def _draw_evidence(canvas: np.ndarray, row: Row, match, box) -> None:
     q, d, inlier = _points(match)
+    if not match.verified:  # lines only for what the score accepts
+        inlier = np.zeros(len(inlier), bool)
     qp, dp = row.query.to_picture(q), row.match.to_picture(d)
     for x, y in np.vstack([qp[~inlier], dp[~inlier]]).round().astype(int):
         cv2.circle(canvas, (int(x), int(y)), 2, OUTLIER, -1, cv2.LINE_8)
@@ -173,17 +176,47 @@ def draw_row(query: Photo, match, photo: Photo, rank: int, box=None) -> tuple[np
     return canvas, row
 
 
-def draw_matches(query: Photo, matches, photos: dict[str, Photo], box=None) -> tuple[np.ndarray, list[Row]]:
-    """One picture (RGB) of every match, one row each, best first, and each row's panels
-    in that picture's coordinates."""
+LEGEND_HEIGHT = 46
+
+
+def legend(width: int, verified_score: float | None = None) -> np.ndarray:
+    """The key to the pictures' marks (RGB band ``width`` wide)."""
+    band = np.full((LEGEND_HEIGHT, max(width, 760), 3), 255, np.uint8)
+    y, x = 16, MARGIN
+    font = cv2.FONT_HERSHEY_SIMPLEX
+
+    def label(text: str, x: int) -> int:
+        cv2.putText(band, text, (x, y + 5), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+        return x + cv2.getTextSize(text, font, 0.45, 1)[0][0] + 18
+
+    cv2.line(band, (x, y), (x + 24, y), INLIER, 2, cv2.LINE_8)
+    x = label("RANSAC inlier (verified match)", x + 30)
+    cv2.circle(band, (x + 4, y), 3, OUTLIER, -1, cv2.LINE_8)
+    x = label("other correspondence", x + 12)
+    cv2.rectangle(band, (x, y - 6), (x + 18, y + 6), OUTLINE, 2, cv2.LINE_8)
+    x = label("query region found", x + 24)
+    cv2.rectangle(band, (x, y - 6), (x + 18, y + 6), BOX, 2, cv2.LINE_8)
+    label("query box", x + 24)
+    bar = "" if verified_score is None else f"; verified from {verified_score:.2f}"
+    cv2.putText(band, f"score 0-1 from votes and inliers, one scale for every match{bar}",
+                (MARGIN, y + 24), font, 0.45, (0, 0, 0), 1, cv2.LINE_AA)
+    return band
+
+
+def draw_matches(query: Photo, matches, photos: dict[str, Photo], box=None,
+                 verified_score: float | None = None) -> tuple[np.ndarray, list[Row]]:
+    """One picture (RGB) of every match, one row each, best first, under the legend, and
+    each row's panels in that picture's coordinates."""
     drawn = [draw_row(query, m, photos[m.image_id], rank, box) for rank, m in enumerate(matches, 1)]
     if not drawn:
         canvas = np.full((HEADER + MARGIN, 400, 3), 255, np.uint8)
         cv2.putText(canvas, "no matches", (MARGIN, HEADER - 10), cv2.FONT_HERSHEY_SIMPLEX, 0.5, (0, 0, 0), 1)
         return canvas, []
-    width = max(c.shape[1] for c, _ in drawn)
-    picture = np.full((sum(c.shape[0] for c, _ in drawn), width, 3), 255, np.uint8)
-    rows, top = [], 0
+    key = legend(max(c.shape[1] for c, _ in drawn), verified_score)
+    width = max(key.shape[1], *(c.shape[1] for c, _ in drawn))
+    picture = np.full((LEGEND_HEIGHT + sum(c.shape[0] for c, _ in drawn), width, 3), 255, np.uint8)
+    picture[:LEGEND_HEIGHT, :key.shape[1]] = key
+    rows, top = [], LEGEND_HEIGHT
     for canvas, row in drawn:
         picture[top:top + canvas.shape[0], :canvas.shape[1]] = canvas
         rows.append(Row(top, row.height, _shifted(row.query, top), _shifted(row.match, top)))
@@ -212,8 +245,11 @@ def html_page(query: Photo, response, photos: dict[str, Photo], box=None, title:
              ".no{color:#c00}.yes{color:#070;font-weight:bold}img{display:block;margin:.3em 0 1.5em}</style>",
              f"</head><body><h1>{esc(title or 'delf search')}</h1>",
              f"<p>{len(response.matches)} matches, {response.query_features} query features, "
-             f"{response.elapsed_s:.2f} s. Lines join RANSAC inliers; dots are the other correspondences; "
-             "the outline is the query's region as found in the match.</p>",
+             f"{response.elapsed_s:.2f} s. Score: 0-1 from the nearest-neighbour votes and the RANSAC "
+             f"inliers, one scale for every match; verified from {response.verified_score:.2f}. "
+             "Green lines join the RANSAC inliers of a verified match; dots are the other "
+             "correspondences (all of them for a match that is not verified); the magenta outline "
+             "is the query's region as found in the match.</p>",
              "<table><tr><th>rank</th><th>image id</th><th>score</th><th>inliers</th><th>votes</th>"
              "<th>verified</th><th>correspondences</th></tr>"]
     for rank, m in enumerate(response.matches, 1):
@@ -263,7 +299,7 @@ def write_show(path: str | Path, client, response, photo: Path | None, image_id:
         title = f"delf search {photo.name if photo is not None else '--id ' + image_id}"
         path.write_text(html_page(query, response, photos, box, title), encoding="utf-8")
     else:
-        picture, _ = draw_matches(query, response.matches, photos, box)
+        picture, _ = draw_matches(query, response.matches, photos, box, response.verified_score)
         path.write_bytes(png_bytes(picture))
     return path
 

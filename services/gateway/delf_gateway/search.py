@@ -17,7 +17,7 @@ from delf_common import config
 from delf_common.features import DelfFeatures
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.proto.delf.v1 import delf_pb2
-from delf_common.ranking import rank_matches
+from delf_common.ranking import match_score, rank_matches
 from delf_gateway.backpressure import WorkerCalls
 from delf_gateway.checks import RequestError, check_box, check_filter, check_image_id, check_photo
 
@@ -46,7 +46,8 @@ class SearchCalls(WorkerCalls):
             box = check_box(request.box, width, height)
             features = features.inside(box)
 
-        response = delf_pb2.SearchResponse(query_features=len(features))
+        response = delf_pb2.SearchResponse(query_features=len(features),
+                                           verified_score=config.get("DELF_VERIFIED_SCORE"))
         if len(features) == 0:
             response.elapsed_s = time.monotonic() - started
             return response
@@ -61,7 +62,7 @@ class SearchCalls(WorkerCalls):
         matches = self._verify(features, (width, height), box, candidates, context, request.correspondences)
         for m in map(VerifiedMatch.from_wire, rank_matches(matches)[:top_k]):
             cand = by_id.get(m.image_id)
-            match = match_proto(m, cand.metadata if cand else {}, len(features))
+            match = match_proto(m, cand.metadata if cand else {})
             if request.correspondences and cand is not None:
                 add_correspondences(match, features.locations[cand.query_idx], cand.db_xy, m.inlier_idx)
             response.matches.append(match)
@@ -97,8 +98,7 @@ class SearchCalls(WorkerCalls):
             return []
         query = VerifyQuery(features.locations, size, scales=features.scales, box=box).to_wire()
         options = {
-            "min_inliers": config.get("DELF_MIN_INLIERS"),
-            "min_inlier_ratio": config.get("DELF_MIN_INLIER_RATIO"),
+            "verified_score": config.get("DELF_VERIFIED_SCORE"),
             "ransac_px": config.get("DELF_RANSAC_PX"),
         }
         if inliers:
@@ -113,9 +113,10 @@ class SearchCalls(WorkerCalls):
         return matches
 
 
-def match_proto(m: VerifiedMatch, metadata: dict, n_query: int) -> delf_pb2.Match:
-    """A verified match scores its inliers; an unverified one its share of the query's votes."""
-    score = float(m.inliers) if m.verified else float(m.votes) / max(n_query, 1)
+def match_proto(m: VerifiedMatch, metadata: dict) -> delf_pb2.Match:
+    """The match as the API answers it; its score is the shared ranking score
+    (``delf_common.ranking.match_score``), the same scale for every result."""
+    score = match_score(m.votes, m.inliers)
     match = delf_pb2.Match(
         image_id=m.image_id,
         metadata=metadata,

@@ -8,8 +8,11 @@ noise) or when the homography is degenerate: ill-conditioned, mirroring (negativ
 determinant of its linear part), extreme scale change, or mapping the query box
 to a non-convex / folded quadrilateral.
 
-The score is the inlier count; verified = enough inliers, absolutely and as a share
-of the correspondences (see ``verify``).
+``verify`` fits the plane model; ``judge`` scores a candidate with the shared ranking score
+of its votes and inliers (``delf_common.ranking``) and gives the region only to a verified
+match. ``fit_epipolar`` (a fundamental matrix, for non-planar scenes) is measured by
+``scripts/bench_accuracy.py`` and not used by the ranking: on landmarks-dev it added nothing
+to votes and plane inliers (BENCHMARKS.md, "Verification that fits real scenes").
 
 When the keypoints' scales are known (DELF features: 1 / pyramid scale, so a feature's
 location is only as precise as its level's cell), the verified transform is refined:
@@ -28,9 +31,11 @@ import dataclasses
 import cv2
 import numpy as np
 
-from delf_common.ranking import rank_matches
+from delf_common.ranking import match_score, rank_matches
 
 MIN_HOMOGRAPHY_POINTS = 8
+MIN_REGION_INLIERS = 12  # fewer plane inliers give no region, however well the photo scores
+FUNDAMENTAL_POINTS = 15  # a 7-point model on fewer is fitted to noise
 MAX_ITERS = 1000
 CONFIDENCE = 0.999
 SEED = 1234
@@ -209,6 +214,42 @@ def refine(h: np.ndarray, model: str, src: np.ndarray, dst: np.ndarray, query_sc
     return h
 
 
+def fit_plane(src: np.ndarray, dst: np.ndarray, corners: np.ndarray, ransac_px: float):
+    """(transform 3x3, "homography" | "affine", inlier mask (M,) bool) of the plausible plane
+    model RANSAC finds, or (None, "", None)."""
+    n = len(src)
+    if n < 3:
+        return None, "", None
+    cv2.setRNGSeed(SEED)
+    if n >= MIN_HOMOGRAPHY_POINTS:
+        hh, m = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, ransac_px,
+                                   maxIters=MAX_ITERS, confidence=CONFIDENCE)
+        if hh is not None and m is not None and homography_ok(hh, corners):
+            return hh / hh[2, 2], "homography", np.asarray(m).reshape(-1) != 0
+    cv2.setRNGSeed(SEED)
+    aa, m = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px,
+                                 maxIters=MAX_ITERS, confidence=CONFIDENCE, refineIters=10)
+    if aa is not None and m is not None and affine_ok(aa):
+        return np.vstack([aa, [0.0, 0.0, 1.0]]), "affine", np.asarray(m).reshape(-1) != 0
+    return None, "", None
+
+
+def fit_epipolar(src: np.ndarray, dst: np.ndarray, px: float) -> np.ndarray | None:
+    """Inlier mask (M,) bool of a fundamental matrix (USAC-MAGSAC++, ``px`` from the epipolar
+    line) over the correspondences: the geometry of two views of any rigid scene, planar or
+    not; None with fewer than FUNDAMENTAL_POINTS correspondences or no model."""
+    if len(src) < FUNDAMENTAL_POINTS:
+        return None
+    cv2.setRNGSeed(SEED)
+    try:
+        f, m = cv2.findFundamentalMat(src, dst, cv2.USAC_MAGSAC, px, CONFIDENCE, MAX_ITERS)
+    except cv2.error:
+        return None
+    if f is None or m is None or f.shape != (3, 3):
+        return None
+    return np.asarray(m).reshape(-1) != 0
+
+
 def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
            min_inliers: int = 25, ransac_px: float = 8.0, min_inlier_ratio: float = 0.0,
            query_scale: np.ndarray | None = None, db_scale: np.ndarray | None = None) -> Verification:
@@ -223,27 +264,11 @@ def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
     src = np.ascontiguousarray(query_xy, np.float32).reshape(-1, 2)
     dst = np.ascontiguousarray(db_xy, np.float32).reshape(-1, 2)
     n = len(src)
-    none = Verification(0, False, [], [])
-    if n < 3:
-        return none
     corners = box_corners(image_size, box)
-    cv2.setRNGSeed(SEED)
-    h, model, mask = None, "", None
-    if n >= MIN_HOMOGRAPHY_POINTS:
-        hh, m = cv2.findHomography(src, dst, cv2.USAC_MAGSAC, ransac_px,
-                                   maxIters=MAX_ITERS, confidence=CONFIDENCE)
-        if hh is not None and m is not None and homography_ok(hh, corners):
-            h, model, mask = hh / hh[2, 2], "homography", m
+    h, model, mask = fit_plane(src, dst, corners, ransac_px)
     if h is None:
-        cv2.setRNGSeed(SEED)
-        aa, m = cv2.estimateAffine2D(src, dst, method=cv2.RANSAC, ransacReprojThreshold=ransac_px,
-                                     maxIters=MAX_ITERS, confidence=CONFIDENCE, refineIters=10)
-        if aa is not None and m is not None and affine_ok(aa):
-            h, model, mask = np.vstack([aa, [0.0, 0.0, 1.0]]), "affine", m
-    if h is None:
-        return none
+        return Verification(0, False, [], [])
     inliers = int(np.count_nonzero(mask))
-    mask = np.asarray(mask).reshape(-1) != 0
     if inliers < min_inliers or inliers < min_inlier_ratio * n:
         return Verification(inliers, False, [], [], model, mask)
     if query_scale is not None and db_scale is not None:
@@ -258,6 +283,23 @@ def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
         model,
         mask,
     )
+
+
+def judge(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box, votes: int,
+          verified_score: float, ransac_px: float = 8.0,
+          query_scale: np.ndarray | None = None, db_scale: np.ndarray | None = None) -> Verification:
+    """One candidate's verdict: the plane model's inliers (``verify``), the shared score of
+    its votes and inliers (``delf_common.ranking.match_score``) and verified when the score
+    reaches ``verified_score``. A verified match with at least MIN_REGION_INLIERS inliers
+    also gets the (refined) transform and the query region's corners; the inlier mask is
+    kept either way (which correspondences RANSAC kept is data; what a picture draws is the
+    drawer's choice)."""
+    v = verify(query_xy, db_xy, image_size, box, min_inliers=MIN_REGION_INLIERS, ransac_px=ransac_px,
+               query_scale=query_scale, db_scale=db_scale)
+    verified = match_score(votes, v.inliers) >= verified_score
+    if verified and v.verified:
+        return v
+    return Verification(v.inliers, verified, [], [], v.model, v.inlier_mask)
 
 
 # The result order is shared with the gateway, which merges the verifiers' chunks.

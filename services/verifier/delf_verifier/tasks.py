@@ -19,7 +19,7 @@ from delf_common.contract import INVALID_ARGUMENT, error, ok
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.metrics import install_worker_hooks
 
-from delf_verifier.ransac import rank, verify
+from delf_verifier.ransac import judge, rank, verify
 
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 log = logging.getLogger(__name__)
@@ -33,7 +33,7 @@ def warm_up(**_kwargs) -> None:
     try:
         rng = np.random.default_rng(0)
         xy = rng.uniform(0, 200, (60, 2)).astype(np.float32)
-        verify(xy, xy * 1.1 + 5, (200, 200), None, min_inliers=8, ransac_px=4.0, min_inlier_ratio=0.1)
+        judge(xy, xy * 1.1 + 5, (200, 200), None, votes=60, verified_score=0.5, ransac_px=4.0)
     except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves
         log.exception("warm-up failed")
         return
@@ -45,13 +45,15 @@ def _error(message: str) -> dict:
 
 
 def _options(options: dict | None) -> dict:
+    """The request's options over the settings: a value sent counts, even 0."""
     options = options or {}
-    min_ratio = options.get("min_inlier_ratio")
-    return {
-        "min_inliers": int(options.get("min_inliers") or config.get("DELF_MIN_INLIERS")),
-        "ransac_px": float(options.get("ransac_px") or config.get("DELF_RANSAC_PX")),
-        "min_inlier_ratio": float(config.get("DELF_MIN_INLIER_RATIO") if min_ratio is None else min_ratio),
-    }
+
+    def pick(name: str, setting: str, kind):
+        value = options.get(name)
+        return kind(config.get(setting) if value is None else value)
+
+    return {"verified_score": pick("verified_score", "DELF_VERIFIED_SCORE", float),
+            "ransac_px": pick("ransac_px", "DELF_RANSAC_PX", float)}
 
 
 def _mismatch(query: VerifyQuery, cand: SearchCandidate) -> str | None:
@@ -66,7 +68,8 @@ def _mismatch(query: VerifyQuery, cand: SearchCandidate) -> str | None:
 
 def verify_candidates(query: dict, candidates: list[dict], options: dict | None = None) -> dict:
     """``{"ok": True, "matches": [VerifiedMatch wire, ...]}`` best first, or INVALID_ARGUMENT.
-    With ``options["inlier_idx"]`` each match also says which correspondences are inliers."""
+    ``options``: ``verified_score`` and ``ransac_px`` (absent: the settings); with
+    ``inlier_idx`` each match also says which correspondences are the plane model's inliers."""
     opts = _options(options)
     with_inliers = bool((options or {}).get("inlier_idx"))
     try:
@@ -82,9 +85,9 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
         if (why := _mismatch(q, cand)) is not None:
             return _error(why)
         both = q.scales is not None and cand.db_scale is not None
-        v = verify(q.locations[cand.query_idx], cand.db_xy, q.image_size, q.box, **opts,
-                   query_scale=q.scales[cand.query_idx] if both else None,
-                   db_scale=cand.db_scale if both else None)
+        v = judge(q.locations[cand.query_idx], cand.db_xy, q.image_size, q.box, cand.votes, **opts,
+                  query_scale=q.scales[cand.query_idx] if both else None,
+                  db_scale=cand.db_scale if both else None)
         inlier_idx = None
         if with_inliers:
             inlier_idx = np.flatnonzero(v.inlier_mask) if v.inlier_mask is not None else np.zeros(0, np.int64)

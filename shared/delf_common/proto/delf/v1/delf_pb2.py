@@ -24,7 +24,7 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65lf/v1/delf.proto\x12\x07\x64\x65lf.v1\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"\xe3\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x12\x19\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x0c.delf.v1.Box\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x32\n\x06\x66ilter\x18\x05 \x03(\x0b\x32\".delf.v1.SearchRequest.FilterEntry\x12\x17\n\x0f\x63orrespondences\x18\x06 \x01(\x08\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05query\"`\n\x0e\x43orrespondence\x12\x1d\n\x05query\x18\x01 \x01(\x0b\x32\x0e.delf.v1.Point\x12\x1f\n\x07indexed\x18\x02 \x01(\x0b\x32\x0e.delf.v1.Point\x12\x0e\n\x06inlier\x18\x03 \x01(\x08\"\xa1\x02\n\x05Match\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12.\n\x08metadata\x18\x02 \x03(\x0b\x32\x1c.delf.v1.Match.MetadataEntry\x12\x0f\n\x07inliers\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x10\n\x08verified\x18\x05 \x01(\x08\x12\r\n\x05votes\x18\x06 \x01(\r\x12\x11\n\ttransform\x18\x07 \x03(\x02\x12\x1f\n\x07\x63orners\x18\x08 \x03(\x0b\x32\x0e.delf.v1.Point\x12\x30\n\x0f\x63orrespondences\x18\t \x03(\x0b\x32\x17.delf.v1.Correspondence\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\\\n\x0eSearchResponse\x12\x1f\n\x07matches\x18\x01 \x03(\x0b\x32\x0e.delf.v1.Match\x12\x16\n\x0equery_features\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x02\"\x9d\x01\n\x0f\x41\x64\x64ImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.delf.v1.AddImageRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xda\x01\n\tImageInfo\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x32\n\x08metadata\x18\x02 \x03(\x0b\x32 .delf.v1.ImageInfo.MetadataEntry\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x14\n\x0cnum_features\x18\x05 \x01(\r\x12\x0e\n\x06pca_id\x18\x06 \x01(\t\x12\x11\n\tthumbnail\x18\x07 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x12\x44\x65leteImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"D\n\x13\x44\x65leteImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x65scriptors_removed\x18\x02 \x01(\r\"6\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x11\n\tthumbnail\x18\x02 \x01(\x08\"\xb3\x01\n\nIngestItem\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x33\n\x08metadata\x18\x02 \x03(\x0b\x32!.delf.v1.IngestItem.MetadataEntry\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x12\n\x08location\x18\x04 \x01(\tH\x00\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"-\n\tItemError\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.delf.v1.JobState\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\"\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x12.delf.v1.ItemError\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12\x0c\n\x04rate\x18\t \x01(\x02\x12\r\n\x05\x65ta_s\x18\n \x01(\x02\x12\x0e\n\x06resent\x18\x0b \x01(\r\x12\x17\n\x0f\x61waiting_upload\x18\x0c \x01(\r\x12\x0f\n\x07stalled\x18\r \x01(\x08\x12\x0c\n\x04hint\x18\x0e \x01(\t\x12\x0e\n\x06idle_s\x18\x0f \x01(\x02\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xcc\x01\n\x10GetStatsResponse\x12\x0e\n\x06images\x18\x01 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x02 \x01(\x04\x12@\n\x0cqueue_depths\x18\x03 \x03(\x0b\x32*.delf.v1.GetStatsResponse.QueueDepthsEntry\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06pca_id\x18\x05 \x01(\t\x1a\x32\n\x10QueueDepthsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*\x87\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_STATE_RECEIVING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x04\x32\xc8\x04\n\x0bImageSearch\x12\x39\n\x06Search\x12\x16.delf.v1.SearchRequest\x1a\x17.delf.v1.SearchResponse\x12\x38\n\x08\x41\x64\x64Image\x12\x18.delf.v1.AddImageRequest\x1a\x12.delf.v1.ImageInfo\x12H\n\x0b\x44\x65leteImage\x12\x1b.delf.v1.DeleteImageRequest\x1a\x1c.delf.v1.DeleteImageResponse\x12\x38\n\x08GetImage\x12\x18.delf.v1.GetImageRequest\x1a\x12.delf.v1.ImageInfo\x12\x35\n\x0eStartIngestJob\x12\x13.delf.v1.IngestItem\x1a\x0c.delf.v1.Job(\x01\x12.\n\x06GetJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job\x12\x32\n\x08WatchJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job\x12\x31\n\tResumeJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job\x12?\n\x08GetStats\x12\x18.delf.v1.GetStatsRequest\x1a\x19.delf.v1.GetStatsResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x12\x64\x65lf/v1/delf.proto\x12\x07\x64\x65lf.v1\"5\n\x03\x42ox\x12\n\n\x02x0\x18\x01 \x01(\x02\x12\n\n\x02y0\x18\x02 \x01(\x02\x12\n\n\x02x1\x18\x03 \x01(\x02\x12\n\n\x02y1\x18\x04 \x01(\x02\"\x1d\n\x05Point\x12\t\n\x01x\x18\x01 \x01(\x02\x12\t\n\x01y\x18\x02 \x01(\x02\"\xe3\x01\n\rSearchRequest\x12\x0f\n\x05image\x18\x01 \x01(\x0cH\x00\x12\x12\n\x08image_id\x18\x02 \x01(\tH\x00\x12\x19\n\x03\x62ox\x18\x03 \x01(\x0b\x32\x0c.delf.v1.Box\x12\r\n\x05top_k\x18\x04 \x01(\r\x12\x32\n\x06\x66ilter\x18\x05 \x03(\x0b\x32\".delf.v1.SearchRequest.FilterEntry\x12\x17\n\x0f\x63orrespondences\x18\x06 \x01(\x08\x1a-\n\x0b\x46ilterEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x07\n\x05query\"`\n\x0e\x43orrespondence\x12\x1d\n\x05query\x18\x01 \x01(\x0b\x32\x0e.delf.v1.Point\x12\x1f\n\x07indexed\x18\x02 \x01(\x0b\x32\x0e.delf.v1.Point\x12\x0e\n\x06inlier\x18\x03 \x01(\x08\"\xa1\x02\n\x05Match\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12.\n\x08metadata\x18\x02 \x03(\x0b\x32\x1c.delf.v1.Match.MetadataEntry\x12\x0f\n\x07inliers\x18\x03 \x01(\r\x12\r\n\x05score\x18\x04 \x01(\x02\x12\x10\n\x08verified\x18\x05 \x01(\x08\x12\r\n\x05votes\x18\x06 \x01(\r\x12\x11\n\ttransform\x18\x07 \x03(\x02\x12\x1f\n\x07\x63orners\x18\x08 \x03(\x0b\x32\x0e.delf.v1.Point\x12\x30\n\x0f\x63orrespondences\x18\t \x03(\x0b\x32\x17.delf.v1.Correspondence\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"t\n\x0eSearchResponse\x12\x1f\n\x07matches\x18\x01 \x03(\x0b\x32\x0e.delf.v1.Match\x12\x16\n\x0equery_features\x18\x02 \x01(\r\x12\x11\n\telapsed_s\x18\x03 \x01(\x02\x12\x16\n\x0everified_score\x18\x04 \x01(\x02\"\x9d\x01\n\x0f\x41\x64\x64ImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\r\n\x05image\x18\x02 \x01(\x0c\x12\x38\n\x08metadata\x18\x03 \x03(\x0b\x32&.delf.v1.AddImageRequest.MetadataEntry\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"\xda\x01\n\tImageInfo\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x32\n\x08metadata\x18\x02 \x03(\x0b\x32 .delf.v1.ImageInfo.MetadataEntry\x12\r\n\x05width\x18\x03 \x01(\r\x12\x0e\n\x06height\x18\x04 \x01(\r\x12\x14\n\x0cnum_features\x18\x05 \x01(\r\x12\x0e\n\x06pca_id\x18\x06 \x01(\t\x12\x11\n\tthumbnail\x18\x07 \x01(\x0c\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\"&\n\x12\x44\x65leteImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\"D\n\x13\x44\x65leteImageResponse\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x1b\n\x13\x64\x65scriptors_removed\x18\x02 \x01(\r\"6\n\x0fGetImageRequest\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x11\n\tthumbnail\x18\x02 \x01(\x08\"\xb3\x01\n\nIngestItem\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x33\n\x08metadata\x18\x02 \x03(\x0b\x32!.delf.v1.IngestItem.MetadataEntry\x12\x0f\n\x05image\x18\x03 \x01(\x0cH\x00\x12\x12\n\x08location\x18\x04 \x01(\tH\x00\x1a/\n\rMetadataEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\t:\x02\x38\x01\x42\x08\n\x06source\"-\n\tItemError\x12\x10\n\x08image_id\x18\x01 \x01(\t\x12\x0e\n\x06reason\x18\x02 \x01(\t\"\xa5\x02\n\x03Job\x12\x0e\n\x06job_id\x18\x01 \x01(\t\x12 \n\x05state\x18\x02 \x01(\x0e\x32\x11.delf.v1.JobState\x12\r\n\x05total\x18\x03 \x01(\r\x12\x0c\n\x04\x64one\x18\x04 \x01(\r\x12\x0e\n\x06\x66\x61iled\x18\x05 \x01(\r\x12\"\n\x06\x65rrors\x18\x06 \x03(\x0b\x32\x12.delf.v1.ItemError\x12\x12\n\ncreated_at\x18\x07 \x01(\x01\x12\x12\n\nupdated_at\x18\x08 \x01(\x01\x12\x0c\n\x04rate\x18\t \x01(\x02\x12\r\n\x05\x65ta_s\x18\n \x01(\x02\x12\x0e\n\x06resent\x18\x0b \x01(\r\x12\x17\n\x0f\x61waiting_upload\x18\x0c \x01(\r\x12\x0f\n\x07stalled\x18\r \x01(\x08\x12\x0c\n\x04hint\x18\x0e \x01(\t\x12\x0e\n\x06idle_s\x18\x0f \x01(\x02\"\x1f\n\rGetJobRequest\x12\x0e\n\x06job_id\x18\x01 \x01(\t\"\x11\n\x0fGetStatsRequest\"\xcc\x01\n\x10GetStatsResponse\x12\x0e\n\x06images\x18\x01 \x01(\x04\x12\x13\n\x0b\x64\x65scriptors\x18\x02 \x01(\x04\x12@\n\x0cqueue_depths\x18\x03 \x03(\x0b\x32*.delf.v1.GetStatsResponse.QueueDepthsEntry\x12\r\n\x05model\x18\x04 \x01(\t\x12\x0e\n\x06pca_id\x18\x05 \x01(\t\x1a\x32\n\x10QueueDepthsEntry\x12\x0b\n\x03key\x18\x01 \x01(\t\x12\r\n\x05value\x18\x02 \x01(\x04:\x02\x38\x01*\x87\x01\n\x08JobState\x12\x19\n\x15JOB_STATE_UNSPECIFIED\x10\x00\x12\x17\n\x13JOB_STATE_RECEIVING\x10\x01\x12\x15\n\x11JOB_STATE_RUNNING\x10\x02\x12\x17\n\x13JOB_STATE_COMPLETED\x10\x03\x12\x17\n\x13JOB_STATE_CANCELLED\x10\x04\x32\xc8\x04\n\x0bImageSearch\x12\x39\n\x06Search\x12\x16.delf.v1.SearchRequest\x1a\x17.delf.v1.SearchResponse\x12\x38\n\x08\x41\x64\x64Image\x12\x18.delf.v1.AddImageRequest\x1a\x12.delf.v1.ImageInfo\x12H\n\x0b\x44\x65leteImage\x12\x1b.delf.v1.DeleteImageRequest\x1a\x1c.delf.v1.DeleteImageResponse\x12\x38\n\x08GetImage\x12\x18.delf.v1.GetImageRequest\x1a\x12.delf.v1.ImageInfo\x12\x35\n\x0eStartIngestJob\x12\x13.delf.v1.IngestItem\x1a\x0c.delf.v1.Job(\x01\x12.\n\x06GetJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job\x12\x32\n\x08WatchJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job0\x01\x12\x31\n\tCancelJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job\x12\x31\n\tResumeJob\x12\x16.delf.v1.GetJobRequest\x1a\x0c.delf.v1.Job\x12?\n\x08GetStats\x12\x18.delf.v1.GetStatsRequest\x1a\x19.delf.v1.GetStatsResponseb\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
@@ -43,8 +43,8 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_INGESTITEM_METADATAENTRY']._serialized_options = b'8\001'
   _globals['_GETSTATSRESPONSE_QUEUEDEPTHSENTRY']._loaded_options = None
   _globals['_GETSTATSRESPONSE_QUEUEDEPTHSENTRY']._serialized_options = b'8\001'
-  _globals['_JOBSTATE']._serialized_start=2163
-  _globals['_JOBSTATE']._serialized_end=2298
+  _globals['_JOBSTATE']._serialized_start=2187
+  _globals['_JOBSTATE']._serialized_end=2322
   _globals['_BOX']._serialized_start=31
   _globals['_BOX']._serialized_end=84
   _globals['_POINT']._serialized_start=86
@@ -60,37 +60,37 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_MATCH_METADATAENTRY']._serialized_start=688
   _globals['_MATCH_METADATAENTRY']._serialized_end=735
   _globals['_SEARCHRESPONSE']._serialized_start=737
-  _globals['_SEARCHRESPONSE']._serialized_end=829
-  _globals['_ADDIMAGEREQUEST']._serialized_start=832
-  _globals['_ADDIMAGEREQUEST']._serialized_end=989
+  _globals['_SEARCHRESPONSE']._serialized_end=853
+  _globals['_ADDIMAGEREQUEST']._serialized_start=856
+  _globals['_ADDIMAGEREQUEST']._serialized_end=1013
   _globals['_ADDIMAGEREQUEST_METADATAENTRY']._serialized_start=688
   _globals['_ADDIMAGEREQUEST_METADATAENTRY']._serialized_end=735
-  _globals['_IMAGEINFO']._serialized_start=992
-  _globals['_IMAGEINFO']._serialized_end=1210
+  _globals['_IMAGEINFO']._serialized_start=1016
+  _globals['_IMAGEINFO']._serialized_end=1234
   _globals['_IMAGEINFO_METADATAENTRY']._serialized_start=688
   _globals['_IMAGEINFO_METADATAENTRY']._serialized_end=735
-  _globals['_DELETEIMAGEREQUEST']._serialized_start=1212
-  _globals['_DELETEIMAGEREQUEST']._serialized_end=1250
-  _globals['_DELETEIMAGERESPONSE']._serialized_start=1252
-  _globals['_DELETEIMAGERESPONSE']._serialized_end=1320
-  _globals['_GETIMAGEREQUEST']._serialized_start=1322
-  _globals['_GETIMAGEREQUEST']._serialized_end=1376
-  _globals['_INGESTITEM']._serialized_start=1379
-  _globals['_INGESTITEM']._serialized_end=1558
+  _globals['_DELETEIMAGEREQUEST']._serialized_start=1236
+  _globals['_DELETEIMAGEREQUEST']._serialized_end=1274
+  _globals['_DELETEIMAGERESPONSE']._serialized_start=1276
+  _globals['_DELETEIMAGERESPONSE']._serialized_end=1344
+  _globals['_GETIMAGEREQUEST']._serialized_start=1346
+  _globals['_GETIMAGEREQUEST']._serialized_end=1400
+  _globals['_INGESTITEM']._serialized_start=1403
+  _globals['_INGESTITEM']._serialized_end=1582
   _globals['_INGESTITEM_METADATAENTRY']._serialized_start=688
   _globals['_INGESTITEM_METADATAENTRY']._serialized_end=735
-  _globals['_ITEMERROR']._serialized_start=1560
-  _globals['_ITEMERROR']._serialized_end=1605
-  _globals['_JOB']._serialized_start=1608
-  _globals['_JOB']._serialized_end=1901
-  _globals['_GETJOBREQUEST']._serialized_start=1903
-  _globals['_GETJOBREQUEST']._serialized_end=1934
-  _globals['_GETSTATSREQUEST']._serialized_start=1936
-  _globals['_GETSTATSREQUEST']._serialized_end=1953
-  _globals['_GETSTATSRESPONSE']._serialized_start=1956
-  _globals['_GETSTATSRESPONSE']._serialized_end=2160
-  _globals['_GETSTATSRESPONSE_QUEUEDEPTHSENTRY']._serialized_start=2110
-  _globals['_GETSTATSRESPONSE_QUEUEDEPTHSENTRY']._serialized_end=2160
-  _globals['_IMAGESEARCH']._serialized_start=2301
-  _globals['_IMAGESEARCH']._serialized_end=2885
+  _globals['_ITEMERROR']._serialized_start=1584
+  _globals['_ITEMERROR']._serialized_end=1629
+  _globals['_JOB']._serialized_start=1632
+  _globals['_JOB']._serialized_end=1925
+  _globals['_GETJOBREQUEST']._serialized_start=1927
+  _globals['_GETJOBREQUEST']._serialized_end=1958
+  _globals['_GETSTATSREQUEST']._serialized_start=1960
+  _globals['_GETSTATSREQUEST']._serialized_end=1977
+  _globals['_GETSTATSRESPONSE']._serialized_start=1980
+  _globals['_GETSTATSRESPONSE']._serialized_end=2184
+  _globals['_GETSTATSRESPONSE_QUEUEDEPTHSENTRY']._serialized_start=2134
+  _globals['_GETSTATSRESPONSE_QUEUEDEPTHSENTRY']._serialized_end=2184
+  _globals['_IMAGESEARCH']._serialized_start=2325
+  _globals['_IMAGESEARCH']._serialized_end=2909
 # @@protoc_insertion_point(module_scope)

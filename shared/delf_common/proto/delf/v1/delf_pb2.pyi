@@ -103,14 +103,16 @@ class Match(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., inliers: _Optional[int] = ..., score: _Optional[float] = ..., verified: _Optional[bool] = ..., votes: _Optional[int] = ..., transform: _Optional[_Iterable[float]] = ..., corners: _Optional[_Iterable[_Union[Point, _Mapping]]] = ..., correspondences: _Optional[_Iterable[_Union[Correspondence, _Mapping]]] = ...) -> None: ...
 
 class SearchResponse(_message.Message):
-    __slots__ = ("matches", "query_features", "elapsed_s")
+    __slots__ = ("matches", "query_features", "elapsed_s", "verified_score")
     MATCHES_FIELD_NUMBER: _ClassVar[int]
     QUERY_FEATURES_FIELD_NUMBER: _ClassVar[int]
     ELAPSED_S_FIELD_NUMBER: _ClassVar[int]
+    VERIFIED_SCORE_FIELD_NUMBER: _ClassVar[int]
     matches: _containers.RepeatedCompositeFieldContainer[Match]
     query_features: int
     elapsed_s: float
-    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., query_features: _Optional[int] = ..., elapsed_s: _Optional[float] = ...) -> None: ...
+    verified_score: float
+    def __init__(self, matches: _Optional[_Iterable[_Union[Match, _Mapping]]] = ..., query_features: _Optional[int] = ..., elapsed_s: _Optional[float] = ..., verified_score: _Optional[float] = ...) -> None: ...
 
 class AddImageRequest(_message.Message):
     __slots__ = ("image_id", "image", "metadata")
