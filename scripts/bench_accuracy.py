@@ -182,7 +182,7 @@ def self_included_candidates(feats: dict, shortlist: int, neighbours: int, ratio
             for q in queries}
 
 
-def load(cache: Path, conditions: dict[str, Path]) -> dict:
+def load(cache: Path, conditions: dict[str, Path], photometric: str = "") -> dict:
     """{set: {image_id: (group, condition, LocalFeatures)}} of the sets found."""
     from delf_tools.eval_set import load_photos
 
@@ -192,7 +192,7 @@ def load(cache: Path, conditions: dict[str, Path]) -> dict:
         if not (root / "MANIFEST.tsv").exists():
             print(f"{root} not found: skipped", file=sys.stderr)
             continue
-        feats = extract_set(root, cache, None)
+        feats = extract_set(root, cache, None, photometric)
         cond = {p.image_id: p.condition for p in load_photos(root / "MANIFEST.tsv", conditions=conditions.get(s))}
         out[s] = {i: (g, cond.get(i, c), f) for i, (g, c, f) in feats.items()}
     return out
@@ -268,12 +268,15 @@ def main(argv: list[str] | None = None) -> int:
                    help="also search each photo as `bench_scale` does (by bytes, itself still indexed)")
     p.add_argument("--pooled", action="store_true",
                    help="also both sets in one collection, each the other's real distractors")
+    p.add_argument("--photometric", choices=sorted(PHOTOMETRIC), default="",
+                   help="photometric handling of every photo before extraction (index and query side)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
     from delf_common.ranking import match_score
 
-    data = load(args.cache, {"landmarks-dev": REPO / "docs" / "eval" / "landmarks-dev-conditions.tsv"})
+    data = load(args.cache, {"landmarks-dev": REPO / "docs" / "eval" / "landmarks-dev-conditions.tsv"},
+                args.photometric)
     if not data:
         print("no evaluation set found under ../shared/data: nothing to measure", file=sys.stderr)
         return 0

@@ -82,6 +82,22 @@ def test_rows_of_a_hand_made_ranking():
     assert empty.first == [] and empty.ap == 0.0 and {m for m, _ in empty.missed} == {"a", "b", "c"}
 
 
+def test_conditions_table_in_the_page(manifest):
+    photos = load_photos(manifest)
+    figures = {"map": 0.5, "precision_at_1": 0.5, "recall_at_10": 1.0, "latency_median_s": 0.1,
+               "latency_p95_s": 0.2, "ingest_photos_per_s": 3.0, "queries": 6, "pr_curve": [0.5] * 21,
+               "rankings": {}}
+    by = {"day-night": {"map": 0.25, "precision_at_1": 0.0, "recall_at_10": 0.5, "queries": 2},
+          "object": {"map": 1.0, "precision_at_1": 1.0, "recall_at_10": 1.0, "queries": 4}}
+    page = render(photos, {"delf": {**figures, "by_condition": by}, "sift": figures}, top_k=100)
+    table = re.search(r'<table id="conditions">.*?</table>', page, re.S).group(0)
+    rows = re.findall(r'<tr data-condition="([^"]+)"><td>[^<]+</td><td class="num">(\d+)</td>(.*?)</tr>', table)
+    assert [(c, n) for c, n, _ in rows] == [("day-night", "2"), ("object", "4")]
+    assert re.findall(r">([0-9.]+)<", rows[0][2]) == ["0.250", "0.000", "0.500"]  # delf's; sift has none
+    assert rows[0][2].count("<td>-</td>") == 3
+    assert 'id="conditions"' not in render(photos, {"sift": figures}, top_k=100)  # no conditions: no table
+
+
 @pytest.fixture(scope="module")
 def hand_report(manifest, tmp_path_factory) -> Path:
     """A page from rankings made by hand over the manifest's photos, plus an id that is not
