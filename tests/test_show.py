@@ -161,6 +161,7 @@ def test_show_png_joins_inliers_that_map_onto_each_other(client, system, warped,
     response = client.search(path, top_k=1, correspondences=True)
     _, (row,) = _layout(client, warped, response)
     lines = np.all(picture == show.INLIER, axis=2)
+    lines[:show.LEGEND_HEIGHT] = False  # the legend's sample line
     c = response.matches[0].correspondences
     inliers = list(show.drawn_inliers(np.array([x.inlier for x in c])))
     assert len(inliers) == min(response.matches[0].inliers, show.MAX_LINES) >= 25
@@ -201,6 +202,33 @@ def test_show_html_is_one_self_contained_page(client, system, warped, tmp_path):
     best = response.matches[0]
     assert f"<td class='id'><a href='#m1'>{PHOTO_ID}</a></td>" in page
     assert f"<td>{best.inliers}</td>" in page and "<td class='yes'>yes</td>" in page
+
+
+def test_lines_only_for_a_verified_match_and_a_legend_on_top():
+    rgb = sample_photo("astronaut")
+    photo = show.Photo(rgb, (rgb.shape[1], rgb.shape[0]))
+    rng = np.random.default_rng(0)
+    pts = rng.uniform(20, 400, (40, 2))
+
+    def match(verified: bool) -> delf_pb2.Match:
+        m = delf_pb2.Match(image_id="m", inliers=30, votes=200 if verified else 3, verified=verified,
+                           score=0.99 if verified else 0.05)
+        for k, (x, y) in enumerate(pts):
+            m.correspondences.add(query=delf_pb2.Point(x=x, y=y), indexed=delf_pb2.Point(x=x + 5, y=y),
+                                  inlier=k < 30)
+        return m
+
+    for verified in (True, False):
+        picture, (row,) = show.draw_matches(photo, [match(verified)], {"m": photo}, verified_score=0.9)
+        lines = np.all(picture[row.top:] == show.INLIER, axis=2).sum()
+        dots = np.all(picture[row.top:] == show.OUTLIER, axis=2).sum()
+        if verified:
+            assert lines > 30 * 20 and dots > 0     # the 30 inliers joined, the other 10 as dots
+        else:
+            assert lines == 0 and dots > 40 * 5    # RANSAC's inliers of an unaccepted match: dots only
+        legend = picture[:show.LEGEND_HEIGHT]
+        assert np.all(legend == show.INLIER, axis=2).any() and np.all(legend == show.OUTLIER, axis=2).any()
+        assert np.all(legend == show.OUTLINE, axis=2).any() and (legend < 64).all(axis=2).sum() > 200  # text
 
 
 def test_get_image_thumbnail_bounded_and_only_when_asked(client, indexed):
