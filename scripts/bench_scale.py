@@ -16,7 +16,10 @@ through gRPC:
 * ``map`` / ``precision_at_1``: every landmarks-dev photo with another photo of its group
   searched with its bytes (the photo itself left out of its ranking), mAP over the top 100;
 * ``map_without_distractors``: the same queries on an index of the landmarks-dev photos
-  alone (measured once per backend, on a run of its own);
+  alone (measured once per backend, on a run of its own); with ``--real-distractors`` the
+  index holds real distractor photos before the synthetic ones (every landmarks-hard photo,
+  whose Gendarmenmarkt photos count as that landmarks-dev group's, and scikit-image's
+  samples), so ``--sizes 219`` measures among real distractors alone;
 * ``ram_bytes_per_photo``: resident memory of every process that holds the index (the
   indexer worker; with ``--backend server`` also the Milvus server), after the searches,
   divided by the photos;
@@ -81,13 +84,56 @@ class Inputs:
         self.distractors = bench_latency.Distractors(
             np.concatenate([f.descriptors for _, _, f in self.real.values()]))
         groups = {i: g for i, (g, _, _) in self.real.items()}
-        self.groups = groups
         self.map_queries = [i for i in sorted(groups)
                             if any(groups[j] == groups[i] for j in groups if j != i)]
         self.timed = self.map_queries[:: max(1, len(self.map_queries) // args.queries)][: args.queries]
+        # Real distractor photos: never queries; one of them that shows a query's place is a
+        # positive (SAME_PLACE: the two sets' groups of one place count as one group).
+        self.real_distractors = real_distractors(args.cache) if getattr(args, "real_distractors", False) else {}
+        for i, (g, _, _) in self.real_distractors.items():
+            groups[i] = SAME_PLACE.get(g, g)
+        self.groups = groups
 
     def photo_bytes(self, image_id: str) -> bytes:
         return (self.photos / self.real[image_id][1]).read_bytes()
+
+
+HARD_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-hard"
+SKIMAGE_PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "motorcycle", "hubble", "cat", "camera")
+# A group of landmarks-hard that shows a landmarks-dev group's place (counted as that group).
+SAME_PLACE = {"hard:berlin_gendarmenmarkt_dome_night": "berlin_gendarmenmarkt_dome"}
+
+
+def real_distractors(cache: Path) -> dict:
+    """{id: (group, "", DelfFeatures)} of real photos outside landmarks-dev: every
+    landmarks-hard photo (ids and groups prefixed ``hard:``) and scikit-image's sample
+    photos (``skimage:NAME``, a group each), extracted once by the shipped extractor and
+    cached. Empty where landmarks-hard is absent."""
+    from delf_common.features import DelfFeatures
+
+    out = {}
+    if (HARD_PHOTOS / "MANIFEST.tsv").is_file():
+        for i, (g, rel, f) in bench_latency.real_features(HARD_PHOTOS, cache / "landmarks-hard").items():
+            out[f"hard:{i}"] = (f"hard:{g}", rel, f)
+    path = cache / "skimage.npz"
+    if not path.exists():
+        import skimage.data as data
+
+        from delf_extractor.extract import DelfExtractor
+
+        ex = DelfExtractor()
+        photos = {n: (data.stereo_motorcycle()[0] if n == "motorcycle" else data.hubble_deep_field()
+                      if n == "hubble" else getattr(data, n)()) for n in SKIMAGE_PHOTOS}
+        feats = {n: ex.extract(np.stack([rgb] * 3, -1) if rgb.ndim == 2 else rgb[..., :3]) for n, rgb in photos.items()}
+        np.savez(path, **{f"{n}/{k}": getattr(f, k) for n, f in feats.items()
+                          for k in ("locations", "scales", "scores", "descriptors")},
+                 **{f"{n}/size": np.array(f.image_size) for n, f in feats.items()})
+    z = np.load(path)
+    for n in SKIMAGE_PHOTOS:
+        f = DelfFeatures(z[f"{n}/locations"], z[f"{n}/scales"], z[f"{n}/scores"], z[f"{n}/descriptors"],
+                         tuple(int(v) for v in z[f"{n}/size"]), model="bench", pca_id=bench_latency.PCA_ID)
+        out[f"skimage:{n}"] = (f"skimage:{n}", "", f)
+    return out
 
 
 # ----------------------------------------------------------------------------- backends
@@ -161,8 +207,11 @@ def _du(path: Path) -> int:
 
 # ----------------------------------------------------------------------------- fill
 def fill(store, inputs: Inputs, photos: int, stored: int) -> dict:
-    """The real photos, then distractor photos up to `photos`, through `add_many`."""
-    batch = [(i, f, {"group": g, "kind": "real"}) for i, (g, _, f) in inputs.real.items()][:photos]
+    """The real photos, the real distractor photos (``--real-distractors``), then synthetic
+    distractor photos up to `photos`, through `add_many`."""
+    batch = [(i, f, {"group": g, "kind": "real"}) for i, (g, _, f) in inputs.real.items()]
+    batch += [(i, f, {"group": g, "kind": "real-distractor"}) for i, (g, _, f) in inputs.real_distractors.items()]
+    batch = batch[:photos]
     rows, t0, k = 0, time.monotonic(), 0
     for start in range(0, len(batch), BATCH_PHOTOS):
         rows += sum(r["num_features"] for r in store.add_many(batch[start:start + BATCH_PHOTOS]))
@@ -420,6 +469,10 @@ def parse_args(argv=None):
     p.add_argument("--work", type=Path, default=None, help="folder for the indexes (default: the temp dir)")
     p.add_argument("--system-env", default="", help="extra settings for the system, KEY=VALUE,KEY=VALUE")
     p.add_argument("--no-baseline", action="store_true", help="skip map_without_distractors")
+    p.add_argument("--real-distractors", action="store_true",
+                   help="after the landmarks-dev photos, fill with real distractor photos (every "
+                        "landmarks-hard photo and 8 of scikit-image's samples: 219 photos in all), then "
+                        "synthetic ones up to each size")
     p.add_argument("--plot", nargs="+", type=Path, help="instead: plot these JSON files")
     p.add_argument("--out", type=Path, default=Path("scale.png"), help="with --plot: the PNG to write")
     return p.parse_args(argv)
