@@ -42,8 +42,8 @@ from delf_tools.broker import embedded_redis_argv, free_port, port_in_use, redac
 from delf_tools.children import Child, ChildSpec, Events
 from delf_tools.logsink import LogSink
 from delf_tools.logsink import say as _say
-from delf_tools.readiness import (LaunchError, Readiness, dial_addr, health_tls_roots, redis_server_path,
-                                   write_ready_file)
+from delf_tools.readiness import (LaunchError, Readiness, check_listen_addr, dial_addr, health_tls_roots,
+                                   redis_server_path, write_ready_file)
 from delf_tools.restarts import Restarter
 
 DEFAULT_REDIS_PORT = 6399
@@ -108,7 +108,7 @@ class Launcher:
         return code
 
     def _prepare(self) -> None:
-        dial_addr(self.grpc_addr)  # fail early on a malformed address
+        check_listen_addr(self.grpc_addr)  # malformed, or another process serves it: fail before starting
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # One `delf up` per data dir: Milvus Lite and the Redis append-only file
         # cannot be shared by two of them.
