@@ -39,6 +39,7 @@ from delf_gateway.ingest import (  # noqa: F401 - re-exported: their former home
     JOB_ID_METADATA_KEY, RESUME_METADATA_KEY, IngestJobs, job_proto,
 )
 from delf_gateway.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
+from delf_gateway.malformed import MalformedBodyInterceptor
 from delf_gateway.search import SearchCalls
 
 log = logging.getLogger("delf.gateway")
@@ -199,7 +200,8 @@ def build_server(address: str | None = None, max_workers: int = 32):
     credentials = tls_credentials()  # before anything starts: a bad setting fails fast
     interval, require = config.get("DELF_HEALTH_INTERVAL_S"), config.get("DELF_HEALTH_REQUIRE")
     tokens = config.get("DELF_AUTH_TOKENS")
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
+    # Innermost last: a malformed body becomes INVALID_ARGUMENT (gRPC's own answer is INTERNAL).
+    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(), MalformedBodyInterceptor()]
     if tokens:
         interceptors.insert(0, AuthInterceptor(tokens))
     interceptors.insert(0, ObserveInterceptor())  # logs and counts refusals by auth too
