@@ -4,6 +4,7 @@ answers once its first task would be fast). Also the launcher's small helpers: w
 to dial the gateway, with which TLS roots, the ready file."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
@@ -39,6 +40,14 @@ def check_listen_addr(listen_addr: str) -> None:
         raise LaunchError(str(exc)) from None
     if taken:
         raise LaunchError(address_taken_message(listen_addr, "`delf up --grpc-addr HOST:PORT` or DELF_GRPC_ADDR"))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def write_ready_file(path: Path, info: dict[str, object]) -> None:
