@@ -162,7 +162,7 @@ def cmd_ingest(args) -> int:
                 interrupted(f"stopped sending: job {named[0]} keeps (and indexes) the photos it received; "
                              f"send the rest with `delf ingest {folder} --resume {named[0]}`")
             else:
-                interrupted("stopped before the gateway started a job: nothing was sent")
+                interrupted("stopped before the gateway named a job: nothing to resume; run the command again")
             return INTERRUPTED_EXIT
     print(f"job {job.job_id}" + (f" (resumed: {job.resent} re-sent by the server)" if args.resume else ""))
     if args.resume and job.awaiting_upload:
