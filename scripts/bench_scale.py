@@ -466,7 +466,7 @@ def parse_args(argv=None):
     p.add_argument("--queries", type=int, default=20, help="photos searched for the latency figures")
     p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS)
     p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-latency"))
-    p.add_argument("--work", type=Path, default=None, help="folder for the indexes (default: the temp dir)")
+    p.add_argument("--work", type=Path, default=None, help="folder for the indexes, created when missing (default: the temp dir)")
     p.add_argument("--system-env", default="", help="extra settings for the system, KEY=VALUE,KEY=VALUE")
     p.add_argument("--no-baseline", action="store_true", help="skip map_without_distractors")
     p.add_argument("--real-distractors", action="store_true",
@@ -489,6 +489,8 @@ def main(argv=None) -> int:
     if args.server_index:
         os.environ["DELF_MILVUS_INDEX"] = args.server_index
     args.cache.mkdir(parents=True, exist_ok=True)
+    if args.work is not None:  # up-front: each size's temporary folder is made in it after minutes of work
+        args.work.mkdir(parents=True, exist_ok=True)
     inputs = Inputs(args)
     baseline = None
     if not args.no_baseline:

@@ -23,6 +23,7 @@ import io
 import json
 import math
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -326,10 +327,15 @@ def main(argv=None) -> int:
     if args.data_dir:
         args.data_dir.mkdir(parents=True, exist_ok=True)
         return run(args, args.data_dir)
-    with tempfile.TemporaryDirectory(prefix="delf-dashcheck-", delete=not args.keep) as tmp:
+    # Not TemporaryDirectory(delete=...): that argument is Python 3.12's, the project's is 3.11.
+    tmp = Path(tempfile.mkdtemp(prefix="delf-dashcheck-"))
+    try:
         if args.keep:
             print(f"data dir: {tmp}")
-        return run(args, Path(tmp))
+        return run(args, tmp)
+    finally:
+        if not args.keep:
+            shutil.rmtree(tmp, ignore_errors=True)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,8 @@ class RunningSystem:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "delf_tools.launcher", "--data-dir", self.env["DELF_DATA_DIR"],
-             "--grpc-addr", self.address, "--ready-file", str(self.ready_file)],
+             "--grpc-addr", self.address, "--ready-file", str(self.ready_file),
+             "--console-logs"],  # every service's output in launcher.log, which tests read
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         deadline = time.monotonic() + STARTUP_TIMEOUT_S

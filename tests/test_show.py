@@ -79,7 +79,16 @@ def test_correspondences_only_when_asked_and_inliers_map_under_the_homography(cl
     err = np.linalg.norm(map_points(H, q) - d, axis=1)
     assert np.median(err[inlier]) < 8.0 and np.quantile(err[inlier], 0.95) < INLIER_TOLERANCE_PX, \
         np.sort(err[inlier])[-10:]
-    assert np.median(err[~inlier]) > 3 * np.median(err[inlier])  # the rest mostly is not
+    # What a reader of the answer relies on: the pairs marked inliers are the ones the
+    # returned transform maps onto each other within the RANSAC threshold, the others mostly
+    # are not. Shares, not a ratio of medians: the outliers' error distribution depends on
+    # the CPU's floating point (median 14-17 px against the inliers' 5 px on two machines),
+    # the split at the threshold does not (here 97% of inliers within it, 4% of outliers).
+    ransac_px = config.get("DELF_RANSAC_PX")
+    fitted = np.linalg.norm(map_points(np.reshape(best.transform, (3, 3)), q) - d, axis=1)
+    assert np.mean(fitted[inlier] < ransac_px) >= 0.8, np.sort(fitted[inlier])[-10:]
+    assert np.all(fitted[inlier] < 2 * ransac_px), np.sort(fitted[inlier])[-10:]  # refit, not RANSAC's own model
+    assert np.mean(fitted[~inlier] < ransac_px) <= 0.25, np.sort(fitted[~inlier])[:10]
     assert plain.ByteSize() * 5 < asked.ByteSize()  # the default answer stays small
 
 

@@ -7,6 +7,9 @@
 Methods return the protobuf messages of `delf.v1` (see protos/delf/v1/delf.proto);
 errors raise `grpc.RpcError` with the server's status code and message.
 
+The gateway's address (`target`, default `DELF_GATEWAY`) may be `host`, `host:port` or a
+URL such as `http://host:port`; the port defaults to 50051 (`delf_common.addresses`).
+
 Security: `token` (default `DELF_TOKEN`) is sent on every call as the metadata
 `authorization: Bearer <token>`; `tls_ca` (default `DELF_TLS_CA`), a PEM file of the
 CA or self-signed certificate to trust, makes the client connect with TLS.
@@ -21,6 +24,7 @@ from typing import Iterable, Iterator, Mapping, Sequence
 import grpc
 
 from delf_common import config
+from delf_common.addresses import gateway_target
 from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
 
 PHOTO_SUFFIXES = {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff", ".gif"}
@@ -92,7 +96,8 @@ class DelfClient:
     def __init__(self, target: str | None = None, timeout: float | None = 300.0,
                  channel: grpc.Channel | None = None, *, token: str | None = None,
                  tls_ca: str | None = None):
-        self.target = target or config.get("DELF_GATEWAY")
+        # "host", "host:port", "http://host:port": one reading everywhere, port 50051 by default
+        self.target = gateway_target(target or config.get("DELF_GATEWAY"))
         self.token = token if token is not None else config.get("DELF_TOKEN")
         self.tls_ca = tls_ca if tls_ca is not None else config.get("DELF_TLS_CA")
         max_message = config.get("DELF_MAX_MESSAGE_BYTES")
@@ -127,6 +132,8 @@ class DelfClient:
         has every key/value pair (exact strings). ``correspondences``: each match also
         carries its correspondences (``match.correspondences``: query point, indexed
         point, RANSAC inlier or not), the evidence to draw (`delf search --show`)."""
+        if top_k < 0:
+            raise ValueError(f"top_k must be at least 1 (0: the server's default), not {top_k}")
         request = delf_pb2.SearchRequest(top_k=top_k, filter=dict(filter or {}), correspondences=correspondences)
         if image is not None:
             request.image = _image_bytes(image)

@@ -14,9 +14,14 @@
     delf train-attention MANIFEST ...         train the attention head (backbone frozen)
     delf finetune MANIFEST ...                fine-tune the backbone on landmark labels (GPU)
 
-The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051);
-a bearer token from --token or DELF_TOKEN; --tls-ca or DELF_TLS_CA (a PEM file of the
-CA to trust) switches to TLS.
+The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051): HOST,
+HOST:PORT or a URL (http://HOST:PORT), port 50051 when none is given; a bearer token from
+--token or DELF_TOKEN; --tls-ca or DELF_TLS_CA (a PEM file of the CA to trust) switches to
+TLS. These global options go before or after the command.
+
+A mistake gets one short message on stderr (at most with the command's usage) and a
+non-zero exit: 2 for a wrong invocation, 1 for an error the gateway reports, 130 for
+Ctrl-C; never a traceback (DELF_TRACEBACK=1 shows one for an unexpected error).
 """
 from __future__ import annotations
 
@@ -29,7 +34,12 @@ from pathlib import Path
 import grpc
 
 from delf_common import config
+from delf_common.addresses import AddressError, gateway_target
+from delf_tools.cli_contract import INTERRUPTED_EXIT, UsageError, interrupted, run_command, run_tool
 
+GLOBAL_DEFAULTS = {"gateway": None, "timeout": 300.0, "token": None, "tls_ca": None}
+# Commands implemented by other modules, which parse their own arguments.
+TOOL_COMMANDS = ("up", "fit-pca", "train-attention", "finetune", "eval")
 STATE_NAMES = {0: "UNSPECIFIED", 1: "RECEIVING", 2: "RUNNING", 3: "COMPLETED", 4: "CANCELLED"}
 # The image id column of `delf search` is as wide as the longest id, up to this many
 # columns; longer ids are shortened in the middle with an ellipsis (--wide: never).
@@ -41,6 +51,39 @@ def _client(args):
     from delf_common.client import DelfClient
 
     return DelfClient(args.gateway, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca)
+
+
+def _top_k(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
+    return value
+
+
+def _seconds(text: str) -> float:
+    try:
+        value = float(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a number of seconds, got {text!r}") from None
+    if not value > 0:
+        raise argparse.ArgumentTypeError(f"must be more than 0, got {text}")
+    return value
+
+
+def _photo_file(text: str, command: str) -> Path:
+    """`text` as the path of one photo to read, or UsageError saying what is wrong with it."""
+    path = Path(text)
+    if path.is_dir():
+        raise UsageError(f"{path} is a folder; {command} takes one photo "
+                         f"(`delf ingest {path}` indexes every photo below a folder)")
+    if not path.exists():
+        raise UsageError(f"{path}: no such file")
+    if not path.is_file():
+        raise UsageError(f"{path} is not a regular file")
+    return path
 
 
 def _box(text: str) -> tuple[float, float, float, float]:
@@ -78,6 +121,8 @@ def cmd_ingest(args) -> int:
     from delf_common.manifest import ManifestError, is_manifest, read_manifest
 
     folder = Path(args.path)
+    if not folder.exists():
+        raise UsageError(f"{folder}: no such folder or file")
     manifest = folder.is_file() and is_manifest(folder)
     if not folder.is_dir() and not manifest:
         print(f"delf ingest: {folder} is neither a folder nor a .csv/.jsonl manifest", file=sys.stderr)
@@ -97,35 +142,56 @@ def cmd_ingest(args) -> int:
             print(f"delf ingest: no photos (jpg, png, webp, bmp, tif, gif) below {folder}", file=sys.stderr)
             return 2
     client = _client(args)
+    named: list[str] = []
     with tqdm(total=n, desc="upload", unit="photo", disable=args.quiet) as bar:
         sent = lambda i, total: bar.update(1)  # noqa: E731
-        named = lambda job_id: bar.write(f"job {job_id} (if interrupted: delf ingest {folder} "  # noqa: E731
-                                         f"--resume {job_id})", file=sys.stderr)
-        if manifest:
-            job = client.ingest_manifest(folder, server_paths=args.server_paths, on_sent=sent,
-                                         resume_job=args.resume, on_job=named)
-        else:
-            job = client.ingest_folder(folder, on_sent=sent, resume_job=args.resume, on_job=named)
+
+        def on_job(job_id: str) -> None:
+            named.append(job_id)
+            bar.write(f"job {job_id} (if interrupted: delf ingest {folder} --resume {job_id})", file=sys.stderr)
+
+        try:
+            if manifest:
+                job = client.ingest_manifest(folder, server_paths=args.server_paths, on_sent=sent,
+                                             resume_job=args.resume, on_job=on_job)
+            else:
+                job = client.ingest_folder(folder, on_sent=sent, resume_job=args.resume, on_job=on_job)
+        except KeyboardInterrupt:
+            bar.close()
+            if named:
+                interrupted(f"stopped sending: job {named[0]} keeps (and indexes) the photos it received; "
+                             f"send the rest with `delf ingest {folder} --resume {named[0]}`")
+            else:
+                interrupted("stopped before the gateway named a job: nothing to resume; run the command again")
+            return INTERRUPTED_EXIT
     print(f"job {job.job_id}" + (f" (resumed: {job.resent} re-sent by the server)" if args.resume else ""))
     if args.resume and job.awaiting_upload:
         print(f"  {job.awaiting_upload} unfinished photos of this job were sent as bytes and are not in "
               f"{folder}: send them with `delf ingest PATH --resume {job.job_id}`", file=sys.stderr)
-    return _watch(client, job, args)
+    return _watch(client, job, args, resume=f"delf ingest {folder} --resume {job.job_id}")
 
 
-def _watch(client, job, args) -> int:
+def _watch(client, job, args, resume: str) -> int:
+    """Progress until the job ends; Ctrl-C stops waiting (the job goes on) and says how to
+    follow it. `resume`: the command that continues the job should it stall."""
     from tqdm import tqdm
 
     if not args.wait:
         return 0
     told = False
-    with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
-        for job in client.watch_job(job.job_id):
-            bar.update(job.done + job.failed - bar.n)
-            if job.stalled and not told:  # say so once, keep waiting: it may move again
-                bar.write(f"job {job.job_id} stalled: {job.hint}\n(still waiting; Ctrl-C stops "
-                          f"waiting, the job goes on)", file=sys.stderr)
-            told = job.stalled
+    job_id = job.job_id
+    try:
+        with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
+            for job in client.watch_job(job_id):
+                bar.update(job.done + job.failed - bar.n)
+                if job.stalled and not told:  # say so once, keep waiting: it may move again
+                    bar.write(f"job {job_id} stalled: {job.hint}\n(still waiting; Ctrl-C stops "
+                              f"waiting, the job goes on)", file=sys.stderr)
+                told = job.stalled
+    except KeyboardInterrupt:
+        interrupted(f"stopped waiting; job {job_id} goes on without this command. "
+                     f"`delf job {job_id}` shows its progress; if it stalls, `{resume}` continues it")
+        return INTERRUPTED_EXIT
     _print_job(job)
     return 0 if job.failed == 0 else 1
 
@@ -142,7 +208,7 @@ def cmd_resume(args) -> int:
               f"`delf ingest PATH --resume {job.job_id}` (PATH: the folder or manifest it was started "
               f"from; photos already done are skipped)", file=sys.stderr)
         return 1
-    return _watch(client, job, args)
+    return _watch(client, job, args, resume=f"delf resume {job.job_id}")
 
 
 def cmd_job(args) -> int:
@@ -162,8 +228,14 @@ def cmd_search(args) -> int:
     if args.show is not None and Path(args.show).suffix.lower() not in (".png", ".html", ".htm"):
         print(f"delf search: --show writes a .png or an .html file, not {args.show}", file=sys.stderr)
         return 2
+    if args.show is not None:  # before the search, not after it
+        folder = Path(args.show).expanduser().parent
+        if not folder.is_dir():
+            raise UsageError(f"--show {args.show}: the folder {folder} does not exist")
+        if not os.access(folder, os.W_OK):
+            raise UsageError(f"--show {args.show}: cannot write in the folder {folder}")
+    photo = None if args.photo is None else _photo_file(args.photo, "search")
     client = _client(args)
-    photo = None if args.photo is None else Path(args.photo)
     response = client.search(photo, image_id=args.id, top_k=args.top_k, box=args.box,
                              filter=dict(args.filter), correspondences=args.show is not None)
     print(f"{len(response.matches)} matches ({response.query_features} query features, "
@@ -218,8 +290,8 @@ def _fit(text: str, limit: int | None) -> str:
 
 
 def cmd_add(args) -> int:
-    meta = dict(kv.split("=", 1) for kv in args.meta)
-    info = _client(args).add_image(args.image_id, Path(args.photo), meta)
+    meta = dict(args.meta)
+    info = _client(args).add_image(args.image_id, _photo_file(args.photo, "add"), meta)
     print(f"added {info.image_id}: {info.width}x{info.height}, {info.num_features} features")
     return 0
 
@@ -248,18 +320,29 @@ def cmd_stats(args) -> int:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="delf", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--gateway", default=None, help="gateway address (default: $DELF_GATEWAY or 127.0.0.1:50051)")
-    p.add_argument("--timeout", type=float, default=300.0, help="seconds to wait for an answer")
-    p.add_argument("--token", default=None,
-                   help="bearer token for a gateway with DELF_AUTH_TOKENS (default: $DELF_TOKEN; "
-                        "prefer the variable: command lines are visible to other users)")
-    p.add_argument("--tls-ca", default=None, metavar="PEM",
-                   help="connect with TLS, trusting this CA or self-signed certificate (default: $DELF_TLS_CA)")
+    _global_options(p, GLOBAL_DEFAULTS)
     sub = p.add_subparsers(dest="command", required=True)
     _tool_commands(sub)
     _job_commands(sub)
     _index_commands(sub)
+    # The global options after the command too (`delf search photo.jpg --gateway HOST`):
+    # there they default to "not given", so they never undo one given before the command.
+    for name, command in sub.choices.items():
+        if name not in TOOL_COMMANDS:
+            _global_options(command, dict.fromkeys(GLOBAL_DEFAULTS, argparse.SUPPRESS))
     return p
+
+
+def _global_options(p: argparse.ArgumentParser, defaults: dict) -> None:
+    p.add_argument("--gateway", default=defaults["gateway"],
+                   help="gateway address: HOST, HOST:PORT or http://HOST:PORT (port 50051 when none is given; "
+                        "default: $DELF_GATEWAY or 127.0.0.1:50051)")
+    p.add_argument("--timeout", type=_seconds, default=defaults["timeout"], help="seconds to wait for an answer")
+    p.add_argument("--token", default=defaults["token"],
+                   help="bearer token for a gateway with DELF_AUTH_TOKENS (default: $DELF_TOKEN; "
+                        "prefer the variable: command lines are visible to other users)")
+    p.add_argument("--tls-ca", default=defaults["tls_ca"], metavar="PEM",
+                   help="connect with TLS, trusting this CA or self-signed certificate (default: $DELF_TLS_CA)")
 
 
 def _tool_commands(sub) -> None:
@@ -310,7 +393,7 @@ def _index_commands(sub) -> None:
     s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
     s.add_argument("photo", nargs="?", default=None)
     s.add_argument("--id", default=None, metavar="ID", help="search with an indexed photo instead of PHOTO")
-    s.add_argument("--top-k", type=int, default=10)
+    s.add_argument("--top-k", type=_top_k, default=10, help="how many matches, at least 1 (default: %(default)s)")
     s.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1: search only this region of PHOTO")
     s.add_argument("--filter", type=_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="only photos whose metadata has KEY=VALUE (repeat: all must hold)")
@@ -325,7 +408,7 @@ def _index_commands(sub) -> None:
     s = sub.add_parser("add", help="index one photo under an id (replaces an existing one)")
     s.add_argument("image_id")
     s.add_argument("photo")
-    s.add_argument("--meta", action="append", default=[], metavar="KEY=VALUE")
+    s.add_argument("--meta", type=_pair, action="append", default=[], metavar="KEY=VALUE")
     s.set_defaults(func=cmd_add)
 
     s = sub.add_parser("get", help="what the index holds for an id")
@@ -356,51 +439,20 @@ def main(argv: list[str] | None = None) -> int:
 
 def _main(argv: list[str] | None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
-    # Subcommands implemented by other modules take their own arguments.
-    if argv and argv[0] == "up":
-        from delf_tools import launcher
-
-        return launcher.main(argv[1:]) or 0
-    if argv and argv[0] == "fit-pca":
-        from delf_extractor import fit_pca
-
-        return fit_pca.main(argv[1:]) or 0
-    if argv and argv[0] in ("train-attention", "finetune"):
-        from delf_tools import train
-
-        run = train.main_attention if argv[0] == "train-attention" else train.main_finetune
-        return run(argv[1:]) or 0
-    if argv and argv[0] == "eval":
-        from delf_tools import eval_command as evaluate
-
-        return evaluate.main(argv[1:]) or 0
+    if argv and argv[0] in TOOL_COMMANDS:
+        return run_tool(argv[0], argv[1:])
     p = parser()
     args, rest = p.parse_known_args(argv)
-    if args.command == "eval":  # global options first: `delf --gateway ADDR eval MANIFEST ...`
-        from delf_tools import eval_command as evaluate
-
-        return evaluate.main(rest, gateway=args.gateway, token=args.token, tls_ca=args.tls_ca,
-                             timeout=args.timeout) or 0
+    try:  # read once, before anything runs: HOST, HOST:PORT or a URL, port 50051 by default
+        args.gateway = gateway_target(args.gateway or config.get("DELF_GATEWAY"))
+    except (AddressError, config.ConfigError) as exc:
+        print(f"delf {args.command}: {exc}", file=sys.stderr)
+        return 2
+    if args.command in TOOL_COMMANDS:  # global options first: `delf --gateway ADDR eval MANIFEST ...`
+        return run_tool(args.command, rest, {name: getattr(args, name) for name in GLOBAL_DEFAULTS})
     if rest:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
-    if args.gateway is None:
-        args.gateway = config.get("DELF_GATEWAY")
-    try:
-        return args.func(args)
-    except grpc.RpcError as exc:
-        print(f"delf {args.command}: {exc.code().name}: {exc.details()}", file=sys.stderr)
-        if exc.code() == grpc.StatusCode.UNAVAILABLE:
-            print(f"  is the gateway running at {args.gateway}? (`make up` or `delf up` starts it; "
-                  "a gateway with TLS needs --tls-ca or DELF_TLS_CA)", file=sys.stderr)
-        elif exc.code() == grpc.StatusCode.UNAUTHENTICATED:
-            print("  the gateway requires a token: --token or DELF_TOKEN", file=sys.stderr)
-        return 1
-    except config.ConfigError as exc:
-        print(f"delf {args.command}: {exc}", file=sys.stderr)
-        return 2
-    except FileNotFoundError as exc:
-        print(f"delf {args.command}: {exc}", file=sys.stderr)
-        return 2
+    return run_command(args)
 
 
 if __name__ == "__main__":

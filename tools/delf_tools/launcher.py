@@ -19,6 +19,8 @@ dies while starting, or in a crash loop, stops everything (exit 1, with its last
 lines). Ctrl-C or SIGTERM stops everything (SIGTERM to each child, SIGKILL after a
 grace period, the embedded Redis last) and exits 0.
 
+Each service's output goes to DATA_DIR/logs/<service>.log (``--log-dir``), and its lines
+that report a problem to the terminal too; ``--console-logs`` puts all of it on the terminal.
 The child processes live in `children`, their output in `logsink`, the embedded
 Redis helpers in `broker`, the readiness probe in `readiness`.
 
@@ -42,8 +44,8 @@ from delf_tools.broker import embedded_redis_argv, free_port, port_in_use, redac
 from delf_tools.children import Child, ChildSpec, Events
 from delf_tools.logsink import LogSink
 from delf_tools.logsink import say as _say
-from delf_tools.readiness import (LaunchError, Readiness, dial_addr, health_tls_roots, redis_server_path,
-                                   write_ready_file)
+from delf_tools.readiness import (LaunchError, Readiness, check_listen_addr, dial_addr, health_tls_roots,
+                                   positive_int, redis_server_path, write_ready_file)
 from delf_tools.restarts import Restarter
 
 DEFAULT_REDIS_PORT = 6399
@@ -108,7 +110,7 @@ class Launcher:
         return code
 
     def _prepare(self) -> None:
-        dial_addr(self.grpc_addr)  # fail early on a malformed address
+        check_listen_addr(self.grpc_addr)  # malformed, or another process serves it: fail before starting
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # One `delf up` per data dir: Milvus Lite and the Redis append-only file
         # cannot be shared by two of them.
@@ -123,11 +125,11 @@ class Launcher:
         if self.opts.ready_file:
             self._ready_file = Path(self.opts.ready_file).expanduser().resolve()
             self._ready_file.unlink(missing_ok=True)  # stale, from a run that was killed
-        log_dir = self.opts.log_dir
-        if log_dir is not None:
-            log_dir = Path(log_dir or self.data_dir / "logs").expanduser().resolve()
+        log_dir = None  # --console-logs: every service's output on the terminal
+        if not self.opts.console_logs:  # else a quiet terminal: problems only, the rest in files
+            log_dir = Path(self.opts.log_dir or self.data_dir / "logs").expanduser().resolve()
             log_dir.mkdir(parents=True, exist_ok=True)
-            _say(f"logs go to {log_dir}/<service>.log")
+            _say(f"logs go to {log_dir}/<service>.log (problems are shown here too)")
         self.opts.log_dir = log_dir
         self.sink = LogSink(log_dir, ["redis"] + [s.name for s in self._service_specs()],
                             json_lines=logsink.json_lines())
@@ -344,6 +346,8 @@ class Launcher:
         if self._ready_file is not None:
             write_ready_file(self._ready_file, info)
         _say(f"all {len(self.children)} services ready after {elapsed:.1f} s")
+        if self.sink is not None:
+            self.sink.show_warnings = True  # from now on a warning is news, not startup
         gateway = dial_addr(self.grpc_addr)
         if gateway != config.get("DELF_GATEWAY"):
             _say(f"clients: export DELF_GATEWAY={gateway}")
@@ -449,13 +453,15 @@ def build_parser(prog: str = "delf up") -> argparse.ArgumentParser:
     parser.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT,
                         help="port of the embedded Redis, used when DELF_REDIS_URL is not set; "
                              "0 or a taken port: a free one (default: %(default)s)")
-    parser.add_argument("--extractors", type=_positive, default=1,
+    parser.add_argument("--extractors", type=positive_int, default=1,
                         help="number of extractor workers (default: %(default)s)")
-    parser.add_argument("--verifiers", type=_positive, default=1,
+    parser.add_argument("--verifiers", type=positive_int, default=1,
                         help="number of verifier workers, 2 threads each (default: %(default)s)")
-    parser.add_argument("--log-dir", nargs="?", const="", default=None, metavar="DIR",
-                        help="write each service's output to DIR/<service>.log instead of the "
-                             "terminal (DIR defaults to DATA_DIR/logs)")
+    parser.add_argument("--log-dir", nargs="?", const="", default="", metavar="DIR",
+                        help="each service's output goes to DIR/<service>.log, lines reporting a "
+                             "problem to the terminal too (default: DATA_DIR/logs)")
+    parser.add_argument("--console-logs", action="store_true",
+                        help="every service's output on the terminal instead, prefixed with its name")
     parser.add_argument("--ready-file", metavar="PATH",
                         help="write this file (JSON: gateway address, broker, pids) once "
                              "everything is ready; it is removed on exit")
@@ -466,13 +472,6 @@ def build_parser(prog: str = "delf up") -> argparse.ArgumentParser:
                         help="give up when not ready after this many seconds "
                              "(default: %(default)s)")
     return parser
-
-
-def _positive(text: str) -> int:
-    value = int(text)
-    if value < 1:
-        raise argparse.ArgumentTypeError("must be at least 1")
-    return value
 
 
 def main(argv: list[str] | None = None, prog: str = "delf up") -> int:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import re
 import sys
 import threading
 import time
@@ -36,9 +37,30 @@ def say(message: str, level: str = "INFO") -> None:
             print(f"delf up: {message}", file=sys.stderr, flush=True)
 
 
+# A line of a child's output that reports a problem: a log record at WARNING or above (the
+# services' text format, Celery's "[...: WARNING/...]", Redis' "# WARNING"), within its start.
+_ERRORS = ("ERROR", "CRITICAL", "FATAL")
+_LEVEL = re.compile(r"\b(WARNING|ERROR|CRITICAL|FATAL)\b")
+
+
+def is_problem(line: str, warnings: bool = True) -> bool:
+    """Whether a child's output line reports a problem (a JSON line: by its level);
+    `warnings`: WARNING lines count, else only errors."""
+    levels = _ERRORS + (("WARNING",) if warnings else ())
+    stripped = line.strip()
+    if stripped.startswith("{"):
+        with contextlib.suppress(ValueError, AttributeError):
+            return str(json.loads(stripped).get("level", "")).upper() in levels
+    found = _LEVEL.search(line[:80])
+    return found is not None and found.group(1) in levels
+
+
 class LogSink:
     """Where children's output goes: the terminal, prefixed with the child's name,
-    or one file per child. With `json_lines` (DELF_LOG_FORMAT=json) every line is a JSON
+    or one file per child, and then the lines reporting a problem (`is_problem`) on the
+    terminal too (stderr), so that a quiet terminal still shows what goes wrong: errors
+    always, warnings once `show_warnings` is set (`delf up` sets it when the system is
+    ready: while it starts, the gateway warns that the workers it waits for are not up). With `json_lines` (DELF_LOG_FORMAT=json) every line is a JSON
     object: the services' own log lines pass unchanged (they name their service), other
     output (Celery's banner, Redis, a traceback on stderr) is wrapped in one, and the
     terminal gets no name prefix."""
@@ -49,6 +71,7 @@ class LogSink:
         self._lock = threading.Lock()
         self._width = max((len(n) for n in names), default=8)
         self._files: dict[str, IO[str]] = {}
+        self.show_warnings = False
         color = log_dir is None and sys.stdout.isatty() and not os.environ.get("NO_COLOR")
         self._colors: dict[str, str] = {}
         if color:
@@ -77,6 +100,9 @@ class LogSink:
                     sys.stdout.flush()
                 elif name in self._files:
                     self._files[name].write(line + "\n")
+                    if is_problem(line, self.show_warnings):
+                        sys.stderr.write(line + "\n" if self.json_lines else f"{name} | {line}\n")
+                        sys.stderr.flush()
                 else:
                     label = name.ljust(self._width)
                     if name in self._colors:

@@ -4,12 +4,14 @@ answers once its first task would be fast). Also the launcher's small helpers: w
 to dial the gateway, with which TLS roots, the ready file."""
 from __future__ import annotations
 
+import argparse
 import contextlib
 import json
 import os
 from pathlib import Path
 
 from delf_common import config
+from delf_common.addresses import AddressError, address_in_use, address_taken_message
 from delf_tools.broker import redis_executable
 
 
@@ -27,6 +29,25 @@ def dial_addr(listen_addr: str) -> str:
     elif host in ("[::]", "::"):
         host = "[::1]"
     return f"{host}:{port}"
+
+
+def check_listen_addr(listen_addr: str) -> None:
+    """Raises LaunchError when `listen_addr` is malformed or another process serves it."""
+    dial_addr(listen_addr)
+    try:
+        taken = address_in_use(listen_addr)
+    except AddressError as exc:
+        raise LaunchError(str(exc)) from None
+    if taken:
+        raise LaunchError(address_taken_message(listen_addr, "`delf up --grpc-addr HOST:PORT` or DELF_GRPC_ADDR"))
+
+
+def positive_int(text: str) -> int:
+    """An argparse type: a whole number of at least 1."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError("must be at least 1")
+    return value
 
 
 def write_ready_file(path: Path, info: dict[str, object]) -> None:

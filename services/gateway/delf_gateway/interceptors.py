@@ -3,7 +3,9 @@
 ObserveInterceptor gives every call a request id, logs one line per call and counts and
 times it; AuthInterceptor (when DELF_AUTH_TOKENS is set) refuses delf.v1 calls without an
 accepted bearer token; ErrorInterceptor turns RequestError (delf_gateway.checks) and
-unexpected exceptions into a gRPC status.
+unexpected exceptions into a gRPC status; innermost, MalformedBodyInterceptor
+(delf_gateway.malformed) answers a request body that is not a valid message with
+INVALID_ARGUMENT.
 """
 from __future__ import annotations
 

@@ -25,6 +25,7 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from delf_common import celery_app as tasks
+from delf_common.addresses import address_in_use, address_taken_message
 from delf_common import config
 from delf_common import logs
 from delf_common import metrics
@@ -38,9 +39,14 @@ from delf_gateway.ingest import (  # noqa: F401 - re-exported: their former home
     JOB_ID_METADATA_KEY, RESUME_METADATA_KEY, IngestJobs, job_proto,
 )
 from delf_gateway.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
+from delf_gateway.malformed import MalformedBodyInterceptor
 from delf_gateway.search import SearchCalls
 
 log = logging.getLogger("delf.gateway")
+
+
+class AddressInUse(config.ConfigError):
+    """DELF_GRPC_ADDR is already served by another process."""
 
 SERVICE_NAME = delf_pb2.DESCRIPTOR.services_by_name["ImageSearch"].full_name
 
@@ -194,7 +200,8 @@ def build_server(address: str | None = None, max_workers: int = 32):
     credentials = tls_credentials()  # before anything starts: a bad setting fails fast
     interval, require = config.get("DELF_HEALTH_INTERVAL_S"), config.get("DELF_HEALTH_REQUIRE")
     tokens = config.get("DELF_AUTH_TOKENS")
-    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor()]
+    # Innermost last: a malformed body becomes INVALID_ARGUMENT (gRPC's own answer is INTERNAL).
+    interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(), MalformedBodyInterceptor()]
     if tokens:
         interceptors.insert(0, AuthInterceptor(tokens))
     interceptors.insert(0, ObserveInterceptor())  # logs and counts refusals by auth too
@@ -207,6 +214,9 @@ def build_server(address: str | None = None, max_workers: int = 32):
         options=[
             ("grpc.max_receive_message_length", max_message),
             ("grpc.max_send_message_length", max_message),
+            # One owner per address: with gRPC's default SO_REUSEPORT a second gateway binds
+            # the same port and the kernel splits clients between two unrelated systems.
+            ("grpc.so_reuseport", 0),
         ],
     )
     gateway = Gateway()
@@ -220,11 +230,16 @@ def build_server(address: str | None = None, max_workers: int = 32):
     reflection.enable_server_reflection(
         (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), server
     )
-    if credentials is not None:
-        port = server.add_secure_port(address, credentials)
-    else:
-        port = server.add_insecure_port(address)
+    try:
+        if credentials is not None:
+            port = server.add_secure_port(address, credentials)
+        else:
+            port = server.add_insecure_port(address)
+    except RuntimeError:  # grpcio raises "Failed to bind to address ..."
+        port = 0
     if port == 0:
+        if address_in_use(address):
+            raise AddressInUse(address_taken_message(address))
         raise RuntimeError(f"cannot listen on {address}")
     stop = threading.Event()
     watcher = threading.Thread(

@@ -12,6 +12,15 @@ Milvus Lite"):
   itself does for larger inputs. Every row is still indexed; only the centroids are fitted
   on a sample (fewer points: faster, but less even lists, so slower searches).
 
+One more makes it quiet rather than fast:
+
+* ``quiet_alloc_timestamp``: pymilvus' ``create_index`` asks the server for a timestamp
+  (AllocTimestamp) and, told UNIMPLEMENTED, goes on without one. Lite's in-process server
+  leaves that RPC to the generated base class, which sets UNIMPLEMENTED *and raises*
+  NotImplementedError, so grpc's server logs "Exception calling application: Method not
+  implemented!" at ERROR with a traceback on every index build: harmless, and alarming in a
+  terminal. The patch answers the same UNIMPLEMENTED status without raising.
+
 Like ``delf_indexer.lite``, this touches names Lite does not promise to keep; each patch
 checks them first and changes nothing (answers False) when they are not as expected.
 """
@@ -120,4 +129,31 @@ def sample_training(points: int) -> bool:
             current.points = int(points)
         else:
             module.faiss = _SampledTrainingFaiss(faiss, ivf_class, int(points))
+    return True
+
+
+def quiet_alloc_timestamp() -> bool:
+    """Lite's server answers AllocTimestamp UNIMPLEMENTED without raising (module docstring).
+    Idempotent; False when Lite's servicer is not as expected, or implements it (nothing changed)."""
+    try:
+        import grpc
+        from milvus_lite.adapter.grpc.servicer import MilvusServicer
+        from pymilvus.grpc_gen import milvus_pb2, milvus_pb2_grpc
+
+        inherited = milvus_pb2_grpc.MilvusServiceServicer.AllocTimestamp
+    except (ImportError, AttributeError):
+        return False
+    current = MilvusServicer.AllocTimestamp
+    if getattr(current, "_delf_quiet", False):
+        return True
+    if current is not inherited:  # Lite implements it now: nothing to quieten
+        return False
+
+    def alloc_timestamp(self, request, context):
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details("AllocTimestamp is not implemented by Milvus Lite")
+        return milvus_pb2.AllocTimestampResponse()
+
+    alloc_timestamp._delf_quiet = True
+    MilvusServicer.AllocTimestamp = alloc_timestamp
     return True

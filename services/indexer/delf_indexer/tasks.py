@@ -28,6 +28,7 @@ from delf_common.metrics import DESCRIPTORS_INDEXED, STORED, install_worker_hook
 from delf_common.retry import retry_delay
 
 from delf_indexer.checks import check_filter
+from delf_indexer.lite_patches import quiet_alloc_timestamp
 from delf_indexer.store import DescriptorStore
 
 log = logging.getLogger(__name__)
@@ -46,6 +47,9 @@ def get_store() -> DescriptorStore:
     global _store
     with _store_lock:
         if _store is None:
+            # Before Lite's in-process server starts (it binds its servicer's methods then):
+            # no harmless AllocTimestamp ERROR traceback per index build (lite_patches).
+            quiet_alloc_timestamp()
             _store = DescriptorStore()
         return _store
 
