@@ -246,6 +246,28 @@ def fit(geo_dev: dict, groups: dict) -> dict:
     return {"map_by_inlier_weight": maps, "inlier_weight": weight, "slope": float(slope), "bias": float(bias)}
 
 
+def query_expansion(geo: dict, groups: dict, conditions: dict) -> list[dict]:
+    """Rank-level query expansion: the first ``k`` results scoring at least ``bar`` lend their
+    own rankings (score of j = max(own, min(score of r, w x r's score of j))); rows per setting."""
+    from delf_common.ranking import match_score
+
+    sc = {q: {r["image_id"]: match_score(r["votes"], r["inliers"]) for r in rs} for q, rs in geo.items()}
+    base = {q: sorted(d, key=lambda i: (-d[i], i)) for q, d in sc.items()}
+    rows = [{"rule": "no expansion", **metrics(base, groups, conditions)["all"]}]
+    for bar, k, w in ((0.9, 1, 0.5), (0.9, 3, 0.5), (0.99, 3, 0.5), (0.9, 3, 1.0), (0.99, 1, 1.0)):
+        out = {}
+        for q, d in sc.items():
+            new = dict(d)
+            for r in (i for i in base[q][:k] if d[i] >= bar and i in sc):
+                for j, v in sc[r].items():
+                    if j != q:
+                        new[j] = max(new.get(j, 0.0), min(d[r], w * v))
+            out[q] = sorted(new, key=lambda i: (-new[i], i))
+        rows.append({"rule": f"expansion: first {k} scoring >= {bar}, weight {w}",
+                     **metrics(out, groups, conditions)["all"]})
+    return rows
+
+
 def verified_quality(geo: dict, groups: dict, score) -> dict:
     """Verified shortlisted photos and the share of them of the query's group, and the share
     of the true pairs verified."""
@@ -270,6 +292,7 @@ def main(argv: list[str] | None = None) -> int:
                    help="also both sets in one collection, each the other's real distractors")
     p.add_argument("--photometric", choices=sorted(PHOTOMETRIC), default="",
                    help="photometric handling of every photo before extraction (index and query side)")
+    p.add_argument("--query-expansion", action="store_true", help="also rank-level query expansion")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
 
@@ -308,6 +331,11 @@ def main(argv: list[str] | None = None) -> int:
             shipped = verified_quality(geo[s], groups, lambda r: match_score(r["votes"], r["inliers"]) >= 0.9)
             print(f"verified, {s}: former rule {former}; score >= 0.9 {shipped}")
             out.setdefault("verified", {})[f"{s}/{nb}"] = {"former": former, "score_0.9": shipped}
+        if args.query_expansion:
+            for s in data:
+                for r in query_expansion(geo[s], {i: f[0] for i, f in data[s].items()}, {}):
+                    print(f"{s:<15} {r['rule']:<50} mAP {r['map']:.3f} P@1 {r['p1']:.3f}")
+                    out.setdefault("query_expansion", []).append({"set": s, "neighbours": nb, **r})
         if args.fit and "landmarks-dev" in geo:
             f = fit(geo["landmarks-dev"], {i: v[0] for i, v in data["landmarks-dev"].items()})
             print(f"fit on landmarks-dev ({nb} neighbours): {f}")
