@@ -10,8 +10,8 @@ Every candidate gets the same kind of number, whatever geometry found:
 correspondences; 0 when no plausible model exists). The score rises with each of them, so no
 photo with more votes and more inliers ranks below one with fewer; it reads as the chance
 that the photo shows the query's place or object, as calibrated on landmarks-dev's shortlists
-(about 1 in 10 of the photos scoring 0.9 there were of another group; see BENCHMARKS.md,
-"One ranking score"). A result is ``verified`` when its score reaches DELF_VERIFIED_SCORE.
+(BENCHMARKS.md, "Right on the hard photos"). A result is ``verified`` when its score reaches
+DELF_VERIFIED_SCORE.
 
 How the weights were chosen (``scripts/bench_accuracy.py --fit``, on landmarks-dev only):
 INLIER_WEIGHT is the middle of the plateau of landmarks-dev's mAP over a grid (votes alone to
