@@ -12,7 +12,7 @@ to a non-convex / folded quadrilateral.
 of its votes and inliers (``delf_common.ranking``) and gives the region only to a verified
 match. ``fit_epipolar`` (a fundamental matrix, for non-planar scenes) is measured by
 ``scripts/bench_accuracy.py`` and not used by the ranking: on landmarks-dev it added nothing
-to votes and plane inliers (BENCHMARKS.md, "Verification that fits real scenes").
+to votes and plane inliers (BENCHMARKS.md, "Right on the hard photos").
 
 When the keypoints' scales are known (DELF features: 1 / pyramid scale, so a feature's
 location is only as precise as its level's cell), the verified transform is refined:
