@@ -19,7 +19,7 @@ from delf_common.contract import INVALID_ARGUMENT, error, ok
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.metrics import install_worker_hooks
 
-from delf_verifier.ransac import judge, rank, verify
+from delf_verifier.ransac import judge, rank
 
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 log = logging.getLogger(__name__)
@@ -70,7 +70,10 @@ def verify_candidates(query: dict, candidates: list[dict], options: dict | None 
     """``{"ok": True, "matches": [VerifiedMatch wire, ...]}`` best first, or INVALID_ARGUMENT.
     ``options``: ``verified_score`` and ``ransac_px`` (absent: the settings); with
     ``inlier_idx`` each match also says which correspondences are the plane model's inliers."""
-    opts = _options(options)
+    try:
+        opts = _options(options)
+    except (TypeError, ValueError) as exc:
+        return _error(f"malformed options: {exc}")
     with_inliers = bool((options or {}).get("inlier_idx"))
     try:
         q = VerifyQuery.from_wire(query)
