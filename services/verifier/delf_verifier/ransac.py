@@ -253,11 +253,11 @@ def fit_epipolar(src: np.ndarray, dst: np.ndarray, px: float) -> np.ndarray | No
 def verify(query_xy: np.ndarray, db_xy: np.ndarray, image_size, box=None,
            min_inliers: int = 25, ransac_px: float = 8.0, min_inlier_ratio: float = 0.0,
            query_scale: np.ndarray | None = None, db_scale: np.ndarray | None = None) -> Verification:
-    """Fit query -> database on corresponding points (both (M, 2)).
+    """Fit query -> database on corresponding points (both (M, 2)): the geometry alone.
 
-    Verified when the inliers reach both ``min_inliers`` and ``min_inlier_ratio``
-    times the number of correspondences: unrelated photos collect a few dozen chance
-    inliers among hundreds of tentative matches, true pairs a larger share.
+    ``verified`` here means the plane model has at least ``min_inliers`` inliers and
+    ``min_inlier_ratio`` times the correspondences (then the transform and corners are
+    given); a search result's ``verified`` is ``judge``'s, from the shared score.
     query_scale, db_scale: (M,) the keypoints' scales (DELF: 1 / pyramid scale); given
     both, a verified transform is refined (``refine``).
     """
