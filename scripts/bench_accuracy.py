@@ -279,6 +279,47 @@ def verified_quality(geo: dict, groups: dict, score) -> dict:
     return {"verified": v, "precision": tp / max(v, 1), "recall": tp / max(t, 1)}
 
 
+def measure(args: argparse.Namespace, data: dict, nb: int, out: dict) -> None:
+    """Every measurement asked for, at ``nb`` neighbours: printed and added to ``out``."""
+    from delf_common.ranking import match_score
+
+    geo = {}
+    sets = dict(data, **({"pooled": pooled(data)} if args.pooled else {}))
+    for s, feats in sets.items():
+        t = time.monotonic()
+        geo[s] = geometry(feats, candidates(feats, args.shortlist, nb, 0.9), 8.0, (8.0,))
+        print(f"{s}: {nb} neighbours, shortlists verified in {time.monotonic() - t:.0f} s", file=sys.stderr)
+    rows = table(geo, sets, RULES, args.conditions)
+    if args.bytes_vs_id:
+        for s, feats in data.items():
+            g = geometry(feats, self_included_candidates(feats, args.shortlist, nb, 0.9), 8.0, ())
+            rows += [dict(r, rule=r["rule"] + " [by bytes, itself indexed]")
+                     for r in table({s: g}, data, {k: RULES[k] for k in list(RULES)[:1]}, False)]
+    for r in rows:
+        r["neighbours"] = nb
+    out["rows"] += rows
+    print(f"\n{nb} neighbours, exact kNN, shortlist {args.shortlist}")
+    print(f"{'rule':<66} {'set':<15} {'condition':<22} {'mAP':>6} {'P@1':>6} {'R@10':>6} {'n':>4}")
+    for r in rows:
+        print(f"{r['rule'][:66]:<66} {r['set']:<15} {r['condition']:<22} {r['map']:>6.3f} {r['p1']:>6.3f} "
+              f"{r['r10']:>6.3f} {r['queries']:>4}")
+    for s in geo:
+        groups = {i: f[0] for i, f in sets[s].items()}
+        former = verified_quality(geo[s], groups, lambda r: r["inliers"] >= 25 and r["inliers"] >= 0.15 * r["n"])
+        shipped = verified_quality(geo[s], groups, lambda r: match_score(r["votes"], r["inliers"]) >= 0.9)
+        print(f"verified, {s}: former rule {former}; score >= 0.9 {shipped}")
+        out.setdefault("verified", {})[f"{s}/{nb}"] = {"former": former, "score_0.9": shipped}
+    if args.query_expansion:
+        for s in data:
+            for r in query_expansion(geo[s], {i: f[0] for i, f in data[s].items()}, {}):
+                print(f"{s:<15} {r['rule']:<50} mAP {r['map']:.3f} P@1 {r['p1']:.3f}")
+                out.setdefault("query_expansion", []).append({"set": s, "neighbours": nb, **r})
+    if args.fit and "landmarks-dev" in geo:
+        f = fit(geo["landmarks-dev"], {i: v[0] for i, v in data["landmarks-dev"].items()})
+        print(f"fit on landmarks-dev ({nb} neighbours): {f}")
+        out.setdefault("fit", {})[str(nb)] = f
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--cache", type=Path, default=Path("/tmp/delf-accuracy"), help="extracted features (npz per set)")
@@ -295,9 +336,6 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--query-expansion", action="store_true", help="also rank-level query expansion")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
-
-    from delf_common.ranking import match_score
-
     data = load(args.cache, {"landmarks-dev": REPO / "docs" / "eval" / "landmarks-dev-conditions.tsv"},
                 args.photometric)
     if not data:
@@ -305,41 +343,7 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     out: dict = {"rows": []}
     for nb in args.neighbours:
-        geo = {}
-        sets = dict(data, **({"pooled": pooled(data)} if args.pooled else {}))
-        for s, feats in sets.items():
-            t = time.monotonic()
-            geo[s] = geometry(feats, candidates(feats, args.shortlist, nb, 0.9), 8.0, (8.0,))
-            print(f"{s}: {nb} neighbours, shortlists verified in {time.monotonic() - t:.0f} s", file=sys.stderr)
-        rows = table(geo, sets, RULES, args.conditions)
-        if args.bytes_vs_id:
-            for s, feats in data.items():
-                g = geometry(feats, self_included_candidates(feats, args.shortlist, nb, 0.9), 8.0, ())
-                rows += [dict(r, rule=r["rule"] + " [by bytes, itself indexed]")
-                         for r in table({s: g}, data, {k: RULES[k] for k in list(RULES)[:1]}, False)]
-        for r in rows:
-            r["neighbours"] = nb
-        out["rows"] += rows
-        print(f"\n{nb} neighbours, exact kNN, shortlist {args.shortlist}")
-        print(f"{'rule':<66} {'set':<15} {'condition':<22} {'mAP':>6} {'P@1':>6} {'R@10':>6} {'n':>4}")
-        for r in rows:
-            print(f"{r['rule'][:66]:<66} {r['set']:<15} {r['condition']:<22} {r['map']:>6.3f} {r['p1']:>6.3f} "
-                  f"{r['r10']:>6.3f} {r['queries']:>4}")
-        for s in geo:
-            groups = {i: f[0] for i, f in sets[s].items()}
-            former = verified_quality(geo[s], groups, lambda r: r["inliers"] >= 25 and r["inliers"] >= 0.15 * r["n"])
-            shipped = verified_quality(geo[s], groups, lambda r: match_score(r["votes"], r["inliers"]) >= 0.9)
-            print(f"verified, {s}: former rule {former}; score >= 0.9 {shipped}")
-            out.setdefault("verified", {})[f"{s}/{nb}"] = {"former": former, "score_0.9": shipped}
-        if args.query_expansion:
-            for s in data:
-                for r in query_expansion(geo[s], {i: f[0] for i, f in data[s].items()}, {}):
-                    print(f"{s:<15} {r['rule']:<50} mAP {r['map']:.3f} P@1 {r['p1']:.3f}")
-                    out.setdefault("query_expansion", []).append({"set": s, "neighbours": nb, **r})
-        if args.fit and "landmarks-dev" in geo:
-            f = fit(geo["landmarks-dev"], {i: v[0] for i, v in data["landmarks-dev"].items()})
-            print(f"fit on landmarks-dev ({nb} neighbours): {f}")
-            out.setdefault("fit", {})[str(nb)] = f
+        measure(args, data, nb, out)
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -129,9 +129,15 @@ def test_cli_search_prints_a_ranked_table(system, indexed, tmp_path):
         [sys.executable, "-m", "delf_tools.cli", "--gateway", system.address, "search", str(path), "--top-k", "3"],
         capture_output=True, text=True, timeout=120, check=True,
     ).stdout
-    rows = [line.split() for line in out.splitlines()[2:]]
+    lines = out.splitlines()
+    header = lines[1].split()
+    assert header[:6] == ["rank", "image", "id", "score", "votes", "inliers"], out
+    rows = [line.split() for line in lines[2:] if line.split() and line.split()[0].isdigit()]
     assert rows and rows[0][0] == "1" and rows[0][1] == "astronaut", out
-    assert int(rows[0][2]) >= 20
+    score, votes, inliers, verified = float(rows[0][2]), int(rows[0][3]), int(rows[0][4]), rows[0][5]
+    assert score >= 0.9 and votes >= 20 and inliers >= 20 and verified == "yes", out
+    assert [float(r[2]) for r in rows] == sorted((float(r[2]) for r in rows), reverse=True), out
+    assert "verified from 0.90" in out, out  # the bar the server used
 
 
 def test_cancelled_job_skips_what_is_left_and_keeps_what_is_indexed(system, indexed, client):

