@@ -7,7 +7,7 @@ Every photo is extracted once by the shipped extractor (cached per model in --ca
 its DELF_STORED_FEATURES best-scored descriptors as the indexer does, and is searched by
 its indexed features (as `delf eval` searches by id): exact numpy kNN over every other
 photo of both sets (the sets are each other's real distractors; a place shown in both
-counts as one group, see ``delf_tools.eval_set.SAME_PLACE``), the indexer's voting
+counts as one group, see ``real_distractors.SAME_PLACE_GROUPS``), the indexer's voting
 (``delf_indexer.voting.vote``), the gateway's shortlist, the verifier's plane model
 (``fit_plane``) and a fundamental matrix (``fit_epipolar``), and ranking rules: the former
 one, the shipped score (``delf_common.ranking``) and others. Exact kNN takes Milvus' approximation out of the comparison:
@@ -27,10 +27,13 @@ from pathlib import Path
 import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "scripts"))
+from real_distractors import SAME_PLACE_GROUPS  # noqa: E402  (one list of the places both sets show)
+
 DATA = REPO.parent / "shared" / "data"
 SETS = ("landmarks-dev", "landmarks-hard")
 # Groups of the two sets that show the same place (one group when the sets are pooled).
-SAME_PLACE = {"landmarks-hard/berlin_gendarmenmarkt_dome_night": "landmarks-dev/berlin_gendarmenmarkt_dome"}
+SAME_PLACE = {f"landmarks-hard/{h}": f"landmarks-dev/{d}" for h, d in SAME_PLACE_GROUPS.items()}
 
 
 def pooled(data: dict) -> dict:

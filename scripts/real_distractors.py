@@ -13,7 +13,8 @@ REPO = Path(__file__).resolve().parents[1]
 HARD_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-hard"
 SKIMAGE_PHOTOS = ("astronaut", "coffee", "rocket", "chelsea", "motorcycle", "hubble", "cat", "camera")
 # A group of landmarks-hard that shows a landmarks-dev group's place (counted as that group).
-SAME_PLACE = {"hard:berlin_gendarmenmarkt_dome_night": "berlin_gendarmenmarkt_dome"}
+SAME_PLACE_GROUPS = {"berlin_gendarmenmarkt_dome_night": "berlin_gendarmenmarkt_dome"}  # hard -> dev
+SAME_PLACE = {f"hard:{h}": d for h, d in SAME_PLACE_GROUPS.items()}  # this module's ids
 
 
 def real_distractors(cache: Path) -> dict:
