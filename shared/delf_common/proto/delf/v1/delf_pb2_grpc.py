@@ -84,6 +84,16 @@ class ImageSearchStub:
                 request_serializer=delf_dot_v1_dot_delf__pb2.GetStatsRequest.SerializeToString,
                 response_deserializer=delf_dot_v1_dot_delf__pb2.GetStatsResponse.FromString,
                 _registered_method=True)
+        self.ListImages = channel.unary_unary(
+                '/delf.v1.ImageSearch/ListImages',
+                request_serializer=delf_dot_v1_dot_delf__pb2.ListImagesRequest.SerializeToString,
+                response_deserializer=delf_dot_v1_dot_delf__pb2.ListImagesResponse.FromString,
+                _registered_method=True)
+        self.ListJobs = channel.unary_unary(
+                '/delf.v1.ImageSearch/ListJobs',
+                request_serializer=delf_dot_v1_dot_delf__pb2.ListJobsRequest.SerializeToString,
+                response_deserializer=delf_dot_v1_dot_delf__pb2.ListJobsResponse.FromString,
+                _registered_method=True)
 
 
 class ImageSearchServicer:
@@ -159,6 +169,18 @@ class ImageSearchServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ListImages(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListJobs(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_ImageSearchServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -211,6 +233,16 @@ def add_ImageSearchServicer_to_server(servicer, server):
                     servicer.GetStats,
                     request_deserializer=delf_dot_v1_dot_delf__pb2.GetStatsRequest.FromString,
                     response_serializer=delf_dot_v1_dot_delf__pb2.GetStatsResponse.SerializeToString,
+            ),
+            'ListImages': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListImages,
+                    request_deserializer=delf_dot_v1_dot_delf__pb2.ListImagesRequest.FromString,
+                    response_serializer=delf_dot_v1_dot_delf__pb2.ListImagesResponse.SerializeToString,
+            ),
+            'ListJobs': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListJobs,
+                    request_deserializer=delf_dot_v1_dot_delf__pb2.ListJobsRequest.FromString,
+                    response_serializer=delf_dot_v1_dot_delf__pb2.ListJobsResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -483,6 +515,60 @@ class ImageSearch:
             '/delf.v1.ImageSearch/GetStats',
             delf_dot_v1_dot_delf__pb2.GetStatsRequest.SerializeToString,
             delf_dot_v1_dot_delf__pb2.GetStatsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListImages(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/delf.v1.ImageSearch/ListImages',
+            delf_dot_v1_dot_delf__pb2.ListImagesRequest.SerializeToString,
+            delf_dot_v1_dot_delf__pb2.ListImagesResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListJobs(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/delf.v1.ImageSearch/ListJobs',
+            delf_dot_v1_dot_delf__pb2.ListJobsRequest.SerializeToString,
+            delf_dot_v1_dot_delf__pb2.ListJobsResponse.FromString,
             options,
             channel_credentials,
             insecure,
