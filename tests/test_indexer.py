@@ -43,7 +43,7 @@ def test_add_get_stats_delete(store):
     a, b = feats(120, 1), feats(80, 2)
     info = store.add("a", a, {"title": "A", "n": "1"})
     assert info == {"image_id": "a", "metadata": {"n": "1", "title": "A"}, "width": 640,
-                    "height": 480, "num_features": 120, "pca_id": "pca-a"}
+                    "height": 480, "num_features": 120, "pca_id": "pca-a", "sha256": ""}
     store.add("b", b, {})
     assert store.stats() == {"images": 2, "descriptors": 200, "pca_id": "pca-a"}
     assert store.get("a") == info
@@ -198,7 +198,7 @@ def test_lite_segments_get_the_configured_ivf_lists(tmp_path, monkeypatch):
     try:
         for i in range(3):
             store.add(f"i{i}", feats(300, 80 + i), {})
-        store.search(feats(50, 1))  # settle: flush, index build
+        store.settle()  # flush, index build (a search does not wait for the build)
         found = lists(store, faiss.IndexIVFScalarQuantizer)
         assert all(nlist == min(64, rows) for rows, nlist in found), found
     finally:
@@ -209,14 +209,14 @@ def test_lite_segments_get_the_configured_ivf_lists(tmp_path, monkeypatch):
     try:
         assert store.index.index_type == "IVF_SQ8"
         store.add("i3", feats(300, 90), {})
-        store.search(feats(50, 1))
+        store.settle()
         assert all(nlist == min(64, rows) for rows, nlist in lists(store, faiss.IndexIVFScalarQuantizer))
     finally:
         store.close()
     store = DescriptorStore(str(tmp_path / "flat.db"), collection="t")  # a new one: IVF_FLAT
     try:
         store.add("i0", feats(300, 80), {})
-        store.search(feats(50, 1))
+        store.settle()
         assert all(nlist == min(8, rows) for rows, nlist in lists(store, faiss.IndexIVFFlat))
     finally:
         store.close()
@@ -238,12 +238,12 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, index_type, e
     images = {f"i{i}": feats(300, 60 + i) for i in range(6)}
     for k, f in images.items():
         store.add(k, f, {"n": k})
-    store.search(images["i0"])  # settle: flush, index build
+    store.settle()  # flush, index build
     store.add("i1", feats(200, 99), {"n": "new"})  # replace: new segment + tombstones
     store.delete("i2")
     store.add("i6", feats(250, 70), {})
     queries = [noisy(images["i3"], 0.05, 1), noisy(images["i1"], 0.05, 2), noisy(feats(300, 99), 0.05, 3)]
-    store.search(queries[0])  # settle again
+    store.settle()  # again
     for q in queries:
         d = np.ascontiguousarray(q.descriptors)
         for deny, allow, expr in [(set(), None, ""), ({"i3"}, None, 'image_id not in ["i3"]'),

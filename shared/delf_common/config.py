@@ -59,6 +59,16 @@ def _tracing(text: str) -> str:
     return value
 
 
+DUPLICATE_MODES = ("index", "skip")
+
+
+def _duplicates(text: str) -> str:
+    value = text.strip().lower() or "index"
+    if value not in DUPLICATE_MODES:
+        raise ValueError(f"expected one of {', '.join(DUPLICATE_MODES)}")
+    return value
+
+
 def _positive_float(text: str) -> float:
     value = float(text)
     if not value > 0 or value == float("inf"):
@@ -179,6 +189,13 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_STORED_FEATURES", 500, _non_negative_int,
                 "Descriptors the indexer keeps per indexed photo: the best-scored ones; 0: all the "
                 "extractor finds. Queries keep DELF_QUERY_FEATURES (docs/SCALING.md).", "indexer"),
+        Setting("DELF_DUPLICATES", "index", _duplicates,
+                "What the indexer does with a photo whose bytes are identical to a photo already "
+                "indexed under another id (the sha256 of the bytes as submitted): `index` indexes it "
+                "under its own id too, `skip` does not (it is not searchable or readable under that "
+                "id). Either way it is reported: AddImage's `duplicate_of`, the job's `duplicates` "
+                "and `duplicate_of`. `index` by default: the id is the caller's key, and a photo "
+                "sent under an id is never dropped unasked.", "gateway, indexer"),
         Setting("DELF_LITE_NPROBE", 6, _positive_int,
                 "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
                 "(at most all of them): fewer is faster, more finds more true neighbours.",

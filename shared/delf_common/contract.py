@@ -31,6 +31,7 @@ INDEX_GET = "delf.index.get"              # (image_id) -> image info | error
 INDEX_FEATURES = "delf.index.features"    # (image_id) -> features wire | error
 INDEX_DELETE = "delf.index.delete"        # (image_id) -> {"descriptors_removed"} | error
 INDEX_STATS = "delf.index.stats"          # () -> {"images", "descriptors", "pca_id"}
+INDEX_KNOWN = "delf.index.known"          # ([{image_id, sha256, metadata}]) -> {"known": {id: {...}}}
 VERIFY = "delf.verify"                    # (query, candidates, options) -> verified matches
 
 SERVICES = ("extract", "index", "verify")
@@ -46,6 +47,7 @@ ROUTES = {
     INDEX_FEATURES: "index",
     INDEX_DELETE: "index",
     INDEX_STATS: "index",
+    INDEX_KNOWN: "index",
     VERIFY: "verify",
 }
 

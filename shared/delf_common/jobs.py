@@ -56,6 +56,13 @@ class JobStatus:
     idle_s: float = 0.0
     stalled: bool = False
     hint: str = ""
+    # Done items that were not extracted again (same id, bytes and metadata), and done
+    # items whose bytes another id holds (item -> that id; `duplicates_skipped` of them
+    # were not indexed: DELF_DUPLICATES=skip).
+    unchanged: int = 0
+    duplicates: int = 0
+    duplicates_skipped: int = 0
+    duplicate_of: dict[str, str] = dataclasses.field(default_factory=dict)
 
     @property
     def finished(self) -> int:
@@ -115,10 +122,26 @@ class JobStore:
         self.redis.hset(key, mapping=mapping)
         self._maybe_complete(job_id)
 
-    def mark_done(self, job_id: str, item_id: str) -> None:
+    def _outcome_keys(self, job_id: str) -> tuple[str, str, str]:
+        """The job's unchanged items (set), duplicates (item -> other id) and skipped duplicates (set)."""
+        base = self.prefix + job_id
+        return base + ":unchanged", base + ":duplicates", base + ":dupskipped"
+
+    def mark_done(self, job_id: str, item_id: str, unchanged: bool = False, duplicate_of: str = "",
+                  skipped: bool = False) -> None:
+        """The item is finished well; `unchanged`: without extraction (same id, bytes and
+        metadata indexed); `duplicate_of`: its bytes are another id's (`skipped`: not indexed)."""
         key, done, failed = self._keys(job_id)
+        same, dups, dupskipped = self._outcome_keys(job_id)
         pipe = self.redis.pipeline()
         pipe.sadd(done, item_id)
+        for k, wanted in ((same, unchanged), (dupskipped, skipped and duplicate_of)):
+            if wanted:
+                pipe.sadd(k, item_id)
+                pipe.expire(k, JOB_TTL_S)
+        if duplicate_of:
+            pipe.hset(dups, item_id, duplicate_of)
+            pipe.expire(dups, JOB_TTL_S)
         pipe.hdel(failed, item_id)  # a retried item that now succeeded
         pipe.hset(key, "updated_at", time.time())
         for k in (done, failed):
@@ -308,7 +331,12 @@ class JobStore:
         pipe.scard(done)
         pipe.hlen(failed)
         pipe.hscan(failed, count=MAX_ERRORS_REPORTED)
-        fields, n_done, n_failed, (_, errors) = pipe.execute()
+        same, dups, dupskipped = self._outcome_keys(job_id)
+        pipe.scard(same)
+        pipe.scard(dupskipped)
+        pipe.hlen(dups)
+        pipe.hscan(dups, count=MAX_ERRORS_REPORTED)
+        fields, n_done, n_failed, (_, errors), n_same, n_skipped, n_dups, (_, dup_of) = pipe.execute()
         if not fields:
             return None
         f = {k.decode(): v.decode() for k, v in fields.items()}
@@ -321,6 +349,8 @@ class JobStore:
             errors=sorted((k.decode(), v.decode()) for k, v in errors.items()),
             created_at=float(f["created_at"]),
             updated_at=float(f["updated_at"]),
+            unchanged=int(n_same), duplicates=int(n_dups), duplicates_skipped=int(n_skipped),
+            duplicate_of={k.decode(): v.decode() for k, v in dup_of.items()},
         )
         _mark_stalled(status, float(f.get("received_at") or f["created_at"]))
         if explain and status.stalled:

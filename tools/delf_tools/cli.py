@@ -35,6 +35,7 @@ import grpc
 
 from delf_common import config
 from delf_common.addresses import AddressError, gateway_target
+from delf_tools.duplicates import job_outcomes
 from delf_tools.cli_contract import INTERRUPTED_EXIT, UsageError, interrupted, run_command, run_tool
 
 GLOBAL_DEFAULTS = {"gateway": None, "timeout": 300.0, "token": None, "tls_ca": None}
@@ -104,11 +105,14 @@ def _pair(text: str) -> tuple[str, str]:
 def _print_job(job, out=sys.stdout) -> None:
     stalled = f" (STALLED: no progress for {job.idle_s:.0f} s)" if job.stalled else ""
     print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}{stalled}", file=out)
-    print(f"  total {job.total}  indexed {job.done}  failed {job.failed}", file=out)
+    indexed = job.done - job.unchanged - job.duplicates_skipped  # done: indexed, unchanged or skipped
+    print(f"  total {job.total}  indexed {indexed}  failed {job.failed}" + job_outcomes(job), file=out)
     if job.rate:
         print(f"  rate {job.rate:.2f} photos/s" + (f"  eta {job.eta_s:.0f} s" if job.eta_s else ""), file=out)
     for err in job.errors:
         print(f"  failed {err.image_id}: {err.reason}", file=out)
+    for image_id, other in sorted(job.duplicate_of.items()):
+        print(f"  duplicate {image_id}: same bytes as {other}", file=out)
     if job.stalled and job.hint:
         print(f"  stalled: {job.hint}", file=out)
     out.flush()

@@ -19,6 +19,7 @@ Return values follow docs/CONTRACTS.md (the envelope of delf_common.contract):
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -172,22 +173,24 @@ FETCH_MAX_RETRIES = 5
 
 @app.task(name=INGEST_EXTRACT, ignore_result=True)
 def ingest_extract(item: dict, job_id: str) -> dict:
-    """One bulk-ingest item -> its features, metadata and thumbnail (none when DELF_THUMBNAIL_SIDE
-    is 0) parked in the job (delf_common.parked), and ``{"ok": True, "image_id", "parked": True}``
+    """One bulk-ingest item -> its features, metadata, thumbnail (none when DELF_THUMBNAIL_SIDE
+    is 0) and the sha256 of its bytes (duplicates) parked in the job (delf_common.parked), and ``{"ok": True, "image_id", "parked": True}``
     for delf.ingest.index; an error is not parked."""
     image_id = item.get("image_id")
     if _job_store().is_cancelled(job_id):  # skip the work; the index step records the item
         return error(CANCELLED, "job cancelled", image_id=image_id)
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
-            rgb = decode_image(item_bytes(item))
+            data = item_bytes(item)
+            rgb = decode_image(data)
             features = _features_wire(rgb, slot=slot)
         except ImageRejected as exc:
             log.info("job %s: item %s refused: %s", job_id, image_id, exc.message)
             return error(exc.code, exc.message, image_id=image_id)
         except fetch.FetchError as exc:
             return _fetch_failed(exc, image_id, job_id)
-        extracted = _with_thumbnail({"metadata": dict(item.get("metadata") or {}), "features": features}, rgb)
+        extracted = _with_thumbnail({"metadata": dict(item.get("metadata") or {}), "features": features,
+                                     "sha256": hashlib.sha256(data).hexdigest()}, rgb)
     return parked.park(_job_store(), job_id, image_id, extracted)
 
 

@@ -7,9 +7,14 @@ whose messages were lost is resumed: by ResumeJob, by a new stream with `delf-re
 or by the sweeper (DELF_JOB_RESUME_AFTER_S); the sweeper also re-sends the index tasks of a
 stalled job's extracted photos (DELF_JOB_STALLED_AFTER_S). Items already finished are
 never redone.
+
+A bytes item whose id already holds the same bytes (sha256) and metadata is done at once,
+unextracted (``unchanged``: an unchanged folder ingested again); one whose bytes another
+id holds is reported, and with DELF_DUPLICATES=skip done unindexed (delf_indexer.duplicates).
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import threading
 import time
@@ -32,6 +37,9 @@ RESUME_METADATA_KEY = "delf-resume-job"
 JOB_ID_METADATA_KEY = "delf-job-id"
 # A RECEIVING job whose last item arrived this recently may still have a live stream.
 RESUME_STREAM_IDLE_S = 30.0
+# How long an item waits for the indexer's answer on its bytes (unchanged? a duplicate?)
+# before it is sent to the workers without one.
+KNOWN_TIMEOUT_S = 10.0
 
 _JOB_STATES = {
     "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
@@ -108,7 +116,40 @@ class IngestJobs(WorkerCalls):
         location = item.location if source == "location" else None
         # Recorded before it is sent: a job whose messages are lost can be resumed.
         self.jobs.record_item(job_id, image_id, metadata, location)
+        if source == "image" and self._done_unsent(job_id, image_id, metadata, item.image):
+            return
         self._send_item(job_id, image_id, metadata, item.image if source == "image" else None, location, context)
+
+    def _done_unsent(self, job_id: str, image_id: str, metadata: dict, image: bytes) -> bool:
+        """Marks the item done, unsent, when the index holds its id with the same bytes and
+        metadata (unchanged) or, with DELF_DUPLICATES=skip, holds its bytes under another id."""
+        known = self._known(image_id, hashlib.sha256(image).hexdigest(), metadata)
+        if known is None:
+            return False
+        same = (known.get("duplicate_of") or [""])[0]
+        if known.get("unchanged"):
+            self.jobs.mark_done(job_id, image_id, unchanged=True, duplicate_of=same)
+            return True
+        if same and config.get("DELF_DUPLICATES") == "skip":
+            self.jobs.mark_done(job_id, image_id, duplicate_of=same, skipped=True)
+            return True
+        return False
+
+    def _known(self, image_id: str, sha256: str, metadata: dict) -> dict | None:
+        """The indexer's answer on these bytes (delf.index.known), or None when it gives none
+        soon (the item is then sent as usual: the indexer still reports a duplicate)."""
+        try:
+            result = self.app.send_task(tasks.INDEX_KNOWN, args=[[{"image_id": image_id, "sha256": sha256,
+                                                                    "metadata": metadata}]],
+                                        queue=tasks.queue_for_task(tasks.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
+            reply = result.get(timeout=KNOWN_TIMEOUT_S, disable_sync_subtasks=False)
+        except Exception:  # noqa: BLE001 - no answer (indexer busy or away): extract it as usual
+            log.warning("job item %s: no answer on its bytes from the indexer; sending it", image_id,
+                        exc_info=log.isEnabledFor(logging.DEBUG))
+            return None
+        if contract.failure(reply) is not None:
+            return None
+        return (reply.get("known") or {}).get(image_id)
 
     def _send_item(self, job_id: str, image_id: str, metadata: dict, image: bytes | None,
                    location: str | None, context=None) -> None:
@@ -282,4 +323,8 @@ def job_proto(status: JobStatus) -> delf_pb2.Job:
         stalled=status.stalled,
         hint=status.hint,
         idle_s=status.idle_s,
+        unchanged=status.unchanged,
+        duplicates=status.duplicates,
+        duplicates_skipped=status.duplicates_skipped,
+        duplicate_of=status.duplicate_of,
     )

@@ -13,6 +13,7 @@ RPCs, TLS, the dependency health watcher, build_server and main.
 """
 from __future__ import annotations
 
+import hashlib
 import logging
 import signal
 import sys
@@ -63,9 +64,9 @@ class Gateway(SearchCalls, IngestJobs, delf_pb2_grpc.ImageSearchServicer):
         self._admit("extract", "index")
         reply = self._call(tasks.EXTRACT, request.image, {"thumbnail": True}, context=context, what="extractor")
         # Optional arguments only when there is something to send: an older indexer takes none.
-        thumbnail = (reply["thumbnail"],) if reply.get("thumbnail") else ()
-        reply = self._call(tasks.INDEX_ADD, image_id, reply["features"], metadata, *thumbnail,
-                           context=context, what="indexer")
+        sha256 = hashlib.sha256(request.image).hexdigest()  # duplicates (delf_indexer.duplicates)
+        reply = self._call(tasks.INDEX_ADD, image_id, reply["features"], metadata, reply.get("thumbnail") or b"",
+                           sha256, context=context, what="indexer")
         return image_info_proto(reply["image"])
 
     def GetImage(self, request, context):
@@ -99,6 +100,9 @@ def image_info_proto(info: dict, thumbnail: bytes = b"") -> delf_pb2.ImageInfo:
         height=int(info.get("height", 0)),
         num_features=int(info.get("num_features", 0)),
         pca_id=info.get("pca_id", ""),
+        sha256=info.get("sha256") or "",
+        duplicate_of=info.get("duplicate_of") or [],
+        skipped=bool(info.get("skipped")),
     )
 
 

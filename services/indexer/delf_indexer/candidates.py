@@ -1,11 +1,14 @@
 """A search's answer on the wire: voted candidates as the indexer task returns them (the
-gateway passes them on to the verifier), as delf_common.messages.SearchCandidate."""
+gateway passes them on to the verifier), as delf_common.messages.SearchCandidate, and the
+query descriptors a search uses (``query_rows``)."""
 from __future__ import annotations
 
 import json
 
 import numpy as np
 
+from delf_common import config
+from delf_common.features import DelfFeatures
 from delf_common.messages import SearchCandidate
 from delf_indexer.voting import Candidate
 
@@ -42,3 +45,15 @@ def candidate_dicts(candidates: list[Candidate], hits: list, info: dict[str, dic
                     chosen: np.ndarray | None) -> list[dict]:
     """The wire form of ``search_candidates`` (the indexer task's answer, the verifier's input)."""
     return [c.to_wire() for c in search_candidates(candidates, hits, info, chosen)]
+
+
+def query_rows(features: DelfFeatures) -> tuple[np.ndarray, np.ndarray | None]:
+    """(query descriptors to search with, their rows in ``features`` or None for all):
+    the DELF_QUERY_FEATURES best-scored ones, in feature order."""
+    q = np.ascontiguousarray(features.descriptors, np.float32)
+    chosen = None
+    limit = config.get("DELF_QUERY_FEATURES")
+    if 0 < limit < len(q):
+        chosen = np.sort(np.argsort(-np.asarray(features.scores), kind="stable")[:limit])
+        q = np.ascontiguousarray(q[chosen])
+    return q, chosen

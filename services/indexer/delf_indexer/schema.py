@@ -1,5 +1,5 @@
-"""The index's two Milvus collections: their schemas, what an existing one holds, and
-reading one page by page.
+"""The index's two Milvus collections: their schemas, what an existing one holds,
+reading one page by page, and searching the descriptors through the API (``api_knn``).
 
 Collections (``DELF_COLLECTION`` = ``<name>``):
 
@@ -97,3 +97,27 @@ def query_pages(client, collection: str, expr: str, fields: list[str]) -> Iterat
             yield page
     finally:
         it.close()
+
+
+def api_knn(client, features_name: str, index: IndexSettings, q, k: int,
+            expr: str) -> list[tuple[list, list, list, list, list]]:
+    """Per query row: (distances, image ids, x, y, scale) of its k nearest descriptors,
+    nearest first, through the Milvus search API (server, or Lite's own search path)."""
+    import numpy as np
+
+    out = []
+    bs = max(1, index.query_batch)
+    for start in range(0, len(q), bs):
+        results = client.search(
+            features_name, data=q[start:start + bs], limit=k, filter=expr,
+            output_fields=["image_id", "x", "y", "scale"], anns_field="desc",
+            search_params={"metric_type": "L2", "params": dict(index.search_params)},
+        )
+        for hits in results:
+            dists = [float(h["distance"]) for h in hits]
+            if index.squared_l2:
+                dists = [float(np.sqrt(max(d, 0.0))) for d in dists]
+            out.append((dists, [h["entity"]["image_id"] for h in hits],
+                        [float(h["entity"]["x"]) for h in hits], [float(h["entity"]["y"]) for h in hits],
+                        [float(h["entity"]["scale"]) for h in hits]))
+    return out

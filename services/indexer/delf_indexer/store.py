@@ -12,7 +12,8 @@ One code path for both deployments, through pymilvus' ``MilvusClient``:
 
 Collections (``DELF_COLLECTION`` = ``<name>``): ``<name>_features``, one row per
 descriptor, ``<name>_images``, one row per image (their fields: ``schema``), and
-``<name>_thumbnails``, one JPEG thumbnail per image that came with one (``thumbnails``).
+``<name>_thumbnails``, one JPEG thumbnail per image that came with one (``thumbnails``), and
+``<name>_hashes``, the sha256 of each image's bytes as submitted (``hashes``, ``duplicates``).
 
 Metadata filters (``search(filter={key: value})``, exact equality on every pair) reach
 the descriptor search as described in ``filters``.
@@ -45,16 +46,18 @@ import numpy as np
 
 from delf_common import config
 from delf_common.features import DelfFeatures
-from delf_indexer.candidates import candidate_dicts
+from delf_indexer.candidates import candidate_dicts, query_rows
 from delf_indexer.checks import (  # noqa: F401 - re-exported: the store's names before the split
     FILTER_KEY, FILTER_MAX_PAIRS, FILTER_MAX_VALUE_BYTES, MAX_ID_LENGTH, METADATA_MAX_LENGTH,
     check_filter, check_image_id, metadata_matches, metadata_text, quote)
 from delf_indexer.filters import SearchScope, matching_images, search_scope
+from delf_indexer.hashes import HashStore
 from delf_indexer import rows
 from delf_indexer.lite import LiteFastPath
 from delf_indexer.lite_patches import sample_training, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
-    QUERY_MAX_LIMIT, QUERY_PAGE, create_collections, has_field, query_pages, vector_dim)
+    QUERY_MAX_LIMIT, QUERY_PAGE, api_knn, create_collections, has_field, query_pages, vector_dim)
+from delf_indexer.settling import IdleFlush
 from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
 from delf_indexer.thumbnails import ThumbnailStore
 from delf_indexer.voting import vote
@@ -92,10 +95,13 @@ class DescriptorStore:
         if self.lite:
             sample_training(int(config.get("DELF_LITE_TRAIN_POINTS")))
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
-        self._dirty = True  # Lite: rows may sit in the memtable / unindexed segments
+        self._dirty = True  # Lite: rows may sit in the memtable
+        # Lite, direct search: flush once writes pause, so Lite indexes new rows before a search (settling)
+        self._idle_flush = IdleFlush(self._flush) if self.lite and config.get("DELF_LITE_DIRECT_SEARCH") else None
         self._pca: str | None = None  # Lite: the index's pca_id, read once per write
         self.client = MilvusClient(uri=self.uri, token=token or "")
         self.thumbnails = ThumbnailStore(self.client, f"{name}_thumbnails")
+        self.hashes = HashStore(self.client, f"{name}_hashes")
         self._dim: int | None = None
         self._has_meta = True  # the images collection has the `meta` JSON field
         if self.client.has_collection(self.features_name):
@@ -113,8 +119,10 @@ class DescriptorStore:
         with self._lock:
             if self.client is None:
                 return
+            if self._idle_flush is not None:
+                self._idle_flush.close()
             if self.lite:
-                for name in (self.features_name, self.images_name, self.thumbnails.name):
+                for name in (self.features_name, self.images_name, self.thumbnails.name, self.hashes.name):
                     try:
                         if self.client.has_collection(name):
                             self.client.flush(name)
@@ -161,20 +169,36 @@ class DescriptorStore:
     # ------------------------------------------------------------ Lite upkeep
     def settle(self) -> None:
         """Make every write so far searchable through the ANN index, however long Milvus
-        Lite's index build takes (bulk loads; a no-op on a server). A search settles too,
-        but waits at most 600 s before it scans unindexed segments exactly."""
+        Lite's index build takes (bulk loads, benchmarks; a no-op on a server). A search
+        does not wait for it (``_settle``)."""
         with self._lock:
-            self._settle(timeout=None)
+            self._flush()
+            if self._fast is not None and self.exists:
+                self._fast.wait_for_index(None)
+
+    def _flush(self) -> None:
+        """Milvus Lite only: write the rows waiting in Lite's memtable as a segment (Lite
+        then indexes it in a background thread); ``IdleFlush`` calls it after writes."""
+        with self._lock:
+            if self.client is None or not self.lite or not self._dirty or not self.exists:
+                return
+            self.client.flush(self.features_name)
+            self._dirty = False
 
     def _settle(self, timeout: float | None = 600) -> None:
-        """Milvus Lite only: make every row searchable through the ANN index. Lite builds
-        segment indexes in a background thread after a flush (until then it scans them
-        exactly): so before a search that follows writes, flush and wait for that build."""
-        if not self.lite or not self._dirty or not self.exists:
-            return
-        self.client.flush(self.features_name)
-        self._fast.wait_for_index(timeout)  # after a timeout, searches scan the rest exactly
-        self._dirty = False
+        """Milvus Lite only, before a read: flush. The direct search reads a segment Lite has
+        not indexed yet exactly, so it does not wait for the build (``settling``); Lite's
+        own search API would scan it by a broadcast of gigabytes, so without the direct path
+        a read waits for the build (at most ``timeout`` s, then it scans the rest)."""
+        dirty = self._dirty
+        self._flush()
+        if dirty and self._idle_flush is None and self._fast is not None and self.exists:
+            self._fast.wait_for_index(timeout)
+
+    def _wrote(self) -> None:
+        self._dirty, self._pca = True, None
+        if self._idle_flush is not None:
+            self._idle_flush.wrote()
 
     def _lite_snapshot(self):
         """(segments, tombstones) as Milvus Lite holds them now, or None (LiteFastPath.snapshot)."""
@@ -227,16 +251,17 @@ class DescriptorStore:
         """Index (or replace) one image; returns its info."""
         return self.add_many([(image_id, features, metadata)])[0]
 
-    def add_many(self, items: Sequence[tuple]) -> list[dict]:
+    def add_many(self, items: Sequence[tuple], hashes: dict[str, str] | None = None) -> list[dict]:
         """Index (or replace) several images, each (image_id, features, metadata[,
         thumbnail JPEG]), with few Milvus calls (the bulk path); returns their infos in order.
+        ``hashes``: id -> sha256 of the photo's bytes, kept with it (``hashes``).
         Every image is checked before anything is written: one bad image refuses the whole
         call with ValueError. Each image keeps its ``stored_features`` best-scored
         descriptors and gets its own generation, so a replaced image is never missing and
         never doubled (module docstring)."""
         ids = [item[0] for item in items]
         if len(set(ids)) < len(ids):  # the same id twice: one after the other
-            return [info for item in items for info in self.add_many([item])]
+            return [info for item in items for info in self.add_many([item], hashes)]
         images = [rows.prepare(*item, stored=self.stored_features) for item in items]
         if not images:
             return []
@@ -257,9 +282,10 @@ class DescriptorStore:
                     self.client.delete(self.features_name, filter=(
                         f"image_id == {quote(row['image_id'])} and generation != {row['generation']}"))
             self.thumbnails.write({i.image_id: i.thumbnail for i in images if i.thumbnail}, replaced=old)
+            self.hashes.write({i: (hashes or {}).get(i, "") for i in ids}, replaced=old)
             self.client.upsert(self.images_name, image_rows)
-            self._dirty, self._pca = True, None
-        return [rows.info(image) for image in images]
+            self._wrote()
+        return [{**rows.info(image), "sha256": (hashes or {}).get(image.image_id, "")} for image in images]
 
     def _insert_features(self, images: list[rows.NewImage], generations: list[int]) -> None:
         """Write the images' descriptor rows: on Milvus Lite straight as columns when its
@@ -316,13 +342,14 @@ class DescriptorStore:
             row = self._image_rows([image_id]).get(image_id)
             expr = f"image_id == {quote(image_id)}"
             self.thumbnails.drop([image_id])
+            self.hashes.drop([image_id])
             if row is None:
                 self.client.delete(self.features_name, filter=expr)  # orphans, if any
                 raise KeyError(image_id)
             removed = self._count(self.features_name, expr)
             self.client.delete(self.images_name, filter=expr)
             self.client.delete(self.features_name, filter=expr)
-            self._dirty, self._pca = True, None
+            self._wrote()
             return removed
 
     # ------------------------------------------------------------ reads
@@ -337,7 +364,7 @@ class DescriptorStore:
             row = self._image_rows([image_id]).get(image_id)
             if row is None:
                 raise KeyError(image_id)
-            info = self._info(row)
+            info = {**self._info(row), "sha256": self.hashes.of_ids([image_id]).get(image_id, "")}
             return {**info, "thumbnail": self.thumbnails.get(image_id)} if thumbnail else info
 
     def get_features(self, image_id: str) -> tuple[dict, DelfFeatures]:
@@ -387,24 +414,8 @@ class DescriptorStore:
         return matching_images(self.client, self.images_name, self._has_meta, filter, limit)
 
     def _milvus_knn(self, q: np.ndarray, k: int, expr: str) -> list[tuple[list, list, list, list, list]]:
-        """Per query row: (distances, image ids, x, y, scale) of its k nearest descriptors,
-        nearest first, through the Milvus search API (server, or Lite's own search path)."""
-        out = []
-        bs = max(1, self.index.query_batch)
-        for start in range(0, len(q), bs):
-            results = self.client.search(
-                self.features_name, data=q[start:start + bs], limit=k, filter=expr,
-                output_fields=["image_id", "x", "y", "scale"], anns_field="desc",
-                search_params={"metric_type": "L2", "params": dict(self.index.search_params)},
-            )
-            for hits in results:
-                dists = [float(h["distance"]) for h in hits]
-                if self.index.squared_l2:
-                    dists = [float(np.sqrt(max(d, 0.0))) for d in dists]
-                out.append((dists, [h["entity"]["image_id"] for h in hits],
-                            [float(h["entity"]["x"]) for h in hits], [float(h["entity"]["y"]) for h in hits],
-                            [float(h["entity"]["scale"]) for h in hits]))
-        return out
+        """``schema.api_knn`` on the descriptors: the search API (server, or Lite's own path)."""
+        return api_knn(self.client, self.features_name, self.index, q, k, expr)
 
     def stats(self) -> dict:
         with self._lock:
@@ -445,7 +456,7 @@ class DescriptorStore:
             scope = search_scope(filter, exclude, lambda limit: self._matching_images(filter, limit))
             if scope is None:
                 return []
-            q, chosen = _query_rows(features)
+            q, chosen = query_rows(features)
             hits = self._knn(q, neighbours + 1, scope)
             info: dict[str, dict] = {}
             keep = None
@@ -487,14 +498,3 @@ class DescriptorStore:
             hits = self._milvus_knn(q, k, scope.expr)
         return hits
 
-
-def _query_rows(features: DelfFeatures) -> tuple[np.ndarray, np.ndarray | None]:
-    """(query descriptors to search with, their rows in ``features`` or None for all):
-    the DELF_QUERY_FEATURES best-scored ones, in feature order."""
-    q = np.ascontiguousarray(features.descriptors, np.float32)
-    chosen = None
-    limit = config.get("DELF_QUERY_FEATURES")
-    if 0 < limit < len(q):
-        chosen = np.sort(np.argsort(-np.asarray(features.scores), kind="stable")[:limit])
-        q = np.ascontiguousarray(q[chosen])
-    return q, chosen

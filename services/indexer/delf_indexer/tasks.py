@@ -27,6 +27,7 @@ from delf_common.jobs import JobStore
 from delf_common.metrics import DESCRIPTORS_INDEXED, STORED, install_worker_hooks
 from delf_common.retry import retry_delay
 
+from delf_indexer import duplicates
 from delf_indexer.checks import check_filter
 from delf_indexer.lite_patches import quiet_alloc_timestamp
 from delf_indexer.store import DescriptorStore
@@ -161,27 +162,50 @@ def _bad_id(image_id) -> dict | None:
     return None
 
 
-def _add(image_id, wire, metadata, thumbnail=None) -> dict:
+def _add(image_id, wire, metadata, thumbnail=None, sha256=None) -> dict:
+    """Index one photo; ``sha256``: of its bytes as submitted, kept with it. A photo whose
+    bytes another id holds is reported (``duplicate_of``) and, with DELF_DUPLICATES=skip,
+    not indexed (``skipped``)."""
     if (err := _bad_id(image_id)) is not None:
         return err
     try:
         features = _features(wire)
+        same = duplicates.duplicate_of(get_store(), image_id, sha256)
     except (ValueError, KeyError, TypeError) as exc:
-        return error(INVALID_ARGUMENT, f"malformed features: {exc}")
+        return error(INVALID_ARGUMENT, f"malformed features or hash: {exc}")
+    if same and duplicates.skip_duplicates():
+        info = {"image_id": image_id, "metadata": dict(metadata or {}), "width": features.image_size[0],
+                "height": features.image_size[1], "num_features": 0, "pca_id": features.pca_id}
+        return ok(image={**info, "sha256": sha256, "duplicate_of": same, "skipped": True})
     try:
-        info = get_store().add_many([(image_id, features, metadata or {}, thumbnail)])[0]
+        hashes = {image_id: sha256} if sha256 else None
+        info = get_store().add_many([(image_id, features, metadata or {}, thumbnail)], hashes)[0]
     except ContractError as exc:  # metadata over the limits (the gateway checks them first)
         return error(exc.code, str(exc))
     except ValueError as exc:
         return error(FAILED_PRECONDITION, str(exc))
     DESCRIPTORS_INDEXED.inc(int(info.get("num_features", len(features))))
-    return ok(image=info)
+    return ok(image={**info, "duplicate_of": same, "skipped": False})
 
 
 @app.task(name=names.INDEX_ADD)
-def index_add(image_id, features, metadata=None, thumbnail=None) -> dict:
-    """``thumbnail``: the photo's JPEG thumbnail (the extractor's), stored with it."""
-    return _add(image_id, features, metadata, thumbnail)
+def index_add(image_id, features, metadata=None, thumbnail=None, sha256=None) -> dict:
+    """``thumbnail``: the photo's JPEG thumbnail (the extractor's), stored with it;
+    ``sha256``: of the photo's bytes as submitted (duplicates)."""
+    return _add(image_id, features, metadata, thumbnail or None, sha256)
+
+
+@app.task(name=names.INDEX_KNOWN)
+def index_known(items) -> dict:
+    """For each ``{image_id, sha256, metadata}``: whether that id already holds these bytes
+    and metadata (``unchanged``) and which other ids hold these bytes (``duplicate_of``)."""
+    try:
+        for item in items or ():
+            if (err := _bad_id(item.get("image_id"))) is not None:
+                return err
+        return ok(known=duplicates.known(get_store(), list(items or ())))
+    except (ValueError, KeyError, TypeError, AttributeError) as exc:
+        return error(INVALID_ARGUMENT, f"malformed items: {exc}")
 
 
 def _remove_orphans(image_id: str) -> None:
@@ -245,9 +269,12 @@ def _ingest_index(task, extracted, job_id, image_id) -> dict:
     request = task.request
     if (request.retries or (request.delivery_info or {}).get("redelivered") or resent) and _bad_id(image_id) is None:
         _remove_orphans(image_id)
-    result = _add(image_id, extracted.get("features"), extracted.get("metadata"), extracted.get("thumbnail"))
+    result = _add(image_id, extracted.get("features"), extracted.get("metadata"), extracted.get("thumbnail"),
+                  extracted.get("sha256"))
     if failure(result) is None:
-        jobs.mark_done(job_id, image_id)
+        image = result["image"]
+        jobs.mark_done(job_id, image_id, duplicate_of=(image["duplicate_of"] or [""])[0],
+                       skipped=image["skipped"])
     else:
         jobs.mark_failed(job_id, image_id, result["error"]["message"])
     if claim:

@@ -132,7 +132,7 @@ class AddImageRequest(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., image: _Optional[bytes] = ..., metadata: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class ImageInfo(_message.Message):
-    __slots__ = ("image_id", "metadata", "width", "height", "num_features", "pca_id", "thumbnail")
+    __slots__ = ("image_id", "metadata", "width", "height", "num_features", "pca_id", "thumbnail", "sha256", "duplicate_of", "skipped")
     class MetadataEntry(_message.Message):
         __slots__ = ("key", "value")
         KEY_FIELD_NUMBER: _ClassVar[int]
@@ -147,6 +147,9 @@ class ImageInfo(_message.Message):
     NUM_FEATURES_FIELD_NUMBER: _ClassVar[int]
     PCA_ID_FIELD_NUMBER: _ClassVar[int]
     THUMBNAIL_FIELD_NUMBER: _ClassVar[int]
+    SHA256_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_OF_FIELD_NUMBER: _ClassVar[int]
+    SKIPPED_FIELD_NUMBER: _ClassVar[int]
     image_id: str
     metadata: _containers.ScalarMap[str, str]
     width: int
@@ -154,7 +157,10 @@ class ImageInfo(_message.Message):
     num_features: int
     pca_id: str
     thumbnail: bytes
-    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_features: _Optional[int] = ..., pca_id: _Optional[str] = ..., thumbnail: _Optional[bytes] = ...) -> None: ...
+    sha256: str
+    duplicate_of: _containers.RepeatedScalarFieldContainer[str]
+    skipped: bool
+    def __init__(self, image_id: _Optional[str] = ..., metadata: _Optional[_Mapping[str, str]] = ..., width: _Optional[int] = ..., height: _Optional[int] = ..., num_features: _Optional[int] = ..., pca_id: _Optional[str] = ..., thumbnail: _Optional[bytes] = ..., sha256: _Optional[str] = ..., duplicate_of: _Optional[_Iterable[str]] = ..., skipped: _Optional[bool] = ...) -> None: ...
 
 class DeleteImageRequest(_message.Message):
     __slots__ = ("image_id",)
@@ -206,7 +212,14 @@ class ItemError(_message.Message):
     def __init__(self, image_id: _Optional[str] = ..., reason: _Optional[str] = ...) -> None: ...
 
 class Job(_message.Message):
-    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s", "resent", "awaiting_upload", "stalled", "hint", "idle_s")
+    __slots__ = ("job_id", "state", "total", "done", "failed", "errors", "created_at", "updated_at", "rate", "eta_s", "resent", "awaiting_upload", "stalled", "hint", "idle_s", "unchanged", "duplicates", "duplicates_skipped", "duplicate_of")
+    class DuplicateOfEntry(_message.Message):
+        __slots__ = ("key", "value")
+        KEY_FIELD_NUMBER: _ClassVar[int]
+        VALUE_FIELD_NUMBER: _ClassVar[int]
+        key: str
+        value: str
+        def __init__(self, key: _Optional[str] = ..., value: _Optional[str] = ...) -> None: ...
     JOB_ID_FIELD_NUMBER: _ClassVar[int]
     STATE_FIELD_NUMBER: _ClassVar[int]
     TOTAL_FIELD_NUMBER: _ClassVar[int]
@@ -222,6 +235,10 @@ class Job(_message.Message):
     STALLED_FIELD_NUMBER: _ClassVar[int]
     HINT_FIELD_NUMBER: _ClassVar[int]
     IDLE_S_FIELD_NUMBER: _ClassVar[int]
+    UNCHANGED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATES_SKIPPED_FIELD_NUMBER: _ClassVar[int]
+    DUPLICATE_OF_FIELD_NUMBER: _ClassVar[int]
     job_id: str
     state: JobState
     total: int
@@ -237,7 +254,11 @@ class Job(_message.Message):
     stalled: bool
     hint: str
     idle_s: float
-    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ..., resent: _Optional[int] = ..., awaiting_upload: _Optional[int] = ..., stalled: _Optional[bool] = ..., hint: _Optional[str] = ..., idle_s: _Optional[float] = ...) -> None: ...
+    unchanged: int
+    duplicates: int
+    duplicates_skipped: int
+    duplicate_of: _containers.ScalarMap[str, str]
+    def __init__(self, job_id: _Optional[str] = ..., state: _Optional[_Union[JobState, str]] = ..., total: _Optional[int] = ..., done: _Optional[int] = ..., failed: _Optional[int] = ..., errors: _Optional[_Iterable[_Union[ItemError, _Mapping]]] = ..., created_at: _Optional[float] = ..., updated_at: _Optional[float] = ..., rate: _Optional[float] = ..., eta_s: _Optional[float] = ..., resent: _Optional[int] = ..., awaiting_upload: _Optional[int] = ..., stalled: _Optional[bool] = ..., hint: _Optional[str] = ..., idle_s: _Optional[float] = ..., unchanged: _Optional[int] = ..., duplicates: _Optional[int] = ..., duplicates_skipped: _Optional[int] = ..., duplicate_of: _Optional[_Mapping[str, str]] = ...) -> None: ...
 
 class GetJobRequest(_message.Message):
     __slots__ = ("job_id",)

@@ -1,0 +1,78 @@
+#!/usr/bin/env python
+"""Ingesting an unchanged folder again, through the running system.
+
+Starts the launcher (as `delf up`: embedded Redis, one worker per service, Milvus Lite) in
+a temporary folder, ingests landmarks-dev (../shared/data/landmarks-dev, or --photos) as
+one bulk job, then the same folder again, unchanged, and prints: each job's seconds
+(stream start to completion), photos indexed and unchanged, and the index's images and
+descriptor rows after each. The second job should skip every photo before extraction
+(same id, same bytes and metadata: docs/CONTRACTS.md, "Identical photos").
+
+    .venv/bin/python scripts/bench_reingest.py [--photos DIR] [--json OUT.json]
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import signal
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench_system import DEFAULT_PHOTOS, memory_gib, start_system  # noqa: E402
+
+
+def one_job(client, folder: Path) -> dict:
+    """Ingests the folder as one job and waits for it; its figures and the index's after it."""
+    t = time.monotonic()
+    job = client.wait_job(client.ingest_folder(folder).job_id)
+    seconds = time.monotonic() - t
+    stats = client.stats()
+    return {"seconds": round(seconds, 2), "total": job.total, "done": job.done, "failed": job.failed,
+            "unchanged": job.unchanged, "duplicates": job.duplicates,
+            "images": stats.images, "descriptors": stats.descriptors}
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--photos", type=Path, default=DEFAULT_PHOTOS, help="a folder of photos (landmarks-dev)")
+    p.add_argument("--json", type=Path, help="also write the figures to this JSON file")
+    args = p.parse_args(argv)
+    if not args.photos.is_dir():
+        print(f"no folder {args.photos}: nothing to measure (skipped)")
+        return 0
+
+    from delf_common.client import DelfClient
+
+    with tempfile.TemporaryDirectory(prefix="delf-reingest-") as tmp:
+        proc, address = start_system(Path(tmp))
+        try:
+            client = DelfClient(address, timeout=600)
+            first = one_job(client, args.photos)
+            again = one_job(client, args.photos)
+        finally:
+            proc.send_signal(signal.SIGINT)
+            proc.wait(timeout=120)
+    machine = f"{os.cpu_count()} CPU cores ({platform.machine()}), {memory_gib()} GiB"
+    result = {"machine": machine, "photos": str(args.photos), "first": first, "again": again,
+              "speedup": round(first["seconds"] / max(again["seconds"], 1e-9), 1),
+              "new_rows": again["descriptors"] - first["descriptors"]}
+    print(f"ingesting {args.photos.name} twice ({machine})\n")
+    print("| job | seconds | done | unchanged | failed | images after | descriptor rows after |")
+    print("|---|---|---|---|---|---|---|")
+    for name, r in (("first", first), ("again, unchanged", again)):
+        print(f"| {name} | {r['seconds']:.2f} | {r['done']} | {r['unchanged']} | {r['failed']} | "
+              f"{r['images']} | {r['descriptors']} |")
+    print(f"\nagain / first: {result['speedup']}x faster; new rows: {result['new_rows']}")
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

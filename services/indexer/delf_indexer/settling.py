@@ -1,0 +1,56 @@
+"""Milvus Lite: new rows made searchable in the background, not inside the next search.
+
+Lite keeps new rows in a memtable until a flush writes them as a segment, then builds that
+segment's index in a background thread. The direct search (``delf_indexer.lite``) reads
+segments only (a flush first), and searches a segment whose index is not built yet
+exactly, which costs little for the few photos an ingest just added; so a search flushes
+and does not wait for the build (it used to: a first search after an ingest took the whole
+build, 13 s for landmarks-dev, BENCHMARKS.md "First search after an ingest").
+
+``IdleFlush`` flushes once writes pause for ``idle_s`` seconds, in a timer thread, so that
+after an ingest (or any batch of adds and deletes) Lite starts building the new segment's
+index at once, usually before anyone searches. Writes in a steady stream do not flush one
+photo at a time (segments of one photo each would only be merged again by Lite).
+"""
+from __future__ import annotations
+
+import logging
+import threading
+from typing import Callable
+
+log = logging.getLogger(__name__)
+
+IDLE_FLUSH_S = 1.0  # seconds without a write before the background flush
+
+
+class IdleFlush:
+    """Calls ``flush`` in a timer thread ``idle_s`` seconds after the last ``wrote()``."""
+
+    def __init__(self, flush: Callable[[], None], idle_s: float = IDLE_FLUSH_S):
+        self._flush = flush
+        self.idle_s = idle_s
+        self._timer: threading.Timer | None = None
+        self._lock = threading.Lock()
+        self.flushes = 0  # background flushes run (tests, benchmarks)
+
+    def wrote(self) -> None:
+        """A write happened: (re)arm the timer."""
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+            self._timer = threading.Timer(self.idle_s, self._run)
+            self._timer.daemon = True
+            self._timer.start()
+
+    def _run(self) -> None:
+        try:
+            self._flush()
+            self.flushes += 1
+        except Exception:  # noqa: BLE001 - the next search flushes anyway
+            log.warning("background flush of Milvus Lite failed; the next search flushes", exc_info=True)
+
+    def close(self) -> None:
+        with self._lock:
+            if self._timer is not None:
+                self._timer.cancel()
+                self._timer = None
