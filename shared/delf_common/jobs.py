@@ -128,9 +128,10 @@ class JobStore:
         return base + ":unchanged", base + ":duplicates", base + ":dupskipped"
 
     def mark_done(self, job_id: str, item_id: str, unchanged: bool = False, duplicate_of: str = "",
-                  skipped: bool = False) -> None:
+                  skipped: bool = False) -> bool:
         """The item is finished well; `unchanged`: without extraction (same id, bytes and
-        metadata indexed); `duplicate_of`: its bytes are another id's (`skipped`: not indexed)."""
+        metadata indexed); `duplicate_of`: its bytes are another id's (`skipped`: not indexed).
+        True when this completed the job."""
         key, done, failed = self._keys(job_id)
         same, dups, dupskipped = self._outcome_keys(job_id)
         pipe = self.redis.pipeline()
@@ -148,7 +149,7 @@ class JobStore:
             pipe.expire(k, JOB_TTL_S)
         pipe.execute()
         metrics.INGEST_ITEMS.labels("done").inc()
-        self._maybe_complete(job_id)
+        return self._maybe_complete(job_id)
 
     def mark_failed(self, job_id: str, item_id: str, reason: str) -> None:
         key, done, failed = self._keys(job_id)
@@ -311,13 +312,15 @@ class JobStore:
     def is_cancelled(self, job_id: str) -> bool:
         return self.redis.hget(self._keys(job_id)[0], "state") == CANCELLED.encode()
 
-    def _maybe_complete(self, job_id: str) -> None:
+    def _maybe_complete(self, job_id: str) -> bool:
         status = self.get(job_id)
         if status and status.state == RUNNING and status.finished >= status.total:
             pipe = self.redis.pipeline()
             pipe.hset(self._keys(job_id)[0], "state", COMPLETED)
             pipe.delete(self._extracted_key(job_id))  # every item finished: nothing left to index
             pipe.execute()
+            return True
+        return False
 
     def get(self, job_id: str, explain: bool = False) -> JobStatus | None:
         """The job's status; None when no such job, or when `job_id` is not a job id

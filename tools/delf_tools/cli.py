@@ -35,7 +35,7 @@ import grpc
 
 from delf_common import config
 from delf_common.addresses import AddressError, gateway_target
-from delf_tools.duplicates import job_outcomes
+from delf_tools.duplicates import add_command as add_duplicates_command, job_outcomes
 from delf_tools.cli_contract import INTERRUPTED_EXIT, UsageError, interrupted, run_command, run_tool
 
 GLOBAL_DEFAULTS = {"gateway": None, "timeout": 300.0, "token": None, "tls_ca": None}
@@ -329,6 +329,7 @@ def parser() -> argparse.ArgumentParser:
     _tool_commands(sub)
     _job_commands(sub)
     _index_commands(sub)
+    add_duplicates_command(sub)
     # The global options after the command too (`delf search photo.jpg --gateway HOST`):
     # there they default to "not given", so they never undo one given before the command.
     for name, command in sub.choices.items():

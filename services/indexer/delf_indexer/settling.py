@@ -7,10 +7,12 @@ exactly, which costs little for the few photos an ingest just added; so a search
 and does not wait for the build (it used to: a first search after an ingest took the whole
 build, 13 s for landmarks-dev, BENCHMARKS.md "First search after an ingest").
 
-``IdleFlush`` flushes once writes pause for ``idle_s`` seconds, in a timer thread, so that
-after an ingest (or any batch of adds and deletes) Lite starts building the new segment's
-index at once, usually before anyone searches. Writes in a steady stream do not flush one
-photo at a time (segments of one photo each would only be merged again by Lite).
+``IdleFlush`` flushes in a timer thread as soon as an ingest job completes (``now``: the
+indexer marked its last item) and once other writes pause for ``idle_s`` seconds, so that
+Lite starts building the new segment's index at once, usually before anyone searches.
+An ingest's steady stream of adds does not flush one photo at a time (with CPU extraction
+they come a second or more apart): segments of one photo each cost an index build each and
+would only be merged again by Lite.
 """
 from __future__ import annotations
 
@@ -20,7 +22,7 @@ from typing import Callable
 
 log = logging.getLogger(__name__)
 
-IDLE_FLUSH_S = 1.0  # seconds without a write before the background flush
+IDLE_FLUSH_S = 5.0  # seconds without a write before the background flush
 
 
 class IdleFlush:
@@ -35,10 +37,17 @@ class IdleFlush:
 
     def wrote(self) -> None:
         """A write happened: (re)arm the timer."""
+        self._arm(self.idle_s)
+
+    def now(self) -> None:
+        """A batch of writes ended (an ingest job completed): flush in the background now."""
+        self._arm(0.0)
+
+    def _arm(self, delay: float) -> None:
         with self._lock:
             if self._timer is not None:
                 self._timer.cancel()
-            self._timer = threading.Timer(self.idle_s, self._run)
+            self._timer = threading.Timer(delay, self._run)
             self._timer.daemon = True
             self._timer.start()
 

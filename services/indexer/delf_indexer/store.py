@@ -168,17 +168,15 @@ class DescriptorStore:
 
     # ------------------------------------------------------------ Lite upkeep
     def settle(self) -> None:
-        """Make every write so far searchable through the ANN index, however long Milvus
-        Lite's index build takes (bulk loads, benchmarks; a no-op on a server). A search
-        does not wait for it (``_settle``)."""
+        """Make every write so far searchable through the ANN index, however long Lite's index
+        build takes (bulk loads, benchmarks; a no-op on a server). A search does not wait."""
         with self._lock:
             self._flush()
             if self._fast is not None and self.exists:
                 self._fast.wait_for_index(None)
 
     def _flush(self) -> None:
-        """Milvus Lite only: write the rows waiting in Lite's memtable as a segment (Lite
-        then indexes it in a background thread); ``IdleFlush`` calls it after writes."""
+        """Lite: the memtable's rows to a segment (indexed by Lite in the background; ``settling``)."""
         with self._lock:
             if self.client is None or not self.lite or not self._dirty or not self.exists:
                 return
@@ -186,10 +184,9 @@ class DescriptorStore:
             self._dirty = False
 
     def _settle(self, timeout: float | None = 600) -> None:
-        """Milvus Lite only, before a read: flush. The direct search reads a segment Lite has
-        not indexed yet exactly, so it does not wait for the build (``settling``); Lite's
-        own search API would scan it by a broadcast of gigabytes, so without the direct path
-        a read waits for the build (at most ``timeout`` s, then it scans the rest)."""
+        """Lite, before a read: flush. The direct search reads an unindexed segment exactly: no
+        wait for the build (``settling``); Lite's own search API would scan it by a broadcast of
+        gigabytes, so without the direct path a read waits for it (at most ``timeout`` s)."""
         dirty = self._dirty
         self._flush()
         if dirty and self._idle_flush is None and self._fast is not None and self.exists:
@@ -199,6 +196,11 @@ class DescriptorStore:
         self._dirty, self._pca = True, None
         if self._idle_flush is not None:
             self._idle_flush.wrote()
+
+    def batch_done(self) -> None:
+        """An ingest job completed: on Lite, flush in the background now (``settling``)."""
+        if self._idle_flush is not None:
+            self._idle_flush.now()
 
     def _lite_snapshot(self):
         """(segments, tombstones) as Milvus Lite holds them now, or None (LiteFastPath.snapshot)."""
@@ -406,9 +408,7 @@ class DescriptorStore:
         string equality), at most ``limit`` of them (ask limit + 1 to learn whether more match)."""
         filter = check_filter(filter)
         with self._lock:
-            if not self.exists:
-                return []
-            return self._matching_images(filter, limit)
+            return self._matching_images(filter, limit) if self.exists else []
 
     def _matching_images(self, filter: dict[str, str], limit: int | None) -> list[str]:
         return matching_images(self.client, self.images_name, self._has_meta, filter, limit)

@@ -273,8 +273,9 @@ def _ingest_index(task, extracted, job_id, image_id) -> dict:
                   extracted.get("sha256"))
     if failure(result) is None:
         image = result["image"]
-        jobs.mark_done(job_id, image_id, duplicate_of=(image["duplicate_of"] or [""])[0],
-                       skipped=image["skipped"])
+        if jobs.mark_done(job_id, image_id, duplicate_of=(image["duplicate_of"] or [""])[0],
+                          skipped=image["skipped"]):
+            get_store().batch_done()  # the job's last item: Lite indexes its rows now
     else:
         jobs.mark_failed(job_id, image_id, result["error"]["message"])
     if claim:
