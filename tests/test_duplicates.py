@@ -1,19 +1,23 @@
 """Identical photos, on the real running system: a photo sent again under its own id is not
 extracted again (an unchanged folder ingested again), and one sent under another id is
-reported, then indexed (DELF_DUPLICATES=index, the default) or skipped (=skip)."""
+reported, then indexed (DELF_DUPLICATES=index, the default) or skipped (=skip). And
+`delf duplicates`: near-identical photos (a resized copy) grouped, other viewpoints not."""
 from __future__ import annotations
 
 import hashlib
+import json
+import subprocess
 import sys
 from pathlib import Path
 
 import grpc
+import numpy as np
 import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env  # noqa: E402
-from photos import jpeg, sample_photo  # noqa: E402
+from photos import jpeg, landmarks_dir, sample_photo  # noqa: E402
 
 from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
 
@@ -124,3 +128,50 @@ def test_with_skip_an_identical_photo_under_another_id_is_not_indexed(skipping):
     assert (job.done, job.duplicates, job.duplicates_skipped) == (len(NAMES), 1, 1)
     assert dict(job.duplicate_of) == {"dup-coffee": "coffee"}
     assert client.stats().images == 1 + len(NAMES) - 1
+
+
+# --------------------------------------------------------------------------- delf duplicates
+
+
+def test_delf_duplicates_groups_a_resized_copy_with_its_original_not_another_viewpoint(system, client):
+    landmarks = landmarks_dir()
+    if landmarks is None:
+        pytest.skip("landmarks-dev is not beside the checkout")
+    import cv2
+
+    folder = system.root / "photos" / "near"
+    folder.mkdir(parents=True)
+    original = (landmarks / "berlin_berliner_dom" / "01.jpg").read_bytes()
+    other_view = (landmarks / "berlin_berliner_dom" / "02.jpg").read_bytes()
+    rgb = cv2.imdecode(np.frombuffer(original, np.uint8), cv2.IMREAD_COLOR)
+    small = cv2.resize(rgb, None, fx=0.7, fy=0.7, interpolation=cv2.INTER_AREA)
+    (folder / "near-dom-01.jpg").write_bytes(original)
+    (folder / "near-dom-01-small.jpg").write_bytes(cv2.imencode(".jpg", small, [cv2.IMWRITE_JPEG_QUALITY, 80])[1])
+    (folder / "near-dom-02.jpg").write_bytes(other_view)
+    _ingest(client, folder)
+    # The other viewpoint is the same landmark, found and verified, yet not near-identical.
+    assert "near-dom-01" in [m.image_id for m in client.search(image_id="near-dom-02").matches if m.verified]
+
+    out = subprocess.run([sys.executable, "-m", "delf_tools.cli", "--gateway", system.address, "duplicates",
+                          str(folder), "--json"], capture_output=True, text=True, timeout=600, check=True).stdout
+    found = json.loads(out)
+    assert found["searched"] == 3
+    [group] = [g["ids"] for g in found["groups"] if "near-dom-01" in g["ids"]]
+    assert "near-dom-01-small" in group and "near-dom-02" not in group, found
+
+
+def test_delf_duplicates_without_a_path_lists_the_index_or_says_what_to_give(system):
+    """Without PATH the command searches every indexed photo (ListImages); a gateway that
+    cannot list them yet answers UNIMPLEMENTED, and the command says to give PATH."""
+    run = subprocess.run([sys.executable, "-m", "delf_tools.cli", "--gateway", system.address, "duplicates",
+                          "--json"], capture_output=True, text=True, timeout=1200)
+    assert "Traceback" not in run.stderr
+    if run.returncode == 2:
+        assert "delf duplicates PATH" in run.stderr
+    else:
+        assert run.returncode == 0 and json.loads(run.stdout)["searched"] == client_images(system)
+
+
+def client_images(system) -> int:
+    with system.client() as c:
+        return c.stats().images

@@ -8,11 +8,12 @@ and does not wait for the build (it used to: a first search after an ingest took
 build, 13 s for landmarks-dev, BENCHMARKS.md "First search after an ingest").
 
 ``IdleFlush`` flushes in a timer thread as soon as an ingest job completes (``now``: the
-indexer marked its last item) and once other writes pause for ``idle_s`` seconds, so that
-Lite starts building the new segment's index at once, usually before anyone searches.
-An ingest's steady stream of adds does not flush one photo at a time (with CPU extraction
-they come a second or more apart): segments of one photo each cost an index build each and
-would only be merged again by Lite.
+indexer marked its last item), once other writes pause for ``idle_s`` seconds, and every
+``FLUSH_ROWS`` new rows during a long ingest, so that Lite builds each new segment's index
+while the ingest goes on: when the job completes, only its last rows (fewer than
+``FLUSH_ROWS``) are left to flush and to search exactly. An ingest's steady stream of adds
+is not flushed one photo at a time (with CPU extraction they come a second or more apart):
+segments of one photo each cost an index build each and would only be merged again by Lite.
 """
 from __future__ import annotations
 
@@ -23,6 +24,9 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 IDLE_FLUSH_S = 5.0  # seconds without a write before the background flush
+# New rows that are flushed at once: a segment above lite.EXACT_SEGMENT_ROWS (20k) is searched
+# through its IVF index once built, one below it exactly (50 photos at 500 stored descriptors).
+FLUSH_ROWS = 25_000
 
 
 class IdleFlush:
@@ -34,10 +38,12 @@ class IdleFlush:
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
         self.flushes = 0  # background flushes run (tests, benchmarks)
+        self.pending = 0  # rows written since this timer's last flush
 
-    def wrote(self) -> None:
-        """A write happened: (re)arm the timer."""
-        self._arm(self.idle_s)
+    def wrote(self, rows: int = 0) -> None:
+        """A write of ``rows`` new rows happened: (re)arm the timer; flush now past FLUSH_ROWS."""
+        self.pending += rows
+        self._arm(0.0 if self.pending >= FLUSH_ROWS else self.idle_s)
 
     def now(self) -> None:
         """A batch of writes ended (an ingest job completed): flush in the background now."""
@@ -52,6 +58,7 @@ class IdleFlush:
             self._timer.start()
 
     def _run(self) -> None:
+        self.pending = 0
         try:
             self._flush()
             self.flushes += 1

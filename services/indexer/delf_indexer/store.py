@@ -192,10 +192,10 @@ class DescriptorStore:
         if dirty and self._idle_flush is None and self._fast is not None and self.exists:
             self._fast.wait_for_index(timeout)
 
-    def _wrote(self) -> None:
+    def _wrote(self, rows: int = 0) -> None:
         self._dirty, self._pca = True, None
         if self._idle_flush is not None:
-            self._idle_flush.wrote()
+            self._idle_flush.wrote(rows)
 
     def batch_done(self) -> None:
         """An ingest job completed: on Lite, flush in the background now (``settling``)."""
@@ -286,7 +286,7 @@ class DescriptorStore:
             self.thumbnails.write({i.image_id: i.thumbnail for i in images if i.thumbnail}, replaced=old)
             self.hashes.write({i: (hashes or {}).get(i, "") for i in ids}, replaced=old)
             self.client.upsert(self.images_name, image_rows)
-            self._wrote()
+            self._wrote(sum(len(image.features) for image in images))
         return [{**rows.info(image), "sha256": (hashes or {}).get(image.image_id, "")} for image in images]
 
     def _insert_features(self, images: list[rows.NewImage], generations: list[int]) -> None:
