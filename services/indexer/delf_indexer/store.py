@@ -97,7 +97,7 @@ class DescriptorStore:
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable
         # Lite, direct search: flush once writes pause, so Lite indexes new rows before a search (settling)
-        self._idle_flush = IdleFlush(self._flush) if self.lite and config.get("DELF_LITE_DIRECT_SEARCH") else None
+        self._idle_flush = IdleFlush(self._flush) if self._fast and config.get("DELF_LITE_DIRECT_SEARCH") else None
         self._pca: str | None = None  # Lite: the index's pca_id, read once per write
         self.client = MilvusClient(uri=self.uri, token=token or "")
         self.thumbnails = ThumbnailStore(self.client, f"{name}_thumbnails")
