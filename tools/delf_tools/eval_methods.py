@@ -93,7 +93,7 @@ class GemExtractor:
         from delf_extractor import models
 
         class HeadOutput(nn.Module):  # the full network's last feature map, before pooling / fc
-            def __init__(self, net: models.EfficientNetLite0):
+            def __init__(self, net: models.EfficientNetLite):
                 super().__init__()
                 self.net = net
 
@@ -105,7 +105,7 @@ class GemExtractor:
         self.cfg = dataclasses.replace(base, name="effnet-lite0-gem", layer="head", channels=1280,
                                        scales=tuple(scales))
         self.device = models.resolve_device(device)
-        backbone = HeadOutput(models.load_lite0(None, pretrained=pretrained))
+        backbone = HeadOutput(models.load_lite(0, None, pretrained=pretrained))
         self.net = models.DelfNet(self.cfg, backbone, None).eval().to(self.device)
         self.p = p
 
