@@ -174,10 +174,10 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
         finally:
             client.close()
             try:
-                from milvus_lite.server_manager import server_manager_instance
+                from delf_indexer.lite import release_server
 
-                server_manager_instance.release_server(uri)
-            except Exception:  # pragma: no cover - depends on milvus-lite internals
+                release_server(uri)
+            except Exception:  # noqa: BLE001 - best effort: the temporary file goes anyway
                 pass
     return MethodRun(rankings, latencies, ingest_s, len(vectors))
 
