@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from real_distractors import SAME_PLACE_GROUPS  # noqa: E402  (one list of the places both sets show)
+from real_distractors import SAME_PLACE_GROUPS  # noqa: E402 - one list of the places both sets show
 
 DATA = REPO.parent / "shared" / "data"
 SETS = ("landmarks-dev", "landmarks-hard")

@@ -28,7 +28,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from embedded_redis import EmbeddedRedis  # noqa: E402
+from embedded_redis import EmbeddedRedis
 
 CONFIGURED_REDIS_URL = os.environ.get("DELF_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 STARTUP_TIMEOUT_S = 240
@@ -64,6 +64,23 @@ def __getattr__(name: str) -> str:
     if name == "TEST_REDIS_URL":
         return redis_db_url()
     raise AttributeError(name)
+
+
+# Fixtures that start processes (the whole system, workers, a gateway, a Milvus server,
+# a browser): a test that uses one, directly or through another fixture, is a system test.
+SYSTEM_FIXTURES = frozenset({
+    "system", "cluster", "ingest_system", "up", "obs", "gateway", "search_limited_gateway",
+    "auth_gateway", "tls_gateway", "server_uri", "traced", "browser", "launcher_env",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two lanes: `-m "not system"` (the fast lane, run first by .ci/run) and `-m system`:
+    tests that start processes (`SYSTEM_FIXTURES`), are marked slow, or whose module says
+    `pytestmark = pytest.mark.system`."""
+    for item in items:
+        if SYSTEM_FIXTURES & set(item.fixturenames) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.system)
 
 
 def pytest_unconfigure(config):

@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import extractor_fixtures  # noqa: F401 (first: sets the test Redis)
+import extractor_fixtures  # noqa: F401 - first: sets the test Redis
 
 import cv2
 import numpy as np

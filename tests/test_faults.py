@@ -39,8 +39,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo  # noqa: E402
-from private_cluster import Cluster, _pb, check_exactly_once, wait_completed  # noqa: E402
+from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo
+from private_cluster import Cluster, _pb, check_exactly_once, wait_completed
 
 pytestmark = pytest.mark.slow
 

@@ -29,10 +29,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import redis_db_url  # noqa: E402
-from up_system import UpSystem, small_photos  # noqa: E402
+from conftest import redis_db_url
+from up_system import UpSystem, small_photos
 
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
+from delf_common.proto.delf.v1 import delf_pb2
 
 JOB_TIMEOUT_S = float(os.environ.get("DELF_TEST_JOB_TIMEOUT_S", 600))  # "within minutes", on a loaded 2-core machine
 PHOTOS_PER_JOB = 10

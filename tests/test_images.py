@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deployment_files import (  # noqa: E402
+from deployment_files import (
     DELF_SERVICES, GPU_PACKAGES, PACKAGES, PROJECT_PACKAGES, ROOT, WORKERS, command_argv, dockerfile_instructions,
     dockerfile_of, python_files,
     load_compose, option, requirement_names, service_package_dir,

@@ -23,11 +23,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env  # noqa: E402
-from photo_server import PhotoServer, small_photo  # noqa: E402
+from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env
+from photo_server import PhotoServer, small_photo
 
-from delf_common.manifest import ManifestError, read_manifest  # noqa: E402
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
+from delf_common.manifest import ManifestError, read_manifest
+from delf_common.proto.delf.v1 import delf_pb2
 
 JOB_TIMEOUT_S = 240
 

@@ -23,8 +23,8 @@ kv = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
 
-from delf_common import config  # noqa: E402
-from test_deployment import WORKERS, command_argv, load_compose, option  # noqa: E402
+from delf_common import config  # noqa: E402 - after the sys.path / environment setup above
+from test_deployment import WORKERS, command_argv, load_compose, option  # noqa: E402 - after the sys.path / environment setup above
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "deploy" / "kubernetes"

@@ -134,7 +134,7 @@ def test_a_call_without_a_token_is_unauthenticated(auth_gateway):
 def test_a_wrong_token_is_unauthenticated(auth_gateway):
     with grpc.insecure_channel(auth_gateway.address) as channel:
         for token in ("wrong", TOKENS[0] + "x", TOKENS[0][:-1]):
-            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))
+            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))  # noqa: B023 - called at once, inside the loop
             assert code == grpc.StatusCode.UNAUTHENTICATED
             assert "not accepted" in details
 
@@ -150,7 +150,7 @@ def test_a_malformed_header_is_unauthenticated(auth_gateway, header):
 def test_every_accepted_token_reaches_the_handler(auth_gateway):
     with grpc.insecure_channel(auth_gateway.address) as channel:
         for token in TOKENS:
-            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))
+            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))  # noqa: B023 - called at once, inside the loop
             assert code == grpc.StatusCode.NOT_FOUND, details
             assert NO_SUCH_JOB in details
         # The scheme is case-insensitive (RFC 6750).

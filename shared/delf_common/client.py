@@ -242,6 +242,6 @@ class DelfClient:
 
     def wait_job(self, job_id: str) -> delf_pb2.Job:
         last = self.get_job(job_id)
-        for last in self.watch_job(job_id):
-            pass
+        for update in self.watch_job(job_id):
+            last = update
         return last

@@ -31,7 +31,6 @@ import sys
 import unicodedata
 from pathlib import Path
 
-import grpc
 
 from delf_common import config
 from delf_common.addresses import AddressError, gateway_target
@@ -144,7 +143,7 @@ def cmd_ingest(args) -> int:
     client = _client(args)
     named: list[str] = []
     with tqdm(total=n, desc="upload", unit="photo", disable=args.quiet) as bar:
-        sent = lambda i, total: bar.update(1)  # noqa: E731
+        sent = lambda i, total: bar.update(1)  # noqa: E731 - a one-line helper
 
         def on_job(job_id: str) -> None:
             named.append(job_id)

@@ -140,7 +140,7 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
     for n, p in enumerate(photos, 1):
         try:
             vectors[p.image_id] = gem(load_rgb(p.path))
-        except Exception as exc:  # a photo the system would refuse too
+        except Exception as exc:  # noqa: BLE001 - a photo the system would refuse too
             log(f"global-gem: skipped {p.rel}: {exc}")
         if n % 20 == 0:
             log(f"global-gem: {n}/{len(photos)} photos")
@@ -189,7 +189,7 @@ def run_sift(photos: list[Photo], queries: dict[str, set[str]], top_k: int = TOP
     for n, p in enumerate(photos, 1):
         try:
             feats[p.image_id] = rootsift(load_rgb(p.path))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a photo the system would refuse too
             log(f"sift: skipped {p.rel}: {exc}")
         if n % 20 == 0:
             log(f"sift: {n}/{len(photos)} photos")

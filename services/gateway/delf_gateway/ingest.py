@@ -183,7 +183,7 @@ class IngestJobs(WorkerCalls):
                 parked.resend_parked_of_jobs(self.app, self.jobs, stalled_only=True)
                 if resume_after_s > 0:
                     self.resume_stalled_jobs(resume_after_s)
-            except Exception:  # noqa: BLE001 - Redis away, queue full: the next round tries again
+            except Exception:  # Redis away, queue full: the next round tries again
                 log.exception("sweeping stalled jobs failed")
 
     def _check_resumable(self, status: JobStatus, stream: bool) -> None:

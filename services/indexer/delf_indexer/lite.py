@@ -62,7 +62,7 @@ class LiteFastPath:
 
             entry = server_manager_instance._servers.get(self.uri)
             return entry[1].get_collection(self.collection) if entry is not None else None
-        except Exception:  # pragma: no cover - depends on milvus-lite internals
+        except Exception:  # noqa: BLE001 - depends on milvus-lite internals
             return None
 
     def wait_for_index(self, timeout: float | None = 600) -> bool:

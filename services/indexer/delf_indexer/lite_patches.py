@@ -59,7 +59,7 @@ def speed_up_flush() -> bool:
     def build(self, rows):
         try:
             table = _take_rows(self._insert_batches, rows, self._data_schema)
-        except Exception:  # noqa: BLE001 - Lite's internals differ: its own code
+        except Exception:  # Lite's internals differ: its own code
             log.warning("fast memtable flush declined; using Milvus Lite's", exc_info=True)
             table = None
         return original(self, rows) if table is None else table

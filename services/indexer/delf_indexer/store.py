@@ -54,7 +54,7 @@ from delf_indexer.lite import LiteFastPath, release_server
 from delf_indexer.lite_patches import sample_training, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, create_collections, has_field, query_pages, vector_dim)
-from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
+from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri
 from delf_indexer.thumbnails import ThumbnailStore
 from delf_indexer.voting import vote
 

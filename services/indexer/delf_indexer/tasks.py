@@ -111,7 +111,7 @@ def warm_up(**_kwargs) -> None:
             probe = rng.standard_normal((1, store._dim)).astype(np.float32)
             store.search(DelfFeatures(np.zeros((1, 2)), np.ones(1), np.ones(1),
                                       probe / np.linalg.norm(probe), (64, 64), "", pca), shortlist=1)
-    except Exception:  # noqa: BLE001 - Milvus away: the heartbeat reports it, tasks retry
+    except Exception:  # Milvus away: the heartbeat reports it, tasks retry
         log.exception("warm-up failed")
         return
     log.info("warmed up: store open%s in %.1f s", ", one search" if pca is not None else "",
@@ -123,7 +123,7 @@ def _close_store(**_kwargs) -> None:
     """Warm shutdown: flush Milvus Lite and release its file for the next indexer."""
     try:
         reset_store()
-    except Exception:  # noqa: BLE001 - shutting down anyway
+    except Exception:  # shutting down anyway
         log.exception("closing the descriptor store failed")
 
 
