@@ -37,8 +37,9 @@ BAD_INVOCATIONS = [
     ("search {photo} --box 1,2,3", "expected four numbers"),
     ("search {photo} --filter city", "expected KEY=VALUE"),
     ("search {photo} --gateway {nowhere}", "is the gateway running at"),
-    ("ingest {tmp}/missing", "no such folder or file"),
-    ("ingest {text}", "is neither a folder nor a .csv/.jsonl manifest"),
+    ("ingest {tmp}/missing", "no such file or folder: "),
+    ("ingest {text}", "is neither a folder nor a manifest (.csv, .tsv or .jsonl)"),
+    ("ingest {bad_tsv}", "the header needs the columns location (or path)"),
     ("ingest {empty}", "no photos"),
     ("ingest {folder} --server-paths", "--server-paths applies to manifests only"),
     ("ingest {bad_manifest}", "bad manifest"),
@@ -59,6 +60,13 @@ BAD_INVOCATIONS = [
     ("stats extra", "unrecognized arguments: extra"),
     ("--tls-ca {tmp}/missing.pem stats --gateway {nowhere}", "missing.pem"),
     ("up --extractors 0", "must be at least 1"),
+    ("images --limit -1", "--limit: must be 0 (all) or more"),
+    ("images --limit some", "--limit: expected a whole number"),
+    ("images --filter city", "expected KEY=VALUE"),
+    ("jobs --limit -2", "--limit: must be 0 (all) or more"),
+    ("images --gateway {nowhere} --json", "UNAVAILABLE"),
+    ("stats --json extra", "unrecognized arguments: extra"),
+    ("up --json", "unrecognized arguments"),
     ("up --redis-port 70000", "--redis-port must be between 0 and 65535"),
 ]
 
@@ -71,8 +79,10 @@ def places(tmp_path_factory):
     (tmp / "empty").mkdir()
     (tmp / "notes.txt").write_text("not a photo\n")
     (tmp / "bad.csv").write_text("this,is\nnot,a manifest\n")
+    (tmp / "bad.tsv").write_text("photo\tgroup\na.jpg\tone\n")
     return {"tmp": tmp, "folder": tmp / "folder", "photo": tmp / "folder" / "a.jpg", "empty": tmp / "empty",
-            "text": tmp / "notes.txt", "bad_manifest": tmp / "bad.csv", "nowhere": NOWHERE}
+            "text": tmp / "notes.txt", "bad_manifest": tmp / "bad.csv", "bad_tsv": tmp / "bad.tsv",
+            "nowhere": NOWHERE}
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:

@@ -11,14 +11,13 @@ from delf_common import contract
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
 from delf_gateway.checks import RequestError, _checked, check_filter
+from delf_gateway.ingest import job_proto
 
 
 class ListCalls(WorkerCalls):
     """The listing RPCs of the gateway's servicer."""
 
     def ListImages(self, request, context):
-        from delf_gateway.server import image_info_proto
-
         size = _checked(lambda n: contract.check_page_size(n, contract.IMAGES_PAGE_DEFAULT,
                                                            contract.IMAGES_PAGE_MAX, "images"), request.page_size)
         after = _checked(contract.check_image_page_token, request.page_token)
@@ -28,8 +27,6 @@ class ListCalls(WorkerCalls):
                                            next_page_token=reply.get("next") or "")
 
     def ListJobs(self, request, context):
-        from delf_gateway.ingest import job_proto
-
         size = _checked(lambda n: contract.check_page_size(n, contract.JOBS_PAGE_DEFAULT,
                                                            contract.JOBS_PAGE_MAX, "jobs"), request.page_size)
         after = _checked(contract.check_job_page_token, request.page_token)
@@ -40,3 +37,16 @@ class ListCalls(WorkerCalls):
                                f"page_token {after!r} names no job (it may have expired): list again from "
                                f"the first page") from None
         return delf_pb2.ListJobsResponse(jobs=[job_proto(s) for s in page], next_page_token=last)
+
+
+def image_info_proto(info: dict, thumbnail: bytes = b"") -> delf_pb2.ImageInfo:
+    """An indexer's image info (``delf_indexer.rows.stored_info``) as the public ImageInfo."""
+    return delf_pb2.ImageInfo(
+        thumbnail=bytes(thumbnail),
+        image_id=info["image_id"],
+        metadata=info.get("metadata") or {},
+        width=int(info.get("width", 0)),
+        height=int(info.get("height", 0)),
+        num_features=int(info.get("num_features", 0)),
+        pca_id=info.get("pca_id", ""),
+    )

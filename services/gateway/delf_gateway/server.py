@@ -39,7 +39,7 @@ from delf_gateway.ingest import (  # noqa: F401 - re-exported: their former home
     JOB_ID_METADATA_KEY, RESUME_METADATA_KEY, IngestJobs, job_proto,
 )
 from delf_gateway.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
-from delf_gateway.listing import ListCalls
+from delf_gateway.listing import ListCalls, image_info_proto
 from delf_gateway.malformed import MalformedBodyInterceptor
 from delf_gateway.search import SearchCalls
 
@@ -89,18 +89,6 @@ class Gateway(SearchCalls, IngestJobs, ListCalls, delf_pb2_grpc.ImageSearchServi
             model=config.get("DELF_MODEL"),
             pca_id=reply.get("pca_id", ""),
         )
-
-
-def image_info_proto(info: dict, thumbnail: bytes = b"") -> delf_pb2.ImageInfo:
-    return delf_pb2.ImageInfo(
-        thumbnail=bytes(thumbnail),
-        image_id=info["image_id"],
-        metadata=info.get("metadata") or {},
-        width=int(info.get("width", 0)),
-        height=int(info.get("height", 0)),
-        num_features=int(info.get("num_features", 0)),
-        pca_id=info.get("pca_id", ""),
-    )
 
 
 def tls_credentials() -> grpc.ServerCredentials | None:
