@@ -179,3 +179,19 @@ def test_ctrl_c_during_ingest_says_the_job_goes_on_and_how_to_follow_it(interrup
     assert f"delf ingest {places['folder']} --resume job1" in err, err
     if interrupt_while == "waiting":
         assert "job job1 goes on" in err and "delf job job1" in err, err
+
+
+@pytest.mark.parametrize("state, stalled, says", [
+    (delf_pb2.JOB_STATE_COMPLETED, False, "is finished: 7 indexed, 1 failed; nothing to resume"),
+    (delf_pb2.JOB_STATE_RUNNING, False, "is moving: 2 queued or in progress, 7 done, 1 failed; nothing to resume; "
+                                        "watch it with `delf job J --watch`"),
+    (delf_pb2.JOB_STATE_RECEIVING, False, "is still receiving photos from its client"),
+    (delf_pb2.JOB_STATE_RUNNING, True, None),    # stalled: resumed
+    (delf_pb2.JOB_STATE_RECEIVING, True, None),  # its stream stopped: resumed
+    (delf_pb2.JOB_STATE_CANCELLED, False, None),  # interrupted: resumed; cancelled by a person: the server says no
+])
+def test_resume_resumes_only_a_job_that_needs_it(state, stalled, says):
+    """Issue 22 item 4: `delf resume` of a finished or moving job says so and exits 0."""
+    job = delf_pb2.Job(job_id="J", state=state, total=10, done=7, failed=1, stalled=stalled)
+    verdict = cli.resume_verdict(job)
+    assert verdict is None if says is None else says in verdict, verdict

@@ -183,13 +183,28 @@ def cmd_resume(args) -> int:
         # Only the client has these photos: the job cannot complete until they are streamed
         # again, so waiting for it here would wait forever.
         print(f"  {job.awaiting_upload} unfinished photos were sent as bytes, which the server does not "
-              f"keep, and are lost (no progress for over DELF_JOB_STALLED_AFTER_S): the job completes once "
-              f"they are sent again with `delf ingest PATH --resume {job.job_id}` (PATH: the folder or "
-              f"manifest it was started from; photos already done are skipped)", file=sys.stderr)
+              f"keep, and the job has made no progress for over DELF_JOB_STALLED_AFTER_S: they are lost "
+              f"with their tasks; the job completes once they are sent again with "
+              f"`delf ingest PATH --resume {job.job_id}` (PATH: the folder or manifest it was started "
+              f"from; photos already done are skipped)", file=sys.stderr)
+        waiting = _extract_backlog(client)
+        if waiting:
+            print(f"  (the extract queue still holds {waiting} tasks: if no extractor takes them, some of "
+                  f"these photos may only be waiting; check the workers with `delf stats` first)",
+                  file=sys.stderr)
         if args.json:
             print_json({"job": job, "resumed": True, "reason": "photos sent as bytes must be sent again"})
         return 1
     return _watch(client, job, args, resume=f"delf resume {job.job_id}")
+
+
+def _extract_backlog(client) -> int:
+    """Tasks waiting in the extract queue (0 when the gateway cannot say)."""
+    try:
+        depths = client.stats().queue_depths
+    except grpc.RpcError:
+        return 0
+    return int(depths.get("extract", 0))
 
 
 def resume_verdict(job) -> str | None:
