@@ -99,6 +99,12 @@ def test_search_stats_job_images_and_jobs_speak_json(system, indexed, client, ca
     assert [j["created_at"] for j in jobs] == sorted((j["created_at"] for j in jobs), reverse=True)
     code, out, _ = run(capsys, "job", jobs[0]["job_id"], "--json", "--gateway", system.address)
     assert code == 0 and as_json(out)["job_id"] == jobs[0]["job_id"]
+    code, out, err = run(capsys, "jobs", "--limit", "1", "--gateway", system.address)
+    header, row = out.splitlines()[:2]
+    assert code == 0 and header.split()[:3] == ["job", "id", "state"] and row.startswith(jobs[0]["job_id"]), out
+    assert err.startswith("1 job"), err  # and where to continue, when older ones exist
+    code, out, err = run(capsys, "job", jobs[0]["job_id"], "--watch", "--quiet", "--gateway", system.address)
+    assert code == 0 and out.startswith(f"job {jobs[0]['job_id']}: COMPLETED"), (out, err)
 
     code, out, err = run(capsys, "images", "--filter", "group=cup", "--json", "--gateway", system.address)
     listed = as_json(out)

@@ -64,7 +64,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _print_job(job, out=sys.stdout) -> None:
+def _print_job(job, out=None) -> None:
+    out = out or sys.stdout  # the stdout of the moment (a test's capture, a redirection)
     stalled = f" (STALLED: no progress for {job.idle_s:.0f} s)" if job.stalled else ""
     print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}{stalled}", file=out)
     print(f"  total {job.total}  indexed {job.done}  failed {job.failed}", file=out)
@@ -268,7 +269,8 @@ def cmd_jobs(args) -> int:
         created = datetime.datetime.fromtimestamp(j.created_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
         print(f"{j.job_id:<32}  {STATE_NAMES.get(j.state, j.state):<9} {j.total:>6} {j.done:>7} {j.failed:>6}  "
               f"{created}{'  STALLED' if j.stalled else ''}")
-    print(f"{len(jobs)} jobs" + (f"; older ones: `delf jobs --after {token}`" if token else ""), file=sys.stderr)
+    more = f"; older ones: `delf jobs --after {token}`" if token else ""
+    print(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}{more}", file=sys.stderr)
     return 0
 
 

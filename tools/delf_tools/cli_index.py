@@ -215,8 +215,8 @@ def cmd_images(args) -> int:
         meta = " ".join(f"{k}={v}" for k, v in sorted(i.metadata.items()))
         print(f"{_pad(_fit(i.image_id, ID_COLUMN_MAX), width)} {f'{i.width}x{i.height}':>11} "
               f"{i.num_features:>8}  {_fit(meta, 80)}")
-    print(f"{len(images)} images" + (f"; more after this one: `delf images --after {token}`" if token else ""),
-          file=sys.stderr)
+    more = f"; more after this one: `delf images --after {token}`" if token else ""
+    print(f"{len(images)} image{'s' if len(images) != 1 else ''}{more}", file=sys.stderr)
     return 0
 
 
