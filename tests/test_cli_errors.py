@@ -192,6 +192,10 @@ def test_ctrl_c_during_ingest_says_the_job_goes_on_and_how_to_follow_it(interrup
 ])
 def test_resume_resumes_only_a_job_that_needs_it(state, stalled, says):
     """Issue 22 item 4: `delf resume` of a finished or moving job says so and exits 0."""
-    job = delf_pb2.Job(job_id="J", state=state, total=10, done=7, failed=1, stalled=stalled)
+    job = delf_pb2.Job(job_id="J", state=state, total=10, done=7, failed=1, stalled=stalled,
+                       idle_s=300.0 if stalled else 1.0)
     verdict = cli.resume_verdict(job)
     assert verdict is None if says is None else says in verdict, verdict
+    if state == delf_pb2.JOB_STATE_RECEIVING and not stalled:  # no item for 30 s: its stream died
+        job.idle_s = 31.0
+        assert cli.resume_verdict(job) is None

@@ -218,6 +218,10 @@ def resume_verdict(job) -> str | None:
     if job.stalled or job.state == JOB_CANCELLED:
         return None  # stalled, or cancelled: ResumeJob resumes an interrupted one, refuses the rest
     if job.state == JOB_RECEIVING:
+        from delf_gateway.ingest import RESUME_STREAM_IDLE_S  # the gateway's rule for a live stream
+
+        if job.idle_s >= RESUME_STREAM_IDLE_S:
+            return None  # its stream stopped: resumed
         return (f"job {job.job_id} is still receiving photos from its client ({job.total} so far); "
                 f"nothing to resume; watch it with `delf job {job.job_id} --watch`")
     return (f"job {job.job_id} is moving: {left} queued or in progress, {job.done} done, {job.failed} failed; "
