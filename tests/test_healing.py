@@ -139,9 +139,6 @@ def test_item6_delf_resume_does_not_wait_forever_for_photos_only_the_client_has(
             return delf_pb2.Job(job_id=job_id, state=delf_pb2.JOB_STATE_RUNNING, total=20, done=19,
                                 stalled=True, idle_s=300.0)
 
-        def stats(self):  # nothing waits to be extracted: the photo is lost with its task
-            return delf_pb2.GetStatsResponse(queue_depths={"extract": 0, "index": 0, "verify": 0})
-
         def resume_job(self, job_id):
             return delf_pb2.Job(job_id=job_id, state=delf_pb2.JOB_STATE_RUNNING, total=20, done=19,
                                 resent=0, awaiting_upload=1)

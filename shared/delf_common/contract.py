@@ -227,6 +227,11 @@ def is_job_id(job_id) -> bool:
     return isinstance(job_id, str) and JOB_ID.fullmatch(job_id) is not None
 
 
+# A RECEIVING job whose last item arrived this recently may still have a live stream: it
+# is not resumed (the gateway's ResumeJob refuses, `delf resume` calls it moving).
+RESUME_STREAM_IDLE_S = 30.0
+
+
 def check_job_id(job_id) -> str:
     """The id, or ContractError naming the format."""
     if not is_job_id(job_id):

@@ -35,7 +35,7 @@ from pathlib import Path
 
 import grpc
 
-from delf_common import config
+from delf_common import config, contract
 from delf_common.addresses import AddressError, gateway_target
 from delf_tools.cli_contract import INTERRUPTED_EXIT, UsageError, interrupted, run_command, run_tool
 from delf_tools.cli_index import ID_COLUMN_MAX, _client, _count, index_commands  # noqa: F401 - cli's names
@@ -184,28 +184,13 @@ def cmd_resume(args) -> int:
         # Only the client has these photos: the job cannot complete until they are streamed
         # again, so waiting for it here would wait forever.
         print(f"  {job.awaiting_upload} unfinished photos were sent as bytes, which the server does not "
-              f"keep, and the job has made no progress for over DELF_JOB_STALLED_AFTER_S: they are lost "
-              f"with their tasks; the job completes once they are sent again with "
-              f"`delf ingest PATH --resume {job.job_id}` (PATH: the folder or manifest it was started "
-              f"from; photos already done are skipped)", file=sys.stderr)
-        waiting = _extract_backlog(client)
-        if waiting:
-            print(f"  (the extract queue still holds {waiting} tasks: if no extractor takes them, some of "
-                  f"these photos may only be waiting; check the workers with `delf stats` first)",
-                  file=sys.stderr)
+              f"keep, and their tasks are lost (neither queued nor held by a worker): the job completes "
+              f"once they are sent again with `delf ingest PATH --resume {job.job_id}` (PATH: the folder or "
+              f"manifest it was started from; photos already done are skipped)", file=sys.stderr)
         if args.json:
             print_json({"job": job, "resumed": True, "reason": "photos sent as bytes must be sent again"})
         return 1
     return _watch(client, job, args, resume=f"delf resume {job.job_id}")
-
-
-def _extract_backlog(client) -> int:
-    """Tasks waiting in the extract queue (0 when the gateway cannot say)."""
-    try:
-        depths = client.stats().queue_depths
-    except grpc.RpcError:
-        return 0
-    return int(depths.get("extract", 0))
 
 
 def resume_verdict(job) -> str | None:
@@ -218,9 +203,7 @@ def resume_verdict(job) -> str | None:
     if job.stalled or job.state == JOB_CANCELLED:
         return None  # stalled, or cancelled: ResumeJob resumes an interrupted one, refuses the rest
     if job.state == JOB_RECEIVING:
-        from delf_gateway.ingest import RESUME_STREAM_IDLE_S  # the gateway's rule for a live stream
-
-        if job.idle_s >= RESUME_STREAM_IDLE_S:
+        if job.idle_s >= contract.RESUME_STREAM_IDLE_S:  # the gateway's rule for a live stream
             return None  # its stream stopped: resumed
         return (f"job {job.job_id} is still receiving photos from its client ({job.total} so far); "
                 f"nothing to resume; watch it with `delf job {job.job_id} --watch`")
@@ -254,8 +237,6 @@ def cmd_cancel(args) -> int:
 def cmd_jobs(args) -> int:
     """The newest jobs (--limit, 0: all), a page at a time."""
     import datetime
-
-    from delf_common import contract
 
     client, jobs, token = _client(args), [], args.after or ""
     while True:

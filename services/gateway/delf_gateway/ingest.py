@@ -31,7 +31,7 @@ RESUME_METADATA_KEY = "delf-resume-job"
 # Initial metadata of a StartIngestJob answer: the job's id, sent before the stream is read.
 JOB_ID_METADATA_KEY = "delf-job-id"
 # A RECEIVING job whose last item arrived this recently may still have a live stream.
-RESUME_STREAM_IDLE_S = 30.0
+RESUME_STREAM_IDLE_S = contract.RESUME_STREAM_IDLE_S
 
 _JOB_STATES = {
     "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
