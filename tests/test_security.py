@@ -171,6 +171,20 @@ def test_streaming_methods_need_a_token_too(auth_gateway):
         assert code == grpc.StatusCode.NOT_FOUND
 
 
+def test_the_listings_need_a_token_too(auth_gateway):
+    """ListImages and ListJobs (issue 22 item 3) are behind the same interceptor."""
+    with grpc.insecure_channel(auth_gateway.address) as channel:
+        stub = delf_pb2_grpc.ImageSearchStub(channel)
+        for call, request in ((stub.ListImages, delf_pb2.ListImagesRequest()),
+                              (stub.ListJobs, delf_pb2.ListJobsRequest())):
+            code, _ = code_of(lambda: call(request, timeout=10))
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        # With the token the call reaches the handler: its own checks answer.
+        code, details = code_of(lambda: stub.ListJobs(delf_pb2.ListJobsRequest(page_size=500), timeout=10,
+                                                      metadata=[("authorization", f"Bearer {TOKENS[0]}")]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 200" in details, details
+
+
 def test_health_and_reflection_need_no_token(auth_gateway):
     from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 

@@ -17,7 +17,7 @@ import time
 import grpc
 
 from delf_common import celery_app as tasks
-from delf_common import config, contract, parked, tracing
+from delf_common import config, contract, inflight, parked, tracing
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
@@ -31,7 +31,7 @@ RESUME_METADATA_KEY = "delf-resume-job"
 # Initial metadata of a StartIngestJob answer: the job's id, sent before the stream is read.
 JOB_ID_METADATA_KEY = "delf-job-id"
 # A RECEIVING job whose last item arrived this recently may still have a live stream.
-RESUME_STREAM_IDLE_S = 30.0
+RESUME_STREAM_IDLE_S = contract.RESUME_STREAM_IDLE_S
 
 _JOB_STATES = {
     "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
@@ -202,13 +202,17 @@ class IngestJobs(WorkerCalls):
 
     def _resend_unfinished(self, job_id: str, context, exclude: set[str] = frozenset()) -> tuple[int, int]:
         """Sends the job's unfinished items (not in `exclude`) again: the index task of those
-        extracted already (parked), the whole chain for location items; returns (re-sent,
-        unfinished bytes items left for the client)."""
+        extracted already (parked), the whole chain for location items whose extract task is
+        not on its way any more (delf_common.inflight: queued, or held by a worker); returns
+        (re-sent, unfinished bytes items lost, left for the client to send again)."""
         indexing = set(parked.resend_parked(self.app, self.jobs, job_id, exclude=exclude))
         resent, awaiting = len(indexing), 0
-        for image_id, record in sorted(self.jobs.unfinished(job_id).items()):
-            if image_id in exclude or image_id in indexing:
-                continue
+        unfinished = {i: r for i, r in self.jobs.unfinished(job_id).items() if i not in exclude and i not in indexing}
+        waiting = inflight.waiting_items(self.jobs.redis, tasks.queue_for_task(tasks.INGEST_EXTRACT), job_id) \
+            if unfinished else set()
+        for image_id, record in sorted(unfinished.items()):
+            if image_id in (waiting or ()):
+                continue  # its extract task waits in the queue or runs: not lost
             if record["location"] is None:
                 awaiting += 1
                 continue

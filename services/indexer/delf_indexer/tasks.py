@@ -28,6 +28,7 @@ from delf_common.metrics import DESCRIPTORS_INDEXED, STORED, install_worker_hook
 from delf_common.retry import retry_delay
 
 from delf_indexer.checks import check_filter
+from delf_indexer.listing import list_images
 from delf_indexer.lite_patches import quiet_alloc_timestamp
 from delf_indexer.store import DescriptorStore
 
@@ -315,3 +316,18 @@ def index_stats() -> dict:
     stats = get_store().stats()
     _count_stored(stats)
     return ok(**stats)
+
+
+@app.task(name=names.INDEX_LIST)
+def index_list(options=None) -> dict:
+    """One page of the indexed images in id order: ``options`` ``{after: id or "", limit: n,
+    filter: {key: value}}`` -> ``images`` (infos), ``next`` (the id the next page starts after, "": none)."""
+    options = options or {}
+    try:
+        images, after = list_images(get_store(), after=options.get("after") or "",
+                                   limit=int(options.get("limit") or 100), filter=options.get("filter") or None)
+    except ContractError as exc:
+        return error(exc.code, str(exc))
+    except (ValueError, TypeError) as exc:
+        return error(INVALID_ARGUMENT, str(exc))
+    return ok(images=images, next=after)
