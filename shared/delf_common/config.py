@@ -145,8 +145,11 @@ SETTINGS: dict[str, Setting] = {
                 "lets several deployments share one Redis.", "all"),
         Setting("DELF_GRPC_ADDR", "127.0.0.1:50051", str,
                 "Address the gateway listens on (use 0.0.0.0:50051 in a container).", "gateway"),
+        Setting("DELF_HTTP_ADDR", "127.0.0.1:8080", str,
+                "Address the HTTP/JSON API and web console listen on (`delf up --http-addr`; "
+                "0.0.0.0:8080 in a container).", "web, up"),
         Setting("DELF_GATEWAY", "127.0.0.1:50051", str,
-                "Gateway address the `delf` CLI and client library connect to.", "client"),
+                "Gateway address the `delf` CLI, the client library and the web service connect to.", "client, web"),
         Setting("DELF_AUTH_TOKENS", (), _csv,
                 "Bearer tokens the gateway accepts, separated by commas; `delf.v1` calls must send "
                 "`authorization: Bearer <token>` (health and reflection stay open). "
