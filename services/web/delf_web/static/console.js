@@ -142,7 +142,8 @@ function matchCard(m, rank) {
   const li = el("li", { "data-image-id": m.image_id, "data-verified": String(m.verified) },
     el("div", { class: "id", text: `${rank + 1}. ${m.image_id}` }), thumb,
     el("div", { text: `score ${m.score.toFixed(3)} · ${m.inliers} inliers · ` }, mark),
-    el("div", { class: "meta", text: meta }), button);
+    el("div", { class: "meta", text: meta }), el("div", { class: "row" }, button));
+  li.lastChild.append(deleteButton(m.image_id, li, $("search-status")));
   blobUrl(m.thumbnail).then((url) => { img.src = url; }).catch(() => { img.alt = `No thumbnail for ${m.image_id}`; });
   if (m.corners.length === 4) outline(svg, img, m);
   return li;
@@ -228,20 +229,25 @@ async function loadPage(token) {
 function imageCard(info) {
   const img = el("img", { alt: `Thumbnail of ${info.image_id}` });
   blobUrl(info.thumbnail).then((url) => { img.src = url; }).catch(() => { img.alt = `No thumbnail for ${info.image_id}`; });
-  const del = el("button", { type: "button", text: "Delete", "aria-label": `Delete ${info.image_id}` });
   const li = el("li", { "data-image-id": info.image_id }, el("div", { class: "thumb" }, img),
     el("div", { class: "id", text: info.image_id }),
     el("div", { class: "meta", text: `${info.width}×${info.height}, ${info.num_features} features` }),
-    el("div", { class: "meta", text: Object.entries(info.metadata).map(([k, v]) => `${k}: ${v}`).join(", ") }), del);
+    el("div", { class: "meta", text: Object.entries(info.metadata).map(([k, v]) => `${k}: ${v}`).join(", ") }));
+  li.append(deleteButton(info.image_id, li, $("collection-status")));
+  return li;
+}
+
+function deleteButton(imageId, li, status) {
+  const del = el("button", { type: "button", text: "Delete", "aria-label": `Delete ${imageId}` });
   del.addEventListener("click", async () => {
-    if (!window.confirm(`Delete ${info.image_id} from the index?`)) return;
+    if (!window.confirm(`Delete ${imageId} from the index?`)) return;
     try {
-      await api("/api/v1/images/" + encodeURIComponent(info.image_id), { method: "DELETE" });
+      await api("/api/v1/images/" + encodeURIComponent(imageId), { method: "DELETE" });
       li.remove();
-      $("collection-status").textContent = `Deleted ${info.image_id}`;
+      status.textContent = `Deleted ${imageId}`;
     } catch (err) { notice(err.message); }
   });
-  return li;
+  return del;
 }
 
 // ------------------------------------------------------------------ ingest
