@@ -54,10 +54,12 @@ def test_add_get_thumbnail_search_delete(http, anchor):
     best = found["matches"][0]
     assert best["image_id"] == "web/anchor" and best["verified"] and len(best["corners"]) == 4
     assert "correspondences" not in best
-    by_id = http.post("/api/v1/search/by-id", json={"image_id": "web/anchor", "top_k": 2, "correspondences": True})
+    by_id = http.post("/api/v1/search/by-id", json={"image_id": "web/anchor", "top_k": 2})
     assert by_id.status_code == 200, by_id.text
-    first = by_id.json()["matches"][0]
-    assert first["image_id"] == "web/anchor" and any(c["inlier"] for c in first["correspondences"])
+    assert "web/anchor" not in [m["image_id"] for m in by_id.json()["matches"]]  # not itself
+    evidence = http.post("/api/v1/search", files={"photo": ("q.jpg", PHOTO)},
+                         data={"top_k": "1", "correspondences": "true"}).json()["matches"][0]
+    assert evidence["image_id"] == "web/anchor" and any(c["inlier"] for c in evidence["correspondences"])
     boxed = http.post("/api/v1/search", files={"photo": ("q.jpg", PHOTO)},
                       data={"box": "0,0,300,300", "filter": "source=web-test"}).json()
     assert [m["image_id"] for m in boxed["matches"]][:1] == ["web/anchor"]

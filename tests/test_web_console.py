@@ -58,7 +58,7 @@ def page(browser, system):
 def ingested(page, photos, system):
     """The three photos ingested through the console's ingest page."""
     page.get_by_role("button", name="Ingest").click()
-    page.get_by_label("Photos").set_input_files(sorted(str(p) for p in photos.iterdir()))
+    page.get_by_label("Photos", exact=True).set_input_files(sorted(str(p) for p in photos.iterdir()))
     page.get_by_role("button", name="Start job").click()
     page.wait_for_selector("#ingest-status[data-state]", timeout=WAIT_MS)
     yield page.locator("#ingest-status").get_attribute("data-state")
