@@ -12,7 +12,7 @@ from photos import landmarks_dir
 from web_browser import launch
 from web_probe import Http, needs_listing
 
-pytestmark = [pytest.mark.slow, pytest.mark.landmarks]
+pytestmark = [pytest.mark.slow]
 
 ROOT = landmarks_dir()
 GROUP = "berlin_berliner_dom"
@@ -67,6 +67,7 @@ def ingested(page, photos, system):
         http("DELETE", f"/api/v1/images/{image_id}")
 
 
+@pytest.mark.landmarks
 def test_an_ingest_job_runs_to_completion_with_its_progress_bar(page, ingested):
     assert ingested == "COMPLETED"
     assert "3 indexed, 0 failed of 3" in page.locator("#ingest-status").inner_text()
@@ -74,6 +75,7 @@ def test_an_ingest_job_runs_to_completion_with_its_progress_bar(page, ingested):
     assert progress.get_attribute("value") == progress.get_attribute("max") == "3"
 
 
+@pytest.mark.landmarks
 def test_dropping_a_photo_ranks_its_partner_first_outlined(page, ingested):
     page.get_by_role("button", name="Search", exact=True).first.click()
     page.get_by_label("Photo", exact=True).set_input_files(str(ROOT / QUERY))
@@ -92,6 +94,7 @@ def test_dropping_a_photo_ranks_its_partner_first_outlined(page, ingested):
     assert "inliers" in title and " 0 inliers" not in title
 
 
+@pytest.mark.landmarks
 def test_deleting_a_match_removes_it_from_the_index(page, ingested, system):
     card = page.locator("#results li[data-image-id='web-arch']")
     if not card.count():  # not among the matches of the last search: search with it
@@ -103,6 +106,7 @@ def test_deleting_a_match_removes_it_from_the_index(page, ingested, system):
     assert Http(system.http_url).get("/api/v1/images/web-arch").status_code == 404
 
 
+@pytest.mark.landmarks
 @needs_listing
 def test_the_collection_page_shows_thumbnails_ids_and_pages(page, ingested):
     page.get_by_role("button", name="Collection").click()
@@ -119,3 +123,17 @@ def test_the_collection_page_shows_thumbnails_ids_and_pages(page, ingested):
     page.locator("#page-next").click()
     page.wait_for_function("document.querySelector('#collection-status').textContent.includes('after')")
     assert page.locator("#collection li").first.get_attribute("data-image-id") > first
+
+
+def test_the_api_documentation_renders_offline(browser, system):
+    """/docs draws every route from /openapi.json with files of the service's own (no CDN)."""
+    context = browser.new_context()
+    page = context.new_page()
+    elsewhere: list[str] = []
+    page.on("request", lambda r: None if r.url.startswith(system.http_url) else elsewhere.append(r.url))
+    page.goto(system.http_url + "/docs")
+    page.wait_for_selector(".opblock", timeout=60_000)
+    shown = page.locator(".opblock-summary-path").all_inner_texts()
+    context.close()
+    assert any("/api/v1/search" in p for p in shown) and any("/api/v1/jobs" in p for p in shown)
+    assert not elsewhere, elsewhere

@@ -59,18 +59,19 @@ def _install_pages(app: FastAPI) -> None:
         return FileResponse(STATIC / "index.html", headers={"Content-Security-Policy": CONSOLE_CSP})
 
     try:
-        import swagger_ui_bundle
+        import fastapi_offline  # ships Swagger UI 5 (OpenAPI 3.1, as FastAPI writes it)
     except ImportError:  # pragma: no cover - a requirement; /openapi.json still works
-        log.warning("swagger-ui-bundle is not installed: /docs is unavailable")
+        log.warning("fastapi-offline is not installed: /docs is unavailable")
         return
-    app.mount("/docs-assets", StaticFiles(directory=swagger_ui_bundle.swagger_ui_path), name="docs-assets")
+    assets = Path(fastapi_offline.__file__).resolve().parent / "static"
+    app.mount("/docs-assets", StaticFiles(directory=assets), name="docs-assets")
 
     @app.get("/docs", include_in_schema=False)
     def docs():
         return get_swagger_ui_html(openapi_url="/openapi.json", title="DELF search API",
                                    swagger_js_url="/docs-assets/swagger-ui-bundle.js",
                                    swagger_css_url="/docs-assets/swagger-ui.css",
-                                   swagger_favicon_url="/docs-assets/favicon-32x32.png")
+                                   swagger_favicon_url="/docs-assets/favicon.png")
 
 
 def create_app(gateway: Gateway | None = None) -> FastAPI:

@@ -69,6 +69,7 @@ function choose(file) {
   state.file = file;
   state.box = null;
   $("box").hidden = true;
+  $("search-box").value = "";
   const img = $("query-img");
   img.onload = () => { state.natural = [img.naturalWidth, img.naturalHeight]; };
   img.src = URL.createObjectURL(file);
@@ -95,8 +96,9 @@ function setupBox() {
     const b = [Math.min(x, start[0]) * sx, Math.min(y, start[1]) * sy, Math.max(x, start[0]) * sx,
       Math.max(y, start[1]) * sy].map((v) => Math.round(v));
     start = null;
-    if (b[2] - b[0] < 8 || b[3] - b[1] < 8) { box.hidden = true; state.box = null; return; }
+    if (b[2] - b[0] < 8 || b[3] - b[1] < 8) { box.hidden = true; state.box = null; $("search-box").value = ""; return; }
     state.box = b;
+    $("search-box").value = b.join(",");
   });
 }
 
@@ -105,7 +107,9 @@ async function search(correspondences) {
   const form = new FormData();
   form.append("photo", state.file);
   form.append("top_k", $("top-k").value || "10");
-  if (state.box) form.append("box", state.box.join(","));
+  const region = $("search-box").value.trim();  // drawn on the photo, or typed
+  state.box = region ? region.split(",").map(Number) : null;
+  if (region) form.append("box", region);
   for (const [k, v] of Object.entries(parsePairs($("search-filter").value))) form.append("filter", `${k}=${v}`);
   form.append("correspondences", correspondences ? "true" : "false");
   return api("/api/v1/search", { method: "POST", body: form });
@@ -317,7 +321,7 @@ function wire() {
   drop.addEventListener("drop", (e) => { e.preventDefault(); drop.classList.remove("over"); choose(e.dataTransfer.files[0]); });
   drop.addEventListener("keydown", (e) => { if (e.key === "Enter" || e.key === " ") { e.preventDefault(); $("photo").click(); } });
   setupBox();
-  $("clear-box").addEventListener("click", () => { state.box = null; $("box").hidden = true; });
+  $("clear-box").addEventListener("click", () => { state.box = null; $("box").hidden = true; $("search-box").value = ""; });
   $("search-form").addEventListener("submit", runSearch);
   $("evidence-close").addEventListener("click", () => { $("evidence").hidden = true; });
   $("collection-form").addEventListener("submit", (e) => { e.preventDefault(); loadPage(""); });
