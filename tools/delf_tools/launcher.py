@@ -242,13 +242,15 @@ class Launcher:
         # One machine, several services: each gets its own /metrics port, counting up
         # from DELF_METRICS_PORT in the order started (they would collide on one port).
         base = config.get("DELF_METRICS_PORT")
-        if base:
-            _say("metrics: " + ", ".join(f"{s.name} :{base + i}" for i, s in enumerate(specs)))
+        if base:  # the web service (last) serves no /metrics of its own
+            _say("metrics: " + ", ".join(f"{s.name} :{base + i}" for i, s in enumerate(specs)
+                                         if s.name != web_child.NAME))
         self._restore_tasks({q for s in specs for q in s.queues}, ask_workers=self.redis is None,
                             why="the workers of a previous run held when they stopped")
         self._started_at = time.monotonic()
         for i, spec in enumerate(specs):
-            self._extra_env[spec.name] = {"DELF_METRICS_PORT": str(base + i)} if base else {}
+            metered = base and spec.name != web_child.NAME
+            self._extra_env[spec.name] = {"DELF_METRICS_PORT": str(base + i)} if metered else {}
             if spec.name == web_child.NAME and self.http_addr is not None:
                 self._extra_env[spec.name].update(web_child.env(self.http_addr, self.grpc_addr))
             self.children.append(self._spawn(spec, self._extra_env[spec.name]))
