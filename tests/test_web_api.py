@@ -93,8 +93,10 @@ def test_ingest_job_runs_to_completion_and_streams_progress(http):
 
 
 def test_stats_health_openapi_docs_console(http):
-    stats = http.get("/api/v1/stats").json()
+    answer = http.get("/api/v1/stats", headers={"x-request-id": "web-test-stats-42"})
+    stats = answer.json()
     assert stats["images"] >= 0 and stats["model"]
+    assert answer.headers["x-request-id"] == "web-test-stats-42"  # sent on to the gateway, and back
     assert http.get("/api/v1/health").json() == {"web": "SERVING", "gateway": "SERVING"}
     spec = http.get("/openapi.json").json()
     assert {"/api/v1/search", "/api/v1/images", "/api/v1/jobs/{job_id}/events"} <= set(spec["paths"])

@@ -26,6 +26,7 @@ def main() -> int:
         return 2
     uvicorn.run(app, host=host.strip("[]") or "0.0.0.0", port=int(port), ssl_certfile=cert or None,
                 ssl_keyfile=key or None, log_level=config.get("DELF_LOG_LEVEL").lower(), access_log=False,
+                log_config=None,  # uvicorn's lines through delf_common.logs (text or JSON, as every service)
                 timeout_graceful_shutdown=5)
     return 0
 

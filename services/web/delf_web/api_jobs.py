@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import json
 import tempfile
+import threading
 from pathlib import Path, PurePosixPath
 from typing import Annotated
 from urllib.parse import urlsplit
@@ -15,10 +16,16 @@ from delf_common.manifest import ManifestError, read_manifest
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_web import convert, inputs
 from delf_web.context import Ctx, context
-from delf_web.errors import bad_request, from_rpc_error
+from delf_web.errors import ApiError, bad_request, from_rpc_error
 
 router = APIRouter(prefix="/api/v1", tags=["jobs"])
 MAX_PAGE = 200
+# Each event stream holds a worker thread while it waits for the job's next change: at
+# most this many at once (429 beyond: poll GET /jobs/{id}), each at most an hour long.
+MAX_EVENT_STREAMS = 16
+EVENT_STREAM_S = 3600.0
+_streams = {"open": 0}
+_streams_lock = threading.Lock()
 
 
 def _photo_items(photos: list[UploadFile], metadata: dict[str, str]) -> list[delf_pb2.IngestItem]:
@@ -111,7 +118,10 @@ def resume_job(job_id: str, ctx: Annotated[Ctx, Depends(context)]) -> dict:
 
 
 def _events(ctx: Ctx, job_id: str):
-    call = ctx.gateway.stream_out("WatchJob", delf_pb2.GetJobRequest(job_id=job_id), ctx.metadata)
+    with _streams_lock:
+        _streams["open"] += 1
+    call = ctx.gateway.stream_out("WatchJob", delf_pb2.GetJobRequest(job_id=job_id), ctx.metadata,
+                                  timeout=EVENT_STREAM_S)
     try:
         for job in call:
             yield f"event: job\ndata: {json.dumps(convert.job(job))}\n\n"
@@ -121,6 +131,8 @@ def _events(ctx: Ctx, job_id: str):
             yield f"event: error\ndata: {json.dumps({'code': error.code, 'message': error.message})}\n\n"
     finally:
         call.cancel()
+        with _streams_lock:
+            _streams["open"] -= 1
     yield "event: end\ndata: {}\n\n"
 
 
@@ -128,5 +140,8 @@ def _events(ctx: Ctx, job_id: str):
             response_class=StreamingResponse, responses={200: {"content": {"text/event-stream": {}}}})
 def job_events(job_id: str, ctx: Annotated[Ctx, Depends(context)]) -> StreamingResponse:
     _job_call(ctx, "GetJob", job_id)  # an unknown or malformed id: 404 / 400 before the stream
+    if _streams["open"] >= MAX_EVENT_STREAMS:
+        raise ApiError("RESOURCE_EXHAUSTED", f"{MAX_EVENT_STREAMS} event streams are open already: "
+                                             f"poll GET /api/v1/jobs/{job_id} instead")
     return StreamingResponse(_events(ctx, job_id), media_type="text/event-stream",
                              headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})

@@ -7,6 +7,7 @@ answers its reply as JSON, or its status as an HTTP error (delf_web.errors).
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 
 from fastapi import FastAPI, Request
@@ -16,6 +17,7 @@ from fastapi.responses import FileResponse, JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException
 
+from delf_common import logs
 from delf_web import api_images, api_jobs, api_search, auth
 from delf_web.errors import ApiError
 from delf_web.gateway import Gateway
@@ -51,6 +53,25 @@ def _install_handlers(app: FastAPI) -> None:
         return ApiError(code, str(exc.detail), status=exc.status_code).response()
 
 
+def _install_request_log(app: FastAPI) -> None:
+    """Every API request gets a request id (the caller's `x-request-id` when sensible), sent
+    on to the gateway and back in the answer, and one log line: method, path, status, time."""
+
+    @app.middleware("http")
+    async def observe(request: Request, call_next):
+        request_id = logs.clean_request_id(request.headers.get(logs.REQUEST_ID_HEADER) or "") or logs.new_request_id()
+        request.state.request_id = request_id
+        started = time.monotonic()
+        response = await call_next(request)
+        response.headers[logs.REQUEST_ID_HEADER] = request_id
+        if request.url.path.startswith("/api/"):
+            level = logging.WARNING if response.status_code >= 500 else logging.INFO
+            with logs.bound(request_id=request_id):
+                log.log(level, "%s %s %d in %.3f s", request.method, request.url.path, response.status_code,
+                        time.monotonic() - started)
+        return response
+
+
 def _install_pages(app: FastAPI) -> None:
     app.mount("/static", StaticFiles(directory=STATIC), name="static")
 
@@ -83,6 +104,7 @@ def create_app(gateway: Gateway | None = None) -> FastAPI:
     app.state.gateway = gateway or Gateway()
     app.state.tokens = auth.accepted_tokens()
     _install_handlers(app)
+    _install_request_log(app)
     for module in (api_search, api_images, api_jobs):
         app.include_router(module.router)
     _install_pages(app)

@@ -26,5 +26,6 @@ def context(request: Request) -> Ctx:
     """The route's Ctx; ApiError 401 when tokens are configured and none is accepted."""
     header = request.headers.get("authorization")
     auth.check(header, request.app.state.tokens)
-    request_id = logs.clean_request_id(request.headers.get(logs.REQUEST_ID_HEADER) or "") or None
+    request_id = getattr(request.state, "request_id", None) or logs.clean_request_id(
+        request.headers.get(logs.REQUEST_ID_HEADER) or "")
     return Ctx(request.app.state.gateway, call_metadata(header, request_id))

@@ -39,9 +39,9 @@ class Gateway:
         except grpc.RpcError as exc:
             raise from_rpc_error(exc) from None
 
-    def stream_out(self, method: str, request, metadata: list[tuple[str, str]]):
+    def stream_out(self, method: str, request, metadata: list[tuple[str, str]], timeout: float | None = None):
         """The call object of a server-streaming RPC (WatchJob): iterate it, cancel it."""
-        return getattr(self.stub, method)(request, metadata=metadata)
+        return getattr(self.stub, method)(request, metadata=metadata, timeout=timeout)
 
     def serving(self) -> tuple[bool, str]:
         """(the gateway's health check says SERVING, its status name or the error)."""
