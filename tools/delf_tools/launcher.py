@@ -113,6 +113,9 @@ class Launcher:
 
     def _prepare(self) -> None:
         check_listen_addr(self.grpc_addr)  # malformed, or another process serves it: fail before starting
+        if self.http_addr is not None and web_child.missing():
+            _say(f"the web console is not started: {web_child.missing()}")
+            self.http_addr = None
         if self.http_addr is not None:
             self.http_addr = web_child.choose_addr(self.http_addr)
         self.data_dir.mkdir(parents=True, exist_ok=True)

@@ -9,6 +9,7 @@ TLS itself with the same certificate.
 """
 from __future__ import annotations
 
+import importlib.util
 import socket
 import sys
 
@@ -36,6 +37,19 @@ def choose_addr(http_addr: str) -> str:
     if port:
         say(f"{http_addr} is taken; the web console uses {chosen} instead")
     return chosen
+
+
+def missing() -> str | None:
+    """Why the web service cannot run from this install (say, a virtual environment made
+    before it existed: `make install` again), or None."""
+    for module in ("delf_web", "fastapi", "uvicorn", "multipart"):
+        try:
+            found = importlib.util.find_spec(module) is not None
+        except (ImportError, ValueError):
+            found = False
+        if not found:
+            return f"the module {module} is not installed (`make install`, or pip install -e .)"
+    return None
 
 
 def spec() -> ChildSpec:
