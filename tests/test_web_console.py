@@ -95,6 +95,25 @@ def test_dropping_a_photo_ranks_its_partner_first_outlined(page, ingested):
 
 
 @pytest.mark.landmarks
+def test_a_region_drawn_on_the_photo_is_searched(page, ingested):
+    page.get_by_role("button", name="Search", exact=True).first.click()
+    page.get_by_label("Photo", exact=True).set_input_files(str(ROOT / QUERY))
+    shown = page.locator("#query-img")
+    shown.wait_for()
+    page.wait_for_function("document.getElementById('query-img').naturalWidth > 0")
+    box = shown.bounding_box()
+    page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
+    page.mouse.down()
+    page.mouse.move(box["x"] + box["width"] * 0.8, box["y"] + box["height"] * 0.7, steps=5)
+    page.mouse.up()
+    region = [float(v) for v in page.get_by_label("Region").input_value().split(",")]
+    assert len(region) == 4 and region[2] > region[0] and region[3] > region[1]
+    page.locator("#search-go").click()
+    page.wait_for_selector("#search-status:has-text('region')", timeout=WAIT_MS)
+    assert page.locator("#results li").first.get_attribute("data-image-id") in ("web-dom-01", "web-dom-03")
+
+
+@pytest.mark.landmarks
 def test_deleting_a_match_removes_it_from_the_index(page, ingested, system):
     card = page.locator("#results li[data-image-id='web-arch']")
     if not card.count():  # not among the matches of the last search: search with it
