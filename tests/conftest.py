@@ -110,6 +110,8 @@ class RunningSystem:
         self.root = root
         self.env = env
         self.address = env["DELF_GRPC_ADDR"]
+        self.http_addr = f"127.0.0.1:{free_port()}"
+        self.http_url = f"http://{self.http_addr}"  # the HTTP API and web console (delf_web)
         self.log_path = root / "launcher.log"
         self.ready_file = root / "ready"
         self.proc: subprocess.Popen | None = None
@@ -118,7 +120,7 @@ class RunningSystem:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "delf_tools.launcher", "--data-dir", self.env["DELF_DATA_DIR"],
-             "--grpc-addr", self.address, "--ready-file", str(self.ready_file),
+             "--grpc-addr", self.address, "--http-addr", self.http_addr, "--ready-file", str(self.ready_file),
              "--console-logs"],  # every service's output in launcher.log, which tests read
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -31,9 +31,9 @@ GENERATED_SUFFIXES = ("_pb2.py", "_pb2_grpc.py")
 MAX_MODULE_LINES = 500
 MAX_FUNCTION_LINES = 60
 PROJECT_PACKAGES = ("delf_common", "delf_tools", "delf_extractor", "delf_indexer",
-                    "delf_verifier", "delf_gateway")
+                    "delf_verifier", "delf_gateway", "delf_web")
 SHARED_PACKAGE = "delf_common"
-ABOVE_SHARED = ("delf_extractor", "delf_indexer", "delf_verifier", "delf_gateway", "delf_tools")
+ABOVE_SHARED = ("delf_extractor", "delf_indexer", "delf_verifier", "delf_gateway", "delf_web", "delf_tools")
 
 
 # --------------------------------------------------------------------------- files

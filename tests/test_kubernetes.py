@@ -295,7 +295,7 @@ def test_kustomization_lists_every_manifest():
     on_disk = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml", HELM_VALUES}
     assert on_disk == listed, f"not in kustomization.yaml: {sorted(on_disk - listed)}"
     images = {i["name"] for i in kustomization().get("images") or []}
-    assert images == {f"delf/{s}" for s in DELF_SERVICES}, f"kustomization images: {images}"
+    assert images == {f"delf/{s}" for s in DELF_SERVICES + ("web",)}, f"kustomization images: {images}"
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)
