@@ -71,6 +71,7 @@ def __getattr__(name: str) -> str:
 SYSTEM_FIXTURES = frozenset({
     "system", "cluster", "ingest_system", "up", "obs", "gateway", "search_limited_gateway",
     "auth_gateway", "tls_gateway", "server_uri", "traced", "browser", "launcher_env",
+    "tls_web", "passthrough_web",
 })
 
 

@@ -21,10 +21,10 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photos import jpeg, random_crop, sample_photo  # noqa: E402
+from photos import jpeg, random_crop, sample_photo
 
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
-from delf_tools import cli  # noqa: E402
+from delf_common.proto.delf.v1 import delf_pb2
+from delf_tools import cli
 
 pytestmark = pytest.mark.slow
 JOB_TIMEOUT_S = 300

@@ -19,8 +19,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import RunningSystem, redis_available, redis_db_url, system_env  # noqa: E402
-from photos import jpeg, sample_photo  # noqa: E402
+from conftest import RunningSystem, redis_available, redis_db_url, system_env
+from photos import jpeg, sample_photo
 
 pytestmark = pytest.mark.slow
 IMAGES = 10_000

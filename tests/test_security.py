@@ -177,7 +177,7 @@ def test_the_listings_need_a_token_too(auth_gateway):
         stub = delf_pb2_grpc.ImageSearchStub(channel)
         for call, request in ((stub.ListImages, delf_pb2.ListImagesRequest()),
                               (stub.ListJobs, delf_pb2.ListJobsRequest())):
-            code, _ = code_of(lambda: call(request, timeout=10))
+            code, _ = code_of(lambda: call(request, timeout=10))  # noqa: B023 - called at once, inside the loop
             assert code == grpc.StatusCode.UNAUTHENTICATED
         # With the token the call reaches the handler: its own checks answer.
         code, details = code_of(lambda: stub.ListJobs(delf_pb2.ListJobsRequest(page_size=500), timeout=10,

@@ -4,7 +4,6 @@ contract's message, never 500, with nothing stored changed."""
 from __future__ import annotations
 
 import json
-import os
 import subprocess
 import sys
 import time

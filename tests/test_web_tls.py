@@ -43,7 +43,7 @@ class Web:
 
 
 @pytest.fixture(scope="module")
-def tls_web(cert):  # noqa: F811
+def tls_web(cert):  # noqa: F811 - the imported `cert` fixture is this one's argument
     cert_path, key_path = cert
     gw = Gateway(DELF_AUTH_TOKENS=TOKENS[0], DELF_TLS_CERT=str(cert_path), DELF_TLS_KEY=str(key_path))
     web = Web("https", str(cert_path), DELF_GATEWAY=gw.address, DELF_AUTH_TOKENS=TOKENS[0],
