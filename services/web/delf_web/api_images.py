@@ -27,7 +27,7 @@ def _add(ctx: Ctx, image_id: str, photo: UploadFile, metadata: str) -> dict:
 def list_images(ctx: Annotated[Ctx, Depends(context)],
                 page_size: Annotated[int | None, Query(description=f"1-{MAX_PAGE}; default 100")] = None,
                 page_token: Annotated[str, Query(description="the previous page's next_page_token")] = "",
-                filter: Annotated[list[str], Query(description="key=value, repeatable")] = []) -> dict:  # noqa: B006
+                filter: Annotated[list[str], Query(description="key=value, repeatable")] = []) -> dict:  # noqa: B006 - FastAPI copies a default, never shares it
     request = delf_pb2.ListImagesRequest(page_size=inputs.page_size(page_size, MAX_PAGE), page_token=page_token,
                                          filter=inputs.search_filter(filter))
     reply = ctx.call("ListImages", request)

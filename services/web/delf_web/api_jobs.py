@@ -71,7 +71,7 @@ def _url_items(text: str, metadata: dict[str, str]) -> list[delf_pb2.IngestItem]
 
 @router.post("/jobs", summary="Start an ingest job: uploaded photos, a manifest, URLs (any mix)")
 def start_job(ctx: Annotated[Ctx, Depends(context)],
-              photos: Annotated[list[UploadFile], File(description="photos; id: the file name without extension")] = [],  # noqa: B006
+              photos: Annotated[list[UploadFile], File(description="photos; id: the file name without extension")] = [],  # noqa: B006 - FastAPI copies a default, never shares it
               manifest: Annotated[UploadFile | None, File(description="a CSV or JSONL manifest (URLs, server paths)")] = None,
               urls: Annotated[str, Form(description="one per line: URL, or ID URL")] = "",
               metadata: Annotated[str, Form(description="a JSON object of strings added to every photo")] = "") -> dict:

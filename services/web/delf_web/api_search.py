@@ -50,7 +50,7 @@ def search_upload(ctx: Annotated[Ctx, Depends(context)],
                   photo: Annotated[UploadFile, File(description="the query photo")],
                   top_k: Annotated[int, Form()] = 10,
                   box: Annotated[str, Form(description="x0,y0,x1,y1 in pixels of the photo")] = "",
-                  filter: Annotated[list[str], Form(description="key=value, repeatable")] = [],  # noqa: B006
+                  filter: Annotated[list[str], Form(description="key=value, repeatable")] = [],  # noqa: B006 - FastAPI copies a default, never shares it
                   correspondences: Annotated[bool, Form()] = False) -> dict:
     """The indexed photos that show what the uploaded photo shows, best first."""
     request = _request(top_k, box, filter, correspondences)
