@@ -12,12 +12,13 @@ PYTEST_ARGS ?=
 DELF_UP_ARGS ?=
 
 .DEFAULT_GOAL := help
-.PHONY: help install up test demo proto clean
+.PHONY: help install up test lint demo proto clean
 
 help:
 	@echo "make up       install if needed, then start the whole system (delf up)"
 	@echo "make test     install if needed, then run all tests (PYTEST_ARGS='-m \"not slow\"' ...)"
 	@echo "make demo     install if needed, then index a few sample photos and search them"
+	@echo "make lint     install if needed, then ruff check (rules in pyproject.toml)"
 	@echo "make proto    regenerate the gRPC stubs from protos/"
 	@echo "make install  create $(VENV) and install the project into it"
 	@echo "make clean    remove local state (data/)"
@@ -37,6 +38,9 @@ up: $(INSTALLED)
 
 test: $(INSTALLED)
 	$(VPY) -m pytest $(PYTEST_ARGS)
+
+lint: $(INSTALLED)
+	$(VENV)/bin/ruff check .
 
 demo: $(INSTALLED)
 	$(VPY) scripts/demo.py

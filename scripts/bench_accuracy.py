@@ -28,7 +28,7 @@ import numpy as np
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
-from real_distractors import SAME_PLACE_GROUPS  # noqa: E402  (one list of the places both sets show)
+from real_distractors import SAME_PLACE_GROUPS  # noqa: E402 - one list of the places both sets show
 
 DATA = REPO.parent / "shared" / "data"
 SETS = ("landmarks-dev", "landmarks-hard")
@@ -60,8 +60,10 @@ def clahe(rgb: np.ndarray) -> np.ndarray:
 PHOTOMETRIC = {"": lambda rgb: rgb, "clahe": clahe}
 
 
-def extract_set(root: Path, cache: Path, model: str | None, variant: str = "") -> dict:
-    """{image_id: (group, condition, LocalFeatures)} of one set, extracted once (cached)."""
+def extract_set(root: Path, cache: Path, model: str | None, variant: str = "", stored: int = 0) -> dict:
+    """{image_id: (group, condition, LocalFeatures)} of one set, extracted once (cached);
+    with ``stored``, each photo keeps only its ``stored`` best-scored descriptors (as the
+    indexer does with DELF_STORED_FEATURES below the cache's)."""
     from delf_common import config
     from delf_common.images import decode_image
     from delf_tools.eval_local import LocalFeatures
@@ -74,11 +76,11 @@ def extract_set(root: Path, cache: Path, model: str | None, variant: str = "") -
         from delf_extractor.extract import DelfExtractor
 
         ex = DelfExtractor(model)
-        stored = int(config.get("DELF_STORED_FEATURES"))
+        keep = int(config.get("DELF_STORED_FEATURES"))
         parts = {k: [] for k in "LDISCO"}
         t = time.monotonic()
         for k, p in enumerate(photos):
-            f = ex.extract(PHOTOMETRIC[variant](decode_image(p.path.read_bytes()))).best(stored)
+            f = ex.extract(PHOTOMETRIC[variant](decode_image(p.path.read_bytes()))).best(keep)
             parts["L"].append(f.locations), parts["D"].append(f.descriptors)
             parts["I"].append(np.full(len(f), k)), parts["S"].append(np.array([f.image_size]))
             parts["C"].append(f.scales), parts["O"].append(f.scores)
@@ -88,7 +90,8 @@ def extract_set(root: Path, cache: Path, model: str | None, variant: str = "") -
     z = np.load(path)
     out = {}
     for k, p in enumerate(photos):
-        m = z["I"] == k
+        m = np.flatnonzero(z["I"] == k)
+        m = m[np.argsort(-z["O"][m], kind="stable")[: stored or None]]
         out[p.image_id] = (p.group, p.condition, LocalFeatures(
             z["L"][m].astype(np.float32), z["D"][m].astype(np.float32),
             tuple(int(v) for v in z["S"][k]), z["C"][m].astype(np.float32)))
@@ -185,7 +188,7 @@ def self_included_candidates(feats: dict, shortlist: int, neighbours: int, ratio
             for q in queries}
 
 
-def load(cache: Path, conditions: dict[str, Path], photometric: str = "") -> dict:
+def load(cache: Path, conditions: dict[str, Path], photometric: str = "", stored: int = 0) -> dict:
     """{set: {image_id: (group, condition, LocalFeatures)}} of the sets found."""
     from delf_tools.eval_set import load_photos
 
@@ -195,7 +198,7 @@ def load(cache: Path, conditions: dict[str, Path], photometric: str = "") -> dic
         if not (root / "MANIFEST.tsv").exists():
             print(f"{root} not found: skipped", file=sys.stderr)
             continue
-        feats = extract_set(root, cache, None, photometric)
+        feats = extract_set(root, cache, None, photometric, stored)
         cond = {p.image_id: p.condition for p in load_photos(root / "MANIFEST.tsv", conditions=conditions.get(s))}
         out[s] = {i: (g, cond.get(i, c), f) for i, (g, c, f) in feats.items()}
     return out
@@ -337,10 +340,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--photometric", choices=sorted(PHOTOMETRIC), default="",
                    help="photometric handling of every photo before extraction (index and query side)")
     p.add_argument("--query-expansion", action="store_true", help="also rank-level query expansion")
+    p.add_argument("--stored", type=int, default=0,
+                   help="keep each photo's N best-scored descriptors (below DELF_STORED_FEATURES; 0: all cached)")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     data = load(args.cache, {"landmarks-dev": REPO / "docs" / "eval" / "landmarks-dev-conditions.tsv"},
-                args.photometric)
+                args.photometric, args.stored)
     if not data:
         print("no evaluation set found under ../shared/data: nothing to measure", file=sys.stderr)
         return 0

@@ -4,10 +4,10 @@
 Every photo of the manifest (115) is extracted and indexed with each keypoint-scoring
 method; everything else is the same: the effnet-lite0 preset's backbone, pyramid
 (max side 1024, scales 0.25-1.41), 32 px border, top 1000, the shipped PCA
-(weights/effnet-lite0-pca40.npz) and the system's voting (`eval_command.ExactVoter`:
+(weights/effnet-lite0-pca40.npz) and the system's voting (`eval_local.ExactVoter`:
 11 nearest neighbours, ratio 0.9 against the 11th, one vote per query descriptor and
 photo, shortlist max(DELF_SHORTLIST, 100)); then, as the system does, RANSAC re-ranking
-(`eval_command.rerank`, DELF_RANSAC_PX, DELF_VERIFIED_SCORE).
+(`eval_local.rerank`, DELF_RANSAC_PX, DELF_VERIFIED_SCORE).
 
 Queries: only photos of the HELD-OUT groups (`delf_tools.train_data.split_groups`; groups
 never seen by `delf train-attention --split train`), each with another photo in its group;

@@ -28,13 +28,13 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from photos import SAMPLE_PHOTOS, map_points, sample_photo, warped_query  # noqa: E402
+from photos import SAMPLE_PHOTOS, map_points, sample_photo, warped_query  # noqa: E402 - after the sys.path / environment setup above
 
-from delf_tools.eval_local import ExactVoter, LocalFeatures  # noqa: E402
-from delf_tools.evaluation import read_manifest  # noqa: E402
-from delf_common.images import decode_image  # noqa: E402
-from delf_extractor.extract import DelfExtractor  # noqa: E402
-from delf_verifier.ransac import box_corners, project, verify  # noqa: E402
+from delf_tools.eval_local import ExactVoter, LocalFeatures  # noqa: E402 - after the sys.path / environment setup above
+from delf_tools.evaluation import read_manifest  # noqa: E402 - after the sys.path / environment setup above
+from delf_common.images import decode_image  # noqa: E402 - after the sys.path / environment setup above
+from delf_extractor.extract import DelfExtractor  # noqa: E402 - after the sys.path / environment setup above
+from delf_verifier.ransac import box_corners, project, verify  # noqa: E402 - after the sys.path / environment setup above
 
 QUERY_FEATURES = 500
 

@@ -51,8 +51,8 @@ for sub in ("shared", "services/extractor"):  # runs from a bare checkout (the G
     if str(REPO / sub) not in sys.path:
         sys.path.insert(0, str(REPO / sub))
 
-from delf_extractor import models, pca as pca_mod  # noqa: E402
-from delf_extractor.extract import DelfExtractor  # noqa: E402
+from delf_extractor import models, pca as pca_mod  # noqa: E402 - after the sys.path / environment setup above
+from delf_extractor.extract import DelfExtractor  # noqa: E402 - after the sys.path / environment setup above
 
 
 def synthetic_jpegs(n: int, size: tuple[int, int], seed: int = 0) -> list[bytes]:

@@ -104,7 +104,7 @@ def verdicts(cands: dict[int, dict], ql: np.ndarray, size) -> dict[int, tuple[in
     return verdict
 
 
-def verify_shortlists(voter, feats, ids, S, I, sims, queries, global_top: int):
+def verify_shortlists(voter, feats, ids, S, I, sims, queries, global_top: int):  # noqa: E741 - I: kNN indices
     """Per query: local candidates and the global extras, each verified once.
     ({query: (local candidates, verdicts, global order)}, extras added, extras verified)."""
     per_query = {}
@@ -153,7 +153,7 @@ def main() -> None:
     if not (args.photos / "MANIFEST.tsv").is_file():
         raise SystemExit(f"no MANIFEST.tsv in {args.photos}")
     rows = read_manifest(args.photos / "MANIFEST.tsv")
-    L, D, S, I, G, Z = features(args.photos, rows, args.cache)
+    L, D, S, I, G, Z = features(args.photos, rows, args.cache)  # noqa: E741 - I: each row's photo
     n = len(rows)
     ids = [str(k) for k in range(n)]
     feats = {ids[k]: LocalFeatures(L[I == k], D[I == k], tuple(int(v) for v in Z[k])) for k in range(n)}
@@ -183,7 +183,7 @@ def main() -> None:
         print(f"| {name} | {m:.3f} | {t:.3f} |")
     for w in (0.5, 1.0, 2.0):
         for k0 in (1, 10, 60):
-            m, t = score(lambda per_query, q: hybrid_rank(per_query, q, w, k0))
+            m, t = score(lambda per_query, q: hybrid_rank(per_query, q, w, k0))  # noqa: B023 - called at once, inside the loop
             print(f"| hybrid + rank fusion w={w:g} k0={k0} (tuned on these photos) | {m:.3f} | {t:.3f} |")
 
 

@@ -266,7 +266,7 @@ def measure(store, indexed, real, queries, extract_s, map_queries) -> dict:
 
     store.search(queries[0][1])  # warm-up (loads segments and indexes)
     knn, ver, tot = [], [], []
-    for (qid, f), ex_s in zip(queries, extract_s):
+    for (_qid, f), ex_s in zip(queries, extract_s):
         a, b, _ = search_stages(store, f)
         knn.append(a), ver.append(b), tot.append(ex_s + a + b)
     groups = {i: real[i][0] for i in indexed}
@@ -366,7 +366,7 @@ def main() -> int:
     args.cache.mkdir(parents=True, exist_ok=True)
     if args.server_index:
         os.environ["DELF_MILVUS_INDEX"] = args.server_index
-    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731
+    log = lambda m: print(m, file=sys.stderr, flush=True)  # noqa: E731 - a one-line helper
 
     ex, real = extractor_and_features(args)
     distractors = Distractors(np.concatenate([f.descriptors for _, _, f in real.values()]))
@@ -448,7 +448,8 @@ def print_table(results) -> None:
           "kNN + votes | verification | total | mAP (queries) |")
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for r in results:
-        f = lambda s: f"{r[s][0]:.3f} / {r[s][1]:.3f}"  # noqa: E731
+        def f(s, r=r):
+            return f"{r[s][0]:.3f} / {r[s][1]:.3f}"
         print(f"| {r['kind']} | {r['path']}, {r['params']} | {r['size']:,} | {r['real_photos']} | "
               f"{r['insert_rows_per_s']:.0f} | "
               f"{r['settle_s']:.1f} | {f('extract')} | {f('knn')} | {f('verify')} | {f('total')} | "

@@ -38,7 +38,7 @@ import time
 import uuid
 from pathlib import Path
 
-from bench_system import free_port, memory_gib  # noqa: E402 - this script's folder
+from bench_system import free_port, memory_gib  # this script's folder
 
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-dev"
@@ -145,7 +145,7 @@ def load(address: str, photos: list[bytes], clients: int, duration: float) -> di
         t.join()
     wall = time.monotonic() - t0
     latencies.sort()
-    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")  # noqa: E731
+    q = lambda p: latencies[min(len(latencies) - 1, int(p * len(latencies)))] if latencies else float("nan")  # noqa: E731 - a one-line helper
     return {"ok": codes["OK"], "ok_per_s": codes["OK"] / wall, "p50": q(0.50), "p99": q(0.99),
             "refused": codes["RESOURCE_EXHAUSTED"],
             "errors": sum(v for k, v in codes.items() if k not in ("OK", "RESOURCE_EXHAUSTED")),

@@ -22,7 +22,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_system import DEFAULT_PHOTOS, start_system  # noqa: E402
+from bench_system import DEFAULT_PHOTOS, start_system
 
 
 def resized_copy(path: Path) -> bytes:

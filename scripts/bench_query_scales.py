@@ -44,12 +44,16 @@ for name, c in variants.items():
     out, ts = [], []
     for path, _ in rows:
         img = decode_image((root / path).read_bytes())
-        t = time.perf_counter(); f = ex.extract(img); ts.append(time.perf_counter() - t)
+        t = time.perf_counter()
+        f = ex.extract(img)
+        ts.append(time.perf_counter() - t)
         out.append(f)
-    feats[name] = out; times[name] = float(np.median(ts))
+    feats[name] = out
+    times[name] = float(np.median(ts))
 full = feats["every level (default)"]
 voter = ExactVoter({str(i): LocalFeatures(f.locations, f.descriptors, tuple(f.image_size)) for i, f in enumerate(full)})
-groups = [g for _, g in rows]; sizes = Counter(groups)
+groups = [g for _, g in rows]
+sizes = Counter(groups)
 queries = [q for q in range(len(rows)) if sizes[groups[q]] >= 2]
 for name in variants:
     aps, top1 = [], []
@@ -66,5 +70,6 @@ for name in variants:
             scored.append((c["image_id"], ver, inl, c["votes"]))
         ranked = [i for i, *_ in sorted(scored, key=lambda t: (0 if t[1] else 1, -t[2] if t[1] else -t[3], -t[3] if t[1] else -t[2], t[0]))]
         pos = {str(i) for i in range(len(rows)) if groups[i] == groups[q] and i != q}
-        aps.append(average_precision(ranked, pos)); top1.append(bool(ranked) and ranked[0] in pos)
+        aps.append(average_precision(ranked, pos))
+        top1.append(bool(ranked) and ranked[0] in pos)
     print(f"| {name} | {times[name]:.3f} | {np.mean(aps):.3f} | {np.mean(top1):.3f} | {len(queries)} |", flush=True)

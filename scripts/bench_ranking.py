@@ -57,7 +57,7 @@ def main() -> None:
     p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-ranking.npz"))
     args = p.parse_args()
     rows = read_manifest(args.photos / "MANIFEST.tsv")
-    L, D, I, S = features(args.photos, rows, args.cache)
+    L, D, I, S = features(args.photos, rows, args.cache)  # noqa: E741 - I: each row's photo, as features() names it
     ids = [str(k) for k in range(len(rows))]
     voter = ExactVoter({i: LocalFeatures(L[I == int(i)], D[I == int(i)], tuple(S[int(i)])) for i in ids})
     groups = [g for _, g in rows]
@@ -85,7 +85,7 @@ def main() -> None:
         aps, top1, false_verified = [], [], 0
         for shortlist, votes, inliers, positives in per_query:
             def verified(i) -> bool:
-                n_in, n_corr = inliers[rule, px, i]
+                n_in, n_corr = inliers[rule, px, i]  # noqa: B023 - called at once, inside the loop
                 return n_in >= gate and n_in >= share * n_corr
             ranked = shortlist if rule is None else sorted(shortlist, reverse=True, key=lambda i: (
                 verified(i), inliers[rule, px, i][0] if verified(i) else votes[i], votes[i]))

@@ -26,7 +26,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from bench_system import DEFAULT_PHOTOS, memory_gib, start_system  # noqa: E402
+from bench_system import DEFAULT_PHOTOS, memory_gib, start_system
 
 
 def one_job(client, folder: Path) -> dict:

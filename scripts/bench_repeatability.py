@@ -26,10 +26,10 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "tests"))
 
-from photos import SAMPLE_PHOTOS, sample_photo, warped_query  # noqa: E402
-from test_extractor_quality import repeatability, rotated_180  # noqa: E402
+from photos import SAMPLE_PHOTOS, sample_photo, warped_query  # noqa: E402 - after the sys.path / environment setup above
+from test_extractor_quality import repeatability, rotated_180  # noqa: E402 - after the sys.path / environment setup above
 
-from delf_extractor.extract import DelfExtractor  # noqa: E402
+from delf_extractor.extract import DelfExtractor  # noqa: E402 - after the sys.path / environment setup above
 
 
 def main() -> None:

@@ -46,7 +46,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import shutil
 import statistics
 import subprocess
 import sys
@@ -59,9 +58,9 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-import bench_latency  # noqa: E402  (real_features, Distractors, pct)
-from real_distractors import SAME_PLACE, real_distractors  # noqa: E402
-from bench_system import start_system  # noqa: E402
+import bench_latency  # noqa: E402 - real_features, Distractors, pct
+from real_distractors import SAME_PLACE, real_distractors  # noqa: E402 - after the sys.path / environment setup above
+from bench_system import start_system  # noqa: E402 - after the sys.path / environment setup above
 
 DEFAULT_PHOTOS = REPO.parent / "shared" / "data" / "landmarks-dev"
 BATCH_PHOTOS = 200  # photos per add_many call

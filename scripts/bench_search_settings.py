@@ -20,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-import bench_scale  # noqa: E402
+import bench_scale
 
 
 def main(argv=None) -> int:

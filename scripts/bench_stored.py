@@ -29,8 +29,8 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "scripts"))
 
-import bench_latency  # noqa: E402
-from bench_scale import Inputs  # noqa: E402
+import bench_latency  # noqa: E402 - after the sys.path / environment setup above
+from bench_scale import Inputs  # noqa: E402 - after the sys.path / environment setup above
 
 
 def fill(store, inputs: Inputs, stored: int, distractors: int) -> float:

@@ -32,7 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "tests"))
 
-from photos import SAMPLE_PHOTOS, jpeg, landmarks_dir, sample_photo  # noqa: E402
+from photos import SAMPLE_PHOTOS, jpeg, landmarks_dir, sample_photo  # noqa: E402 - after the sys.path / environment setup above
 
 
 def load_photos() -> tuple[str, list[np.ndarray]]:

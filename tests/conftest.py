@@ -28,7 +28,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from embedded_redis import EmbeddedRedis  # noqa: E402
+from embedded_redis import EmbeddedRedis
 
 CONFIGURED_REDIS_URL = os.environ.get("DELF_TEST_REDIS_URL", "redis://127.0.0.1:6379/14")
 STARTUP_TIMEOUT_S = 240
@@ -66,6 +66,24 @@ def __getattr__(name: str) -> str:
     raise AttributeError(name)
 
 
+# Fixtures that start processes (the whole system, workers, a gateway, a Milvus server,
+# a browser): a test that uses one, directly or through another fixture, is a system test.
+SYSTEM_FIXTURES = frozenset({
+    "system", "cluster", "ingest_system", "up", "obs", "gateway", "search_limited_gateway",
+    "auth_gateway", "tls_gateway", "server_uri", "traced", "browser", "launcher_env",
+    "tls_web", "passthrough_web",
+})
+
+
+def pytest_collection_modifyitems(config, items):
+    """Two lanes: `-m "not system"` (the fast lane, run first by .ci/run) and `-m system`:
+    tests that start processes (`SYSTEM_FIXTURES`), are marked slow, or whose module says
+    `pytestmark = pytest.mark.system`."""
+    for item in items:
+        if SYSTEM_FIXTURES & set(item.fixturenames) or item.get_closest_marker("slow"):
+            item.add_marker(pytest.mark.system)
+
+
 def pytest_unconfigure(config):
     embedded = _test_redis.pop("embedded", None)
     if embedded is not None:
@@ -93,6 +111,8 @@ class RunningSystem:
         self.root = root
         self.env = env
         self.address = env["DELF_GRPC_ADDR"]
+        self.http_addr = f"127.0.0.1:{free_port()}"
+        self.http_url = f"http://{self.http_addr}"  # the HTTP API and web console (delf_web)
         self.log_path = root / "launcher.log"
         self.ready_file = root / "ready"
         self.proc: subprocess.Popen | None = None
@@ -101,7 +121,7 @@ class RunningSystem:
         self.log = open(self.log_path, "wb")
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "delf_tools.launcher", "--data-dir", self.env["DELF_DATA_DIR"],
-             "--grpc-addr", self.address, "--ready-file", str(self.ready_file),
+             "--grpc-addr", self.address, "--http-addr", self.http_addr, "--ready-file", str(self.ready_file),
              "--console-logs"],  # every service's output in launcher.log, which tests read
             env=self.env, stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )

@@ -28,7 +28,7 @@ WORKERS = {  # compose service -> (Celery service name of delf_common.celery_app
     "indexer": ("index", "delf_indexer"),
     "verifier": ("verify", "delf_verifier"),
 }
-PACKAGES = {"gateway": "delf_gateway", **{s: pkg for s, (_, pkg) in WORKERS.items()}}
+PACKAGES = {"gateway": "delf_gateway", "web": "delf_web", **{s: pkg for s, (_, pkg) in WORKERS.items()}}
 SCALABLE = tuple(WORKERS)
 MONITORING = ("prometheus", "grafana")  # the services of the `monitoring` profile
 GPU_PACKAGES = {"torch", "torchvision", "torchaudio", "triton", "xformers"}

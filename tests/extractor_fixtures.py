@@ -15,9 +15,9 @@ from conftest import redis_db_url
 os.environ.setdefault("DELF_REDIS_URL", redis_db_url(11))
 os.environ.setdefault("DELF_QUEUE_PREFIX", f"test-extractor-{uuid.uuid4().hex[:8]}")
 
-import numpy as np  # noqa: E402
-import pytest  # noqa: E402
-from PIL import Image  # noqa: E402
+import numpy as np
+import pytest
+from PIL import Image
 
 
 def landmarks_dir() -> Path:

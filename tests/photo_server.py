@@ -32,7 +32,7 @@ class PhotoServer:
         server = self
 
         class Handler(http.server.BaseHTTPRequestHandler):
-            def do_GET(self):  # noqa: N802
+            def do_GET(self):
                 server.requests.append((self.path, self.headers.get("Host", "")))
                 if self.path in server.redirects:
                     self.send_response(302)

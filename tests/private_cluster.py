@@ -25,7 +25,7 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import free_port  # noqa: E402
+from conftest import free_port
 
 VISIBILITY_TIMEOUT_S = 6
 JOB_TIMEOUT_S = 240
@@ -207,7 +207,7 @@ class Cluster:
     def close(self) -> None:
         if self._client is not None:
             self._client.close()
-        for name, proc in self.procs.items():
+        for proc in self.procs.values():
             if proc.poll() is None:
                 with _suppress():
                     os.killpg(proc.pid, signal.SIGTERM)

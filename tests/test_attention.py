@@ -13,7 +13,7 @@ import torch
 
 from delf_tools import cli
 from delf_extractor import models
-from delf_tools import train
+from delf_tools import train, train_data
 from delf_extractor.extract import DelfExtractor
 from photos import jpeg, landmarks_dir, sample_photo
 
@@ -42,8 +42,8 @@ def _record(pth: Path) -> dict:
 
 def test_split_is_deterministic_and_never_trains_on_distractors():
     groups = [f"g{i}" for i in range(40)] + ["distractor_a", "distractor_b"]
-    train_groups, held = train.split_groups(groups)
-    assert train.split_groups(reversed(groups)) == (train_groups, held)
+    train_groups, held = train_data.split_groups(groups)
+    assert train_data.split_groups(reversed(groups)) == (train_groups, held)
     assert not set(train_groups) & set(held)
     assert set(train_groups) | set(held) == {f"g{i}" for i in range(40)}
     assert 10 <= len(train_groups) <= 30  # about half
@@ -55,7 +55,7 @@ def test_landmarks_split_has_held_out_queries():
         pytest.skip("landmarks-dev not found (set DELF_LANDMARKS_DIR)")
     rows = (folder / "MANIFEST.tsv").read_text().splitlines()[1:]
     groups = [r.split("\t")[1] for r in rows if r.strip()]
-    train_groups, held = train.split_groups(groups)
+    train_groups, held = train_data.split_groups(groups)
     # Documented in train.py / docs/METHOD.md / BENCHMARKS: 18 training groups, 17 held-out groups of 57 photos.
     assert (len(train_groups), len(held)) == (18, 17)
     assert sum(g in held for g in groups) == 57
@@ -119,7 +119,7 @@ def test_shipped_attention_loads_and_selects_other_keypoints_than_the_norm():
     assert train.tensor_sha(state) == rec["sha256"] and path.stem.endswith(rec["sha256"][:8])
     assert rec["score_threshold"] == cfg.score_threshold
     # no photo of a held-out group was used to train it
-    assert all(train.is_training_group(g) for g in rec["split"]["groups"])
+    assert all(train_data.is_training_group(g) for g in rec["split"]["groups"])
     rgb = sample_photo("astronaut")
     att = DelfExtractor("effnet-lite0-attn", device="cpu").extract(rgb)
     norm = DelfExtractor("effnet-lite0", device="cpu").extract(rgb)

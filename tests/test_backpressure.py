@@ -35,9 +35,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import free_port, redis_available, redis_db_url  # noqa: E402
+from conftest import free_port, redis_available, redis_db_url
 
-from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc  # noqa: E402
+from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
 
 REDIS_URL = redis_db_url(9)
 MAX_QUEUE = 3

@@ -29,9 +29,9 @@ from delf_common import config
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo  # noqa: E402
-from conftest import free_port  # noqa: E402
-from test_faults import Cluster, check_exactly_once, wait_completed  # noqa: E402
+from photos import SAMPLE_PHOTOS, jpeg, random_crop, sample_photo
+from conftest import free_port
+from test_faults import Cluster, check_exactly_once, wait_completed
 
 N_PHOTOS = 12
 BATCH = 4

@@ -37,8 +37,9 @@ BAD_INVOCATIONS = [
     ("search {photo} --box 1,2,3", "expected four numbers"),
     ("search {photo} --filter city", "expected KEY=VALUE"),
     ("search {photo} --gateway {nowhere}", "is the gateway running at"),
-    ("ingest {tmp}/missing", "no such folder or file"),
-    ("ingest {text}", "is neither a folder nor a .csv/.jsonl manifest"),
+    ("ingest {tmp}/missing", "no such file or folder: "),
+    ("ingest {text}", "is neither a folder nor a manifest (.csv, .tsv or .jsonl)"),
+    ("ingest {bad_tsv}", "the header needs the columns location (or path)"),
     ("ingest {empty}", "no photos"),
     ("ingest {folder} --server-paths", "--server-paths applies to manifests only"),
     ("ingest {bad_manifest}", "bad manifest"),
@@ -59,6 +60,13 @@ BAD_INVOCATIONS = [
     ("stats extra", "unrecognized arguments: extra"),
     ("--tls-ca {tmp}/missing.pem stats --gateway {nowhere}", "missing.pem"),
     ("up --extractors 0", "must be at least 1"),
+    ("images --limit -1", "--limit: must be 0 (all) or more"),
+    ("images --limit some", "--limit: expected a whole number"),
+    ("images --filter city", "expected KEY=VALUE"),
+    ("jobs --limit -2", "--limit: must be 0 (all) or more"),
+    ("images --gateway {nowhere} --json", "UNAVAILABLE"),
+    ("stats --json extra", "unrecognized arguments: extra"),
+    ("up --json", "unrecognized arguments"),
     ("up --redis-port 70000", "--redis-port must be between 0 and 65535"),
 ]
 
@@ -71,8 +79,10 @@ def places(tmp_path_factory):
     (tmp / "empty").mkdir()
     (tmp / "notes.txt").write_text("not a photo\n")
     (tmp / "bad.csv").write_text("this,is\nnot,a manifest\n")
+    (tmp / "bad.tsv").write_text("photo\tgroup\na.jpg\tone\n")
     return {"tmp": tmp, "folder": tmp / "folder", "photo": tmp / "folder" / "a.jpg", "empty": tmp / "empty",
-            "text": tmp / "notes.txt", "bad_manifest": tmp / "bad.csv", "nowhere": NOWHERE}
+            "text": tmp / "notes.txt", "bad_manifest": tmp / "bad.csv", "bad_tsv": tmp / "bad.tsv",
+            "nowhere": NOWHERE}
 
 
 def run_cli(argv: list[str], capsys) -> tuple[int, str, str]:
@@ -169,3 +179,23 @@ def test_ctrl_c_during_ingest_says_the_job_goes_on_and_how_to_follow_it(interrup
     assert f"delf ingest {places['folder']} --resume job1" in err, err
     if interrupt_while == "waiting":
         assert "job job1 goes on" in err and "delf job job1" in err, err
+
+
+@pytest.mark.parametrize("state, stalled, says", [
+    (delf_pb2.JOB_STATE_COMPLETED, False, "is finished: 7 indexed, 1 failed; nothing to resume"),
+    (delf_pb2.JOB_STATE_RUNNING, False, "is moving: 2 queued or in progress, 7 done, 1 failed; nothing to resume; "
+                                        "watch it with `delf job J --watch`"),
+    (delf_pb2.JOB_STATE_RECEIVING, False, "is still receiving photos from its client"),
+    (delf_pb2.JOB_STATE_RUNNING, True, None),    # stalled: resumed
+    (delf_pb2.JOB_STATE_RECEIVING, True, None),  # its stream stopped: resumed
+    (delf_pb2.JOB_STATE_CANCELLED, False, None),  # interrupted: resumed; cancelled by a person: the server says no
+])
+def test_resume_resumes_only_a_job_that_needs_it(state, stalled, says):
+    """Issue 22 item 4: `delf resume` of a finished or moving job says so and exits 0."""
+    job = delf_pb2.Job(job_id="J", state=state, total=10, done=7, failed=1, stalled=stalled,
+                       idle_s=300.0 if stalled else 1.0)
+    verdict = cli.resume_verdict(job)
+    assert verdict is None if says is None else says in verdict, verdict
+    if state == delf_pb2.JOB_STATE_RECEIVING and not stalled:  # no item for 30 s: its stream died
+        job.idle_s = 31.0
+        assert cli.resume_verdict(job) is None

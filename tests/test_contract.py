@@ -15,10 +15,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photos import jpeg, sample_photo  # noqa: E402
+from photos import jpeg, sample_photo
 
-from delf_common.features import encode_array  # noqa: E402
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
+from delf_common.features import encode_array
+from delf_common.proto.delf.v1 import delf_pb2
 
 ID_512 = "界" * 170 + "ab"  # 510 + 2 = 512 bytes of UTF-8, 172 characters
 ID_513 = "界" * 171         # 513 bytes of UTF-8, 171 characters (under the old 256-character rule)
@@ -55,7 +55,7 @@ def test_item7_one_id_limit_for_every_service(client):
     finally:
         client.delete_image(ID_512)
     for data in (photo, b"not a photo"):
-        err = _refused(lambda: client.add_image(ID_513, data))
+        err = _refused(lambda: client.add_image(ID_513, data))  # noqa: B023 - called at once, inside the loop
         assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, err.details()
         assert "image_id" in err.details() and "513 bytes" in err.details(), err.details()
         assert "512" in err.details() and "UTF-8" in err.details(), err.details()
@@ -153,7 +153,7 @@ def test_item4_job_ids_are_checked(client):
             assert err.code() == grpc.StatusCode.INVALID_ARGUMENT, (suffix, name, err.code(), err.details())
             assert "job id" in err.details() and "32 hexadecimal digits" in err.details(), err.details()
     for bad in ("no-such-job", job.job_id.upper(), job.job_id[:-1]):
-        assert _refused(lambda: client.get_job(bad)).code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert _refused(lambda: client.get_job(bad)).code() == grpc.StatusCode.INVALID_ARGUMENT  # noqa: B023 - called at once, inside the loop
     for name, call in _job_calls(client, UNKNOWN_JOB).items():
         err = _refused(call)
         assert err.code() == grpc.StatusCode.NOT_FOUND, (name, err.code(), err.details())

@@ -20,13 +20,13 @@ yaml = pytest.importorskip("yaml")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deployment_files import (  # noqa: E402
+from deployment_files import (  # noqa: E402 - after the sys.path / environment setup above
     COMPOSE_FILE, DELF_SERVICES, INFRA, ROOT, SCALABLE, WORKERS, command_argv, container_port, depends_on,
     dockerfile_instructions, environment, load_compose, option, published_ports, python_files,
     service_package_dir,
 )
 
-from delf_common import config  # noqa: E402
+from delf_common import config  # noqa: E402 - after the sys.path / environment setup above
 
 
 @pytest.fixture(scope="module")

@@ -16,10 +16,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env  # noqa: E402
-from photos import jpeg, landmarks_dir, sample_photo  # noqa: E402
+from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env
+from photos import jpeg, landmarks_dir, sample_photo
 
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
+from delf_common.proto.delf.v1 import delf_pb2
 
 pytestmark = pytest.mark.slow
 

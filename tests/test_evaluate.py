@@ -16,6 +16,9 @@ import pytest
 
 from delf_tools import cli
 from delf_tools import eval_command as ev
+from delf_tools.eval_local import ExactVoter, LocalFeatures
+from delf_tools.eval_metrics import RECALL_LEVELS, interpolated_pr, precision_at, recall_at
+from delf_tools.eval_set import MethodRun
 from photos import jpeg, sample_photo, warped_query
 from report_html import parse_report
 
@@ -43,29 +46,29 @@ def tiny_manifest(tmp_path_factory) -> Path:
 def test_metrics_on_a_hand_made_ranking():
     positives = {"a", "b"}
     ranked = ["x", "a", "y", "z", "b"]  # hits at ranks 2 and 5
-    assert ev.precision_at(ranked, positives, 1) == 0.0
-    assert ev.precision_at(["a"] + ranked, positives, 1) == 1.0
-    assert ev.precision_at([], positives, 1) == 0.0
-    assert ev.recall_at(ranked, positives, 10) == 1.0
-    assert ev.recall_at(ranked, positives, 2) == 0.5
-    assert ev.recall_at(["x"] * 3 + ["a"] + ["y"] * 10 + ["b"], positives, 10) == 0.5
+    assert precision_at(ranked, positives, 1) == 0.0
+    assert precision_at(["a"] + ranked, positives, 1) == 1.0
+    assert precision_at([], positives, 1) == 0.0
+    assert recall_at(ranked, positives, 10) == 1.0
+    assert recall_at(ranked, positives, 2) == 0.5
+    assert recall_at(["x"] * 3 + ["a"] + ["y"] * 10 + ["b"], positives, 10) == 0.5
 
     levels = np.linspace(0, 1, 11)
-    pr = ev.interpolated_pr(ranked, positives, levels)
+    pr = interpolated_pr(ranked, positives, levels)
     # recall 0.5 reached at rank 2 (precision 1/2), recall 1 at rank 5 (precision 2/5)
     assert pr[0] == pytest.approx(0.5) and pr[5] == pytest.approx(0.5)
     assert pr[6] == pytest.approx(0.4) and pr[-1] == pytest.approx(0.4)
     assert np.all(np.diff(pr) <= 1e-12)  # interpolated precision never rises with recall
-    assert np.allclose(ev.interpolated_pr(["a", "b"], positives, levels), 1.0)
-    half = ev.interpolated_pr(["a", "x"], positives, levels)  # b never found
+    assert np.allclose(interpolated_pr(["a", "b"], positives, levels), 1.0)
+    half = interpolated_pr(["a", "x"], positives, levels)  # b never found
     assert np.allclose(half[:6], 1.0) and np.allclose(half[6:], 0.0)
 
-    run = ev.MethodRun({"q1": ranked, "q2": ["b", "a"]}, [0.1, 0.3], ingest_s=2.0, ingested=4)
+    run = MethodRun({"q1": ranked, "q2": ["b", "a"]}, [0.1, 0.3], ingest_s=2.0, ingested=4)
     s = ev.summarise(run, {"q1": positives, "q2": positives}, 4)
     assert s["precision_at_1"] == 0.5 and s["recall_at_10"] == 1.0 and s["queries"] == 2
     assert s["map"] == pytest.approx(((1 / 2 + 2 / 5) / 2 + 1.0) / 2)
     assert s["ingest_photos_per_s"] == 2.0 and s["latency_median_s"] == pytest.approx(0.2)
-    assert len(s["pr_curve"]) == len(ev.RECALL_LEVELS)
+    assert len(s["pr_curve"]) == len(RECALL_LEVELS)
 
 
 def test_conditions_from_the_manifest_or_a_file(tmp_path):
@@ -91,7 +94,7 @@ def test_conditions_from_the_manifest_or_a_file(tmp_path):
     with pytest.raises(EvalError, match="'group' and 'condition'"):
         load_photos(tmp_path / "MANIFEST.tsv", conditions=tmp_path / "bad.tsv")
 
-    run = ev.MethodRun({"a": ["b"], "b": ["c", "a"], "c": ["d"], "d": ["a", "b"]}, [0.1], 1.0, 4)
+    run = MethodRun({"a": ["b"], "b": ["c", "a"], "c": ["d"], "d": ["a", "b"]}, [0.1], 1.0, 4)
     queries = {"a": {"b"}, "b": {"a"}, "c": {"d"}, "d": {"c"}}
     s = ev.summarise(run, queries, 4, {"a": "day-night", "b": "day-night", "c": "object", "d": "object"})
     assert s["by_condition"]["day-night"] == {"map": 0.75, "precision_at_1": 0.5, "recall_at_10": 1.0,
@@ -154,13 +157,13 @@ def test_sift_voting_matches_the_indexer_rule():
     d = rng.normal(size=(40, 8)).astype(np.float32)
     d /= np.linalg.norm(d, axis=1, keepdims=True)
     feats = {
-        "q": ev.LocalFeatures(np.zeros((4, 2), np.float32), d[:4], (10, 10)),
+        "q": LocalFeatures(np.zeros((4, 2), np.float32), d[:4], (10, 10)),
         # 'twin' holds each query descriptor (slightly perturbed) twice: still one vote each
-        "twin": ev.LocalFeatures(np.arange(16, dtype=np.float32).reshape(8, 2),
+        "twin": LocalFeatures(np.arange(16, dtype=np.float32).reshape(8, 2),
                                  np.repeat(d[:4], 2, 0) + 1e-3, (10, 10)),
-        "other": ev.LocalFeatures(np.zeros((30, 2), np.float32), d[10:40], (10, 10)),
+        "other": LocalFeatures(np.zeros((30, 2), np.float32), d[10:40], (10, 10)),
     }
-    voter = ev.ExactVoter(feats)
+    voter = ExactVoter(feats)
     cands = voter.search(d[:4], shortlist=5, neighbours=10, ratio=0.9, exclude="q")
     assert cands[0]["image_id"] == "twin" and cands[0]["votes"] == 4
     assert list(cands[0]["query_idx"]) == [0, 1, 2, 3]

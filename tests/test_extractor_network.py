@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 
-import extractor_fixtures  # noqa: F401 (first: sets the test Redis)
+import extractor_fixtures  # noqa: F401 - first: sets the test Redis
 
 import cv2
 import numpy as np
@@ -24,10 +24,13 @@ from delf_extractor.extract import DelfExtractor
 # --------------------------------------------------------------------------- weights
 
 
+@pytest.mark.parametrize("variant", [0, 1, 2])
 @pytest.mark.parametrize("name, classes", [("chelsea", range(281, 286)),  # tabby .. Egyptian cat
                                            ("coffee", (967, 968, 504))])  # espresso, cup, coffee mug
-def test_lite0_weights_classify_real_photos(name, classes):
-    net = models.load_lite0()
+def test_lite_weights_classify_real_photos(variant, name, classes):
+    """Each EfficientNet-Lite the presets can use is built right: its shipped ImageNet
+    weights load strictly and name what real photos show."""
+    net = models.load_lite(variant)
     img = cv2.resize(getattr(data, name)(), (224, 224), interpolation=cv2.INTER_AREA)
     x = (torch.from_numpy(img).permute(2, 0, 1)[None].float() - 127) / 128
     with torch.inference_mode():
@@ -161,3 +164,19 @@ def test_trained_attention_head_plugs_in_from_a_weight_file(tmp_path, monkeypatc
         models.build_model(dataclasses.replace(cfg, attention_weights=None))
 
 
+
+
+@pytest.mark.parametrize("name", [n for n in models.MODEL_CONFIGS if models.MODEL_CONFIGS[n].backbone != "resnet50"])
+def test_every_offline_preset_builds_with_its_pca(name):
+    """Every preset that runs offline loads its weights, and its PCA artifact takes the
+    descriptors the network gives: a user can switch DELF_MODEL to any of them."""
+    from delf_extractor.pca import default_path, load_pca
+
+    cfg = models.get_config(name)
+    net = models.build_model(cfg)
+    with torch.inference_mode():
+        feats, scores = net(torch.full((1, 3, 160, 192), 128.0))
+    assert feats.shape[1] == cfg.channels and scores.shape == feats.shape[:1] + feats.shape[2:]
+    pca = load_pca(default_path(cfg))
+    assert pca.mean.shape == (cfg.channels,) and pca.components.shape == (cfg.pca_dim, cfg.channels)
+    assert pca.model == (cfg.pca_model or cfg.name)

@@ -12,9 +12,9 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photo_server import PhotoServer  # noqa: E402
+from photo_server import PhotoServer
 
-from delf_common import fetch  # noqa: E402
+from delf_common import fetch
 
 
 @pytest.fixture(scope="module")

@@ -17,7 +17,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deployment_files import (  # noqa: E402
+from deployment_files import (
     DELF_SERVICES, GPU_PACKAGES, PACKAGES, PROJECT_PACKAGES, ROOT, WORKERS, command_argv, dockerfile_instructions,
     dockerfile_of, python_files,
     load_compose, option, requirement_names, service_package_dir,
@@ -85,7 +85,7 @@ def copy_sources(args: str) -> list[str]:
     return items[:-1]
 
 
-@pytest.mark.parametrize("name", DELF_SERVICES)
+@pytest.mark.parametrize("name", DELF_SERVICES + ("web",))
 def test_build_points_at_a_dockerfile_whose_copy_sources_exist(services, name):
     context, dockerfile = dockerfile_of(services, name)
     assert context == ROOT, f"{name}: build context should be the repository root (context: .), got {context}"
@@ -158,7 +158,7 @@ def _project_imports(folder: Path) -> set[str]:
     return found
 
 
-@pytest.mark.parametrize("name", DELF_SERVICES)
+@pytest.mark.parametrize("name", DELF_SERVICES + ("web",))
 def test_an_image_copies_only_the_packages_its_service_imports(services, name):
     """The image carries exactly the project packages its service runs: its own and what
     that imports (the shared library, which imports no service or tool), nothing else."""

@@ -15,7 +15,7 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from private_cluster import Cluster  # noqa: E402
+from private_cluster import Cluster
 
 pytestmark = pytest.mark.slow
 

@@ -164,7 +164,10 @@ def test_metadata_filter(store, monkeypatch):
     store.add("r1", base, {"city": "Rome"})
     store.add("x", feats(150, 41), {"city": "Paris", "year": "2021"})
     q = noisy(base, 0.02, 7)
-    found = lambda **kw: [c["image_id"] for c in store.search(q, shortlist=10, **kw)]
+
+    def found(**kw):
+        return [c["image_id"] for c in store.search(q, shortlist=10, **kw)]
+
     assert set(found()[:3]) == {"p1", "p2", "r1"}
     for limit in ("10000", "1"):  # `image_id in [...]` in Milvus / applied after voting
         monkeypatch.setenv("DELF_FILTER_MAX_IMAGES", limit)

@@ -23,11 +23,11 @@ import redis
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env  # noqa: E402
-from photo_server import PhotoServer, small_photo  # noqa: E402
+from conftest import TEST_REDIS_URL, RunningSystem, redis_available, system_env
+from photo_server import PhotoServer, small_photo
 
-from delf_common.manifest import ManifestError, read_manifest  # noqa: E402
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
+from delf_common.manifest import ManifestError, read_manifest
+from delf_common.proto.delf.v1 import delf_pb2
 
 JOB_TIMEOUT_S = 240
 
@@ -144,6 +144,10 @@ def test_jsonl_manifest_with_a_url_and_a_refused_host(ingest_system, iclient, we
     ("m.jsonl", '\n\n{"id": "a", "location": "x.jpg", "metadata": [1]}\n', ":3: metadata must be a JSON object"),
     ("m.jsonl", '{"id": "a", "location": "x.jpg", "metadata": {"k": {"x": 1}}}\n', ":1: metadata 'k' must be"),
     ("m.jsonl", '["a", "x.jpg"]\n', ":1: expected a JSON object, got list"),
+    ("m.tsv", "photo\tgroup\nx.jpg\tg\n", ":1: the header needs the columns location (or path)"),
+    ("m.tsv", "path\tgroup\nx.jpg\tg\nx.jpg\tg\n", ":3: id 'x' already appears on line 2"),
+    ("m.tsv", "path\tgroup\nx.jpg\tg\tmore\n", ":2: 3 fields but the header has 2"),
+    ("m.tsv", "path\tgroup\nnope.jpg\tg\n", ":2: location 'nope.jpg': no such file"),
 ])
 def test_malformed_manifests_are_refused_with_the_line(tmp_path, name, text, words):
     (tmp_path / "x.jpg").write_bytes(b"a photo")
@@ -152,6 +156,27 @@ def test_malformed_manifests_are_refused_with_the_line(tmp_path, name, text, wor
     with pytest.raises(ManifestError) as err:
         read_manifest(path)
     assert f"{path}{words}" in str(err.value), str(err.value)
+
+
+def test_a_tsv_manifest_reads_as_eval_reads_it(tmp_path):
+    """`delf ingest` takes `delf eval`'s manifests: tab-separated, a path column, ids from
+    the paths; one reader (delf_common.manifest.read_table) serves both commands."""
+    from delf_tools.evaluation import read_conditions
+    from delf_tools.evaluation import read_manifest as eval_rows
+
+    (tmp_path / "a").mkdir()
+    for name in ("a/one.jpg", "two.JPG"):
+        (tmp_path / name).write_bytes(b"a photo")
+    path = tmp_path / "MANIFEST.tsv"
+    path.write_text('path\tgroup\tnote\na/one.jpg\tg1\tcond=night; "dark"\ntwo.JPG\tg2\t\n\n')
+    entries = read_manifest(path)
+    assert [(e.image_id, e.location, e.metadata) for e in entries] == [
+        ("a/one", "a/one.jpg", {"group": "g1", "note": 'cond=night; "dark"'}), ("two", "two.JPG", {"group": "g2"})]
+    assert eval_rows(path) == [("a/one.jpg", "g1"), ("two.JPG", "g2")]
+    assert read_conditions(path) == {"a/one.jpg": "night"}
+    with_ids = tmp_path / "ids.tsv"
+    with_ids.write_text("id\tlocation\ncustom\ttwo.JPG\n")
+    assert [(e.image_id, e.path.name) for e in read_manifest(with_ids)] == [("custom", "two.JPG")]
 
 
 def test_the_cli_reports_a_bad_manifest_before_sending_anything(tmp_path):

@@ -23,8 +23,8 @@ kv = pytest.importorskip("kubernetes_validate")
 jsonschema = pytest.importorskip("jsonschema")
 yaml = pytest.importorskip("yaml")
 
-from delf_common import config  # noqa: E402
-from test_deployment import WORKERS, command_argv, load_compose, option  # noqa: E402
+from delf_common import config  # noqa: E402 - after the sys.path / environment setup above
+from test_deployment import WORKERS, command_argv, load_compose, option  # noqa: E402 - after the sys.path / environment setup above
 
 ROOT = Path(__file__).resolve().parents[1]
 K8S_DIR = ROOT / "deploy" / "kubernetes"
@@ -295,7 +295,7 @@ def test_kustomization_lists_every_manifest():
     on_disk = {p.name for p in K8S_DIR.glob("*.yaml")} - {"kustomization.yaml", HELM_VALUES}
     assert on_disk == listed, f"not in kustomization.yaml: {sorted(on_disk - listed)}"
     images = {i["name"] for i in kustomization().get("images") or []}
-    assert images == {f"delf/{s}" for s in DELF_SERVICES}, f"kustomization images: {images}"
+    assert images == {f"delf/{s}" for s in DELF_SERVICES + ("web",)}, f"kustomization images: {images}"
 
 
 @pytest.mark.parametrize("version", KUBERNETES_VERSIONS)

@@ -215,6 +215,10 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
         info = json.loads(ready_file.read_text())
         assert info["gateway"] == f"127.0.0.1:{grpc_port}"
         assert "DELF is up: gateway" in output.read_text()
+        # the web console: on 127.0.0.1:8080, or a free port when that one is taken, printed
+        assert info["web"].startswith("http://127.0.0.1:") and f"web console {info['web']}" in output.read_text()
+        with urllib.request.urlopen(info["web"] + "/api/v1/health", timeout=30) as answer:
+            assert json.loads(answer.read()) == {"web": "SERVING", "gateway": "SERVING"}
 
         with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
             reply = health_pb2_grpc.HealthStub(channel).Check(
@@ -226,7 +230,7 @@ def test_up_starts_everything_and_stops_cleanly(tmp_path: Path, launcher_env: di
         _check_embedded_broker(redis_port, data_dir)
 
         children = _descendants(proc.pid)
-        assert len(children) >= 5, f"expected redis, 3 workers and the gateway: {children}"
+        assert len(children) >= 6, f"expected redis, 3 workers, the gateway and the web service: {children}"
         _stop_and_check_nothing_is_left(proc, children, ready_file, redis_port, report)
     finally:
         if proc.poll() is None:  # the test failed half-way: leave nothing behind

@@ -82,3 +82,11 @@ def test_well_formed_bodies_are_answered_as_before(gateway):
     assert code == grpc.StatusCode.NOT_FOUND
     code, _ = _status(lambda: get_job(delf_pb2.GetJobRequest(job_id="not a job id"), timeout=10))
     assert code == grpc.StatusCode.INVALID_ARGUMENT
+
+
+def test_a_malformed_listing_body_is_invalid_argument(gateway):
+    """ListImages and ListJobs (issue 22 item 3): a page_token that is not UTF-8."""
+    for method, message in (("ListImages", "delf.v1.ListImagesRequest"), ("ListJobs", "delf.v1.ListJobsRequest")):
+        call = gateway.unary_unary(f"/delf.v1.ImageSearch/{method}")
+        code, details = _status(lambda: call(b"\x12\x02\xff\xfe", timeout=10))  # noqa: B023 - called at once; field 2, not UTF-8
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and message in details, (code, details)

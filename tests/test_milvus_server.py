@@ -24,7 +24,7 @@ def server_uri(tmp_path_factory):
     server.set_base_dir(str(tmp_path_factory.mktemp("milvus_server")))
     try:
         server.start()
-    except Exception as exc:  # pragma: no cover - environment-specific
+    except Exception as exc:  # noqa: BLE001 - environment-specific
         server.stop()
         pytest.skip(f"the Milvus server did not start: {exc}")
     try:

@@ -20,7 +20,7 @@ yaml = pytest.importorskip("yaml")
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from deployment_files import (  # noqa: E402
+from deployment_files import (  # noqa: E402 - after the sys.path / environment setup above
     DELF_SERVICES, INFRA, MONITORING, ROOT, bind_mounts, command_argv, container_port, depends_on, environment,
     load_compose, option, published_ports,
 )

@@ -35,10 +35,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from conftest import TEST_REDIS_URL, RunningSystem, free_port, redis_available, system_env  # noqa: E402
-from photos import jpeg, sample_photo  # noqa: E402
+from conftest import TEST_REDIS_URL, RunningSystem, free_port, redis_available, system_env
+from photos import jpeg, sample_photo
 
-from delf_common.proto.delf.v1 import delf_pb2  # noqa: E402
+from delf_common.proto.delf.v1 import delf_pb2
 
 SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
@@ -258,7 +258,7 @@ def test_health_is_serving_for_the_server_and_each_dependency(obs, capsys):
     from delf_gateway import healthcheck
 
     for name in ("", "delf.v1.ImageSearch", *DEPENDENCIES):
-        wait_for(lambda: health(obs.address, name) == SERVING, f"health {name!r} SERVING")
+        wait_for(lambda: health(obs.address, name) == SERVING, f"health {name!r} SERVING")  # noqa: B023 - called at once, inside the loop
     assert health(obs.address, "no-such-dependency") == -2  # NOT_FOUND
     capsys.readouterr()
     assert healthcheck.main([obs.address, "--all"]) == 0

@@ -24,8 +24,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from private_cluster import Cluster  # noqa: E402
-from test_index_task_faults import _in_process_indexer, feats  # noqa: E402
+from private_cluster import Cluster
+from test_index_task_faults import _in_process_indexer, feats
 
 pytestmark = pytest.mark.slow
 
@@ -81,7 +81,7 @@ def test_a_lost_index_message_is_sent_again_and_the_job_completes(cluster):
     sizes = {"p0": 40, "p1": 30, "p2": 20, "p3": 10}
     job_id, refs = _job(jobs, sizes)
     queue = queue_for_task(INGEST_INDEX)
-    for image_id, ref in refs.items():  # what the chain sends once the extract step returned
+    for ref in refs.values():  # what the chain sends once the extract step returned
         app.send_task(INGEST_INDEX, args=(ref, job_id), queue=queue)
     lost = r.rpop(queue)  # the oldest, as a BRPOP hands it to the worker that then dies
     args = _args_of(lost)

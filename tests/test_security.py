@@ -134,7 +134,7 @@ def test_a_call_without_a_token_is_unauthenticated(auth_gateway):
 def test_a_wrong_token_is_unauthenticated(auth_gateway):
     with grpc.insecure_channel(auth_gateway.address) as channel:
         for token in ("wrong", TOKENS[0] + "x", TOKENS[0][:-1]):
-            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))
+            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))  # noqa: B023 - called at once, inside the loop
             assert code == grpc.StatusCode.UNAUTHENTICATED
             assert "not accepted" in details
 
@@ -150,7 +150,7 @@ def test_a_malformed_header_is_unauthenticated(auth_gateway, header):
 def test_every_accepted_token_reaches_the_handler(auth_gateway):
     with grpc.insecure_channel(auth_gateway.address) as channel:
         for token in TOKENS:
-            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))
+            code, details = code_of(lambda: get_job(channel, [("authorization", f"Bearer {token}")]))  # noqa: B023 - called at once, inside the loop
             assert code == grpc.StatusCode.NOT_FOUND, details
             assert NO_SUCH_JOB in details
         # The scheme is case-insensitive (RFC 6750).
@@ -169,6 +169,20 @@ def test_streaming_methods_need_a_token_too(auth_gateway):
         code, _ = code_of(lambda: list(stub.WatchJob(
             delf_pb2.GetJobRequest(job_id=NO_SUCH_JOB), metadata=[("authorization", f"Bearer {TOKENS[0]}")], timeout=10)))
         assert code == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_listings_need_a_token_too(auth_gateway):
+    """ListImages and ListJobs (issue 22 item 3) are behind the same interceptor."""
+    with grpc.insecure_channel(auth_gateway.address) as channel:
+        stub = delf_pb2_grpc.ImageSearchStub(channel)
+        for call, request in ((stub.ListImages, delf_pb2.ListImagesRequest()),
+                              (stub.ListJobs, delf_pb2.ListJobsRequest())):
+            code, _ = code_of(lambda: call(request, timeout=10))  # noqa: B023 - called at once, inside the loop
+            assert code == grpc.StatusCode.UNAUTHENTICATED
+        # With the token the call reaches the handler: its own checks answer.
+        code, details = code_of(lambda: stub.ListJobs(delf_pb2.ListJobsRequest(page_size=500), timeout=10,
+                                                      metadata=[("authorization", f"Bearer {TOKENS[0]}")]))
+        assert code == grpc.StatusCode.INVALID_ARGUMENT and "at most 200" in details, details
 
 
 def test_health_and_reflection_need_no_token(auth_gateway):

@@ -1,10 +1,8 @@
 """RANSAC verification on synthetic correspondences with a known transform."""
 import numpy as np
 
-from delf_common.features import encode_array
 from delf_common.ranking import match_score
 from delf_verifier.ransac import box_corners, judge, project, rank, verify
-from delf_verifier.tasks import verify_candidates
 
 W, H = 800, 600
 H_TRUE = np.array([[0.9, 0.08, 40.0], [-0.05, 1.05, 25.0], [2e-4, -1e-4, 1.0]])

@@ -16,8 +16,8 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from photos import jpeg, landmarks_dir, sample_photo, warped_query  # noqa: E402
-from up_system import UpSystem, small_photos  # noqa: E402
+from photos import jpeg, landmarks_dir, sample_photo, warped_query
+from up_system import UpSystem, small_photos
 
 pytestmark = pytest.mark.slow
 

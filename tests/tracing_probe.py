@@ -51,8 +51,8 @@ def main(out: Path, request_id: str) -> None:
     exporter = InMemorySpanExporter()
     assert tracing.setup("probe", exporter=exporter)
     import delf_extractor.tasks  # noqa: F401 - register every service's tasks on the shared app
-    import delf_indexer.tasks  # noqa: F401
-    import delf_verifier.tasks  # noqa: F401
+    import delf_indexer.tasks  # noqa: F401 - registers its tasks on the shared app
+    import delf_verifier.tasks  # noqa: F401 - registers its tasks on the shared app
     from celery.contrib.testing.worker import start_worker
 
     from delf_common.celery_app import app

@@ -26,7 +26,8 @@ from delf_common import config, logs, tracing
 # The task names and their queues are the contract between the gateway and the workers
 # (delf_common.contract); importable from here as before.
 from delf_common.contract import (  # noqa: F401 - re-exported
-    EXTRACT, INDEX_ADD, INDEX_DELETE, INDEX_FEATURES, INDEX_GET, INDEX_KNOWN, INDEX_SEARCH, INDEX_STATS,
+    EXTRACT, INDEX_ADD, INDEX_DELETE, INDEX_FEATURES, INDEX_GET, INDEX_KNOWN, INDEX_LIST, INDEX_SEARCH,
+    INDEX_STATS,
     INGEST_EXTRACT,
     INGEST_INDEX, ROUTES, SERVICES, VERIFY, failure, queue_for_task, queue_name,
 )

@@ -163,6 +163,33 @@ class DelfClient:
     def stats(self) -> delf_pb2.GetStatsResponse:
         return self.stub.GetStats(delf_pb2.GetStatsRequest(), timeout=self.timeout)
 
+    def list_images(self, page_size: int = 0, page_token: str = "",
+                    filter: Mapping[str, str] | None = None) -> delf_pb2.ListImagesResponse:
+        """One page of the indexed images in id order (``page_size`` 0: 100, at most 1000),
+        after ``page_token`` (the previous page's ``next_page_token``; "" for the first);
+        ``filter``: only photos whose metadata has every pair. Without thumbnails."""
+        request = delf_pb2.ListImagesRequest(page_size=page_size, page_token=page_token, filter=dict(filter or {}))
+        return self.stub.ListImages(request, timeout=self.timeout)
+
+    def iter_images(self, page_size: int = 0, filter: Mapping[str, str] | None = None,
+                    after: str = "") -> Iterator[delf_pb2.ImageInfo]:
+        """Every indexed image (matching ``filter``) after the id ``after``, in id order,
+        a page at a time."""
+        token = after
+        while True:
+            page = self.list_images(page_size, token, filter)
+            yield from page.images
+            if not page.next_page_token:
+                return
+            token = page.next_page_token
+
+    def list_jobs(self, page_size: int = 0, page_token: str = "") -> delf_pb2.ListJobsResponse:
+        """One page of the jobs the gateway's Redis keeps, newest first (``page_size`` 0: 20,
+        at most 200), after ``page_token`` (the previous page's ``next_page_token``).
+        Without per-item errors (``get_job`` has them)."""
+        request = delf_pb2.ListJobsRequest(page_size=page_size, page_token=page_token)
+        return self.stub.ListJobs(request, timeout=self.timeout)
+
     # -- bulk ingestion -------------------------------------------------------
 
     def start_ingest_job(self, items: Iterable[delf_pb2.IngestItem], resume_job: str | None = None,
@@ -242,6 +269,6 @@ class DelfClient:
 
     def wait_job(self, job_id: str) -> delf_pb2.Job:
         last = self.get_job(job_id)
-        for last in self.watch_job(job_id):
-            pass
+        for update in self.watch_job(job_id):
+            last = update
         return last

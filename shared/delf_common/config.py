@@ -155,22 +155,27 @@ SETTINGS: dict[str, Setting] = {
                 "lets several deployments share one Redis.", "all"),
         Setting("DELF_GRPC_ADDR", "127.0.0.1:50051", str,
                 "Address the gateway listens on (use 0.0.0.0:50051 in a container).", "gateway"),
+        Setting("DELF_HTTP_ADDR", "127.0.0.1:8080", str,
+                "Address the HTTP/JSON API and web console listen on (`delf up --http-addr`; "
+                "0.0.0.0:8080 in a container).", "web, up"),
         Setting("DELF_GATEWAY", "127.0.0.1:50051", str,
-                "Gateway address the `delf` CLI and client library connect to.", "client"),
+                "Gateway address the `delf` CLI, the client library and the web service connect to.", "client, web"),
         Setting("DELF_AUTH_TOKENS", (), _csv,
                 "Bearer tokens the gateway accepts, separated by commas; `delf.v1` calls must send "
                 "`authorization: Bearer <token>` (health and reflection stay open). "
-                "Empty: no authentication.", "gateway"),
+                "Empty: no authentication. The web service checks the same tokens (`Authorization: Bearer`).",
+                "gateway, web"),
         Setting("DELF_TLS_CERT", "", str,
                 "PEM certificate (chain) the gateway serves TLS with; set together with `DELF_TLS_KEY`. "
-                "Empty (both): plaintext.", "gateway, gateway healthcheck, up"),
+                "Empty (both): plaintext. The web service serves HTTPS with the same pair.",
+                "gateway, web, gateway healthcheck, up"),
         Setting("DELF_TLS_KEY", "", str,
-                "PEM private key of `DELF_TLS_CERT`.", "gateway"),
+                "PEM private key of `DELF_TLS_CERT`.", "gateway, web"),
         Setting("DELF_TOKEN", "", str,
                 "Bearer token the `delf` CLI and client library send (`--token`).", "client"),
         Setting("DELF_TLS_CA", "", str,
                 "PEM of the CA (or self-signed certificate) to trust for the gateway; when set, clients "
-                "connect with TLS (`--tls-ca`). Empty: plaintext.", "client, gateway healthcheck, up"),
+                "connect with TLS (`--tls-ca`). Empty: plaintext.", "client, web, gateway healthcheck, up"),
         Setting("DELF_DATA_DIR", "./data", str,
                 "Folder for local state: the Milvus Lite file and the embedded Redis.", "indexer, up"),
         Setting("DELF_MILVUS_URI", "", str,

@@ -31,6 +31,7 @@ INDEX_GET = "delf.index.get"              # (image_id) -> image info | error
 INDEX_FEATURES = "delf.index.features"    # (image_id) -> features wire | error
 INDEX_DELETE = "delf.index.delete"        # (image_id) -> {"descriptors_removed"} | error
 INDEX_STATS = "delf.index.stats"          # () -> {"images", "descriptors", "pca_id"}
+INDEX_LIST = "delf.index.list"            # (options: {after, limit, filter}) -> {"images", "more"}
 INDEX_KNOWN = "delf.index.known"          # ([{image_id, sha256, metadata}]) -> {"known": {id: {...}}}
 VERIFY = "delf.verify"                    # (query, candidates, options) -> verified matches
 
@@ -47,6 +48,7 @@ ROUTES = {
     INDEX_FEATURES: "index",
     INDEX_DELETE: "index",
     INDEX_STATS: "index",
+    INDEX_LIST: "index",
     INDEX_KNOWN: "index",
     VERIFY: "verify",
 }
@@ -227,6 +229,11 @@ def is_job_id(job_id) -> bool:
     return isinstance(job_id, str) and JOB_ID.fullmatch(job_id) is not None
 
 
+# A RECEIVING job whose last item arrived this recently may still have a live stream: it
+# is not resumed (the gateway's ResumeJob refuses, `delf resume` calls it moving).
+RESUME_STREAM_IDLE_S = 30.0
+
+
 def check_job_id(job_id) -> str:
     """The id, or ContractError naming the format."""
     if not is_job_id(job_id):
@@ -234,3 +241,43 @@ def check_job_id(job_id) -> str:
         raise ContractError(f"job id {shown} is malformed: a job id is the 32 hexadecimal digits "
                             f"(0-9, a-f) that StartIngestJob answered")
     return job_id
+
+
+# --------------------------------------------------------------------------- listings
+
+# ListImages (id order) and ListJobs (newest first) answer pages keyed by id: page_token is
+# the last id of the previous page. page_size 0 means the default.
+IMAGES_PAGE_DEFAULT = 100
+IMAGES_PAGE_MAX = 1000
+JOBS_PAGE_DEFAULT = 20
+JOBS_PAGE_MAX = 200
+
+
+def check_page_size(page_size, default: int, maximum: int, what: str) -> int:
+    """The page size to use (`default` for 0), or ContractError above `maximum`."""
+    if not isinstance(page_size, int) or isinstance(page_size, bool) or page_size < 0:
+        raise ContractError(f"page_size must be a whole number from 0 to {maximum}, got {page_size!r}")
+    if page_size > maximum:
+        raise ContractError(f"page_size {page_size} is too large: at most {maximum} {what} a page "
+                            f"(0 means {default})")
+    return page_size or default
+
+
+def check_image_page_token(token) -> str:
+    """An images page token: empty (the first page) or an image id (the last of the previous page)."""
+    if token == "":
+        return token
+    try:
+        return check_image_id(token)
+    except ContractError as exc:
+        raise ContractError(f"page_token is not an image id ({exc}): pass the next_page_token of the "
+                            f"previous page, or nothing for the first page") from None
+
+
+def check_job_page_token(token) -> str:
+    """A jobs page token: empty (the first page) or a job id (the last of the previous page)."""
+    if token == "" or is_job_id(token):
+        return token
+    shown = repr(token[:80]) if isinstance(token, str) else type(token).__name__
+    raise ContractError(f"page_token {shown} is not a job id: pass the next_page_token of the previous "
+                        f"page, or nothing for the first page")

@@ -38,7 +38,7 @@ import time
 import urllib.parse
 
 from delf_common import config
-from delf_common.contract import (  # noqa: F401 - the error codes, importable from here
+from delf_common.contract import (  # the error codes, importable from here
     DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE,
 )
 from delf_common.retry import retry_delay  # noqa: F401 - the extractor's fetch retries use fetch.retry_delay
@@ -256,7 +256,7 @@ def fetch_url(url: str, max_bytes: int | None = None, timeout: float | None = No
     timeout = config.get("DELF_URL_TIMEOUT_S") if timeout is None else timeout
     deadline = time.monotonic() + timeout
     current = url
-    for hop in range(MAX_REDIRECTS + 1):
+    for _hop in range(MAX_REDIRECTS + 1):
         parts, host, port = check_url(current)
         addresses = resolve(host, port, current)
         status, headers, body = _get(parts, host, port, addresses, current, max_bytes, deadline)

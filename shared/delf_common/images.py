@@ -78,7 +78,7 @@ def orientation(im: Image.Image) -> int:
         return 1
     try:
         value = int(im.getexif().get(EXIF_ORIENTATION) or 1)
-    except Exception:
+    except Exception:  # noqa: BLE001 - PIL raises many types on a bad file
         return 1
     return value if value in _UPRIGHT else 1
 
@@ -123,7 +123,7 @@ def probe_image(data: bytes) -> tuple[int, int, str]:
             INVALID_ARGUMENT,
             "the bytes are not an image in a supported format (JPEG, PNG, WebP, BMP, TIFF, GIF)",
         ) from None
-    except Exception as exc:  # PIL raises many types on corrupt headers
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on corrupt headers
         raise ImageRejected(INVALID_ARGUMENT, f"the image header is corrupt: {exc}") from None
     return width, height, fmt
 
@@ -157,7 +157,7 @@ def decode_image(data: bytes) -> np.ndarray:
                 rgb = to_rgb8(_upright(im, header_orientation))
     except ImageRejected:
         raise
-    except Exception as exc:
+    except Exception as exc:  # noqa: BLE001 - PIL raises many types on a bad file
         raise ImageRejected(INVALID_ARGUMENT, f"the image could not be decoded (truncated or corrupt): {exc}") from None
     if (rgb.shape[1], rgb.shape[0]) != (width, height):  # one frame on both sides, or none
         raise ImageRejected(INVALID_ARGUMENT, f"the image's EXIF orientation could not be applied "

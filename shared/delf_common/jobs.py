@@ -301,6 +301,25 @@ class JobStore:
             if is_job_id(rest):
                 yield rest
 
+    def list_jobs(self, after: str = "", limit: int = 20) -> tuple[list[JobStatus], str]:
+        """(up to `limit` jobs, newest first (created_at, then id), that come after the job
+        `after` ("" for the first page), without their per-item errors; the id the next page
+        starts after, "" when none follows). LookupError when `after` names no job (expired)."""
+        ids = list(dict.fromkeys(self.job_ids()))
+        pipe = self.redis.pipeline()
+        for job_id in ids:
+            pipe.hget(self._keys(job_id)[0], "created_at")
+        created = {i: float(c) for i, c in zip(ids, pipe.execute()) if c is not None}
+        order = sorted(created, key=lambda i: (created[i], i), reverse=True)
+        if after:
+            if after not in created:
+                raise LookupError(after)
+            order = order[order.index(after) + 1:]
+        page = [s for s in (self.get(i) for i in order[:limit]) if s is not None]
+        for status in page:
+            status.errors = []
+        return page, order[limit - 1] if len(order) > limit else ""
+
     def claim_sweep(self, job_id: str, seconds: float) -> bool:
         """True for one caller (one gateway) per job and `seconds`."""
         return bool(self.redis.set(self.prefix + job_id + ":sweep", 1, nx=True, ex=max(1, int(seconds))))

@@ -8,6 +8,15 @@ column becomes a string metadata entry (empty cells are left out), and a column 
     louvre-1,photos/louvre1.jpg,Paris,"{""year"": ""2019""}"
     eiffel,https://example.com/e.jpg,Paris,
 
+Tab-separated (``.tsv``, the manifests of ``delf eval``): a header row and one photo per
+line, no quoting; the photo's column is ``location`` or ``path``, and without an ``id``
+column a photo's id is its path without the extension (``paris/louvre1.jpg`` ->
+``paris/louvre1``, as ``delf eval`` names it); every other column (``group``, ``note``
+...) becomes metadata, as in a CSV::
+
+    path	group
+    paris/louvre1.jpg	louvre
+
 JSON Lines (``.jsonl``): one object per line with ``id``, ``location`` and an optional
 ``metadata`` object; blank lines are skipped::
 
@@ -31,7 +40,7 @@ from pathlib import Path
 
 from delf_common.fetch import url_scheme
 
-SUFFIXES = (".csv", ".jsonl")
+SUFFIXES = (".csv", ".tsv", ".jsonl")
 MAX_ERRORS = 20
 JSONL_KEYS = ("id", "location", "metadata")
 _EXTRA = "\0extra"  # DictReader's key for fields beyond the header
@@ -66,10 +75,10 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Ent
     path = Path(path)
     suffix = path.suffix.lower()
     if suffix not in SUFFIXES:
-        raise ManifestError([f"{path}: a manifest must end in .csv or .jsonl"])
+        raise ManifestError([f"{path}: a manifest must end in .csv, .tsv or .jsonl"])
     try:
         with open(path, encoding="utf-8-sig", newline="") as f:
-            rows = list(_csv_rows(f) if suffix == ".csv" else _jsonl_rows(f))
+            rows = list(_jsonl_rows(f) if suffix == ".jsonl" else _csv_rows(f, tab=suffix == ".tsv"))
     except UnicodeDecodeError as exc:
         raise ManifestError([f"{path}: not UTF-8 text ({exc.reason} at byte {exc.start})"]) from None
     except OSError as exc:
@@ -98,23 +107,59 @@ def read_manifest(path: str | os.PathLike, check_files: bool = True) -> list[Ent
     return entries
 
 
-def _csv_rows(f):
-    reader = csv.DictReader(f, restkey=_EXTRA)
+def read_table(path: str | os.PathLike) -> list[dict[str, str]]:
+    """The rows of a .tsv or .csv manifest as {column: value} (blank lines left out), the
+    reading ``delf eval`` shares with ``delf ingest``; ManifestError (a ValueError) for a
+    file without a header or with more fields than it."""
+    path = Path(path)
+    tab = path.suffix.lower() != ".csv"
+    with open(path, encoding="utf-8-sig", newline="") as f:
+        reader = _reader(f, tab)
+        names = [h.strip() for h in (reader.fieldnames or [])]
+        if not names:
+            raise ManifestError([f"{path}: no header row"])
+        reader.fieldnames = names
+        out = []
+        for row in reader:
+            if _EXTRA in row:
+                raise ManifestError([f"{path}:{reader.line_num}: {len(names) + len(row[_EXTRA])} fields but "
+                                     f"the header has {len(names)}"])
+            if any(v not in (None, "") for v in row.values()):
+                out.append({k: v or "" for k, v in row.items()})
+        return out
+
+
+def _reader(f, tab: bool) -> csv.DictReader:
+    if tab:  # as `delf eval` always read them: split on tabs, quotes are plain characters
+        return csv.DictReader(f, restkey=_EXTRA, delimiter="\t", quoting=csv.QUOTE_NONE)
+    return csv.DictReader(f, restkey=_EXTRA)
+
+
+def _csv_rows(f, tab: bool = False):
+    reader = _reader(f, tab)
     try:
         header = reader.fieldnames
     except csv.Error as exc:
-        yield 1, None, f"malformed CSV header: {exc}"
+        yield 1, None, f"malformed header: {exc}"
         return
     if header is None:
         return
     names = [h.strip() for h in header]
-    missing = [c for c in ("id", "location") if c not in names]
+    if tab and "location" not in names and "path" in names:
+        names[names.index("path")] = "location"  # `delf eval`'s name for the column
+    needed = ("location",) if tab else ("id", "location")
+    missing = [c for c in needed if c not in names]
     if missing or len(set(names)) != len(names):
-        why = (f"the header needs the columns id and location (missing: {', '.join(missing)}; "
-               f"found: {', '.join(names) or 'none'})") if missing else "the header repeats a column name"
+        why = (f"the header needs the columns {' and '.join(needed)}{' (or path)' if tab else ''} "
+               f"(missing: {', '.join(missing)}; found: {', '.join(names) or 'none'})") if missing \
+            else "the header repeats a column name"
         yield 1, None, why
         return
     reader.fieldnames = names
+    yield from _table_rows(reader, names, derive_id=tab and "id" not in names)
+
+
+def _table_rows(reader, names: list[str], derive_id: bool):
     while True:
         try:
             row = next(reader)
@@ -129,7 +174,9 @@ def _csv_rows(f):
             continue
         if all(v in (None, "") for v in row.values()):
             continue  # a blank line
-        fields = {"id": row.pop("id") or "", "location": row.pop("location") or ""}
+        location = row.pop("location") or ""
+        image_id = _id_of(location) if derive_id else row.pop("id") or ""
+        fields = {"id": image_id, "location": location}
         meta_text = row.pop("metadata", None)
         metadata, problem = {}, None
         if meta_text:
@@ -144,6 +191,12 @@ def _csv_rows(f):
             metadata.update({k: v for k, v in row.items() if v not in (None, "")})
             fields["metadata"] = metadata
         yield line, fields, problem
+
+
+def _id_of(location: str) -> str:
+    """A photo's id from its path, as `delf eval` names it: the path without its extension."""
+    location = location.strip()
+    return location.rsplit(".", 1)[0] if "." in Path(location).name else location
 
 
 def _jsonl_rows(f):

@@ -60,7 +60,7 @@ from prometheus_client import (  # noqa: E402 - after the multiprocess setup abo
     CollectorRegistry, Counter, Gauge, Histogram, start_http_server,
 )
 
-from delf_common import config  # noqa: E402
+from delf_common import config  # noqa: E402 - after the sys.path / environment setup above
 
 log = logging.getLogger("delf.metrics")
 

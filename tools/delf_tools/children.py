@@ -98,7 +98,7 @@ class Child:
         return True
 
 
-def _load_prctl():  # noqa: ANN202
+def _load_prctl():
     if not sys.platform.startswith("linux"):
         return None
     try:

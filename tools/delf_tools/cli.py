@@ -2,13 +2,15 @@
 
     delf up                                   start the whole system locally
     delf ingest FOLDER|MANIFEST [--resume JOB_ID]  index every photo below FOLDER, or listed in a
-                                              .csv/.jsonl manifest, as one job (or continue a job)
-    delf resume JOB_ID                        re-send an interrupted job's unfinished photos
-    delf job JOB_ID                           a job's state
+                                              .csv/.tsv/.jsonl manifest, as one job (or continue a job)
+    delf resume JOB_ID                        re-send a stalled or interrupted job's lost photos
+    delf job JOB_ID [--watch]                 a job's state (--watch: until it ends)
+    delf jobs [--limit N] [--after JOB_ID]    the newest jobs
     delf cancel JOB_ID                        stop a job
     delf search PHOTO|--id ID [--top-k N] [--box x0,y0,x1,y1] [--filter KEY=VALUE ...]
                 [--show matches.png|matches.html]  ... and draw each match's evidence
     delf add ID PHOTO | delf get ID | delf delete ID | delf stats
+    delf images [--filter KEY=VALUE ...] [--limit N] [--after ID]   the indexed images, in id order
     delf fit-pca ...                          learn the PCA of the descriptors
     delf eval MANIFEST ... [--report R.html]  mAP etc. of the running system against two baselines
     delf train-attention MANIFEST ...         train the attention head (backbone frozen)
@@ -17,7 +19,8 @@
 The gateway address comes from --gateway or DELF_GATEWAY (default 127.0.0.1:50051): HOST,
 HOST:PORT or a URL (http://HOST:PORT), port 50051 when none is given; a bearer token from
 --token or DELF_TOKEN; --tls-ca or DELF_TLS_CA (a PEM file of the CA to trust) switches to
-TLS. These global options go before or after the command.
+TLS. These global options go before or after the command. --json (ingest, resume, job, jobs,
+cancel, search, add, get, delete, stats, images): the result as one JSON document on stdout.
 
 A mistake gets one short message on stderr (at most with the command's usage) and a
 non-zero exit: 2 for a wrong invocation, 1 for an error the gateway reports, 130 for
@@ -28,40 +31,27 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-import unicodedata
 from pathlib import Path
 
-import grpc
 
-from delf_common import config
+from delf_common import config, contract
 from delf_common.addresses import AddressError, gateway_target
 from delf_tools.duplicates import add_command as add_duplicates_command, job_outcomes
 from delf_tools.cli_contract import INTERRUPTED_EXIT, UsageError, interrupted, run_command, run_tool
+from delf_tools.cli_index import ID_COLUMN_MAX, _client, _count, index_commands  # noqa: F401 - cli's names
+from delf_tools.cli_json import print_json
 
 GLOBAL_DEFAULTS = {"gateway": None, "timeout": 300.0, "token": None, "tls_ca": None}
 # Commands implemented by other modules, which parse their own arguments.
 TOOL_COMMANDS = ("up", "fit-pca", "train-attention", "finetune", "eval")
 STATE_NAMES = {0: "UNSPECIFIED", 1: "RECEIVING", 2: "RUNNING", 3: "COMPLETED", 4: "CANCELLED"}
-# The image id column of `delf search` is as wide as the longest id, up to this many
-# columns; longer ids are shortened in the middle with an ellipsis (--wide: never).
-ID_COLUMN_MAX = 48
+# The commands whose result --json prints as one JSON document (delf_tools.cli_json).
+JSON_COMMANDS = ("ingest", "resume", "job", "jobs", "cancel", "search", "add", "get", "delete", "stats", "images")
+JOBS_DEFAULT = 20  # what `delf jobs` prints without --limit
+JOB_RECEIVING, JOB_COMPLETED, JOB_CANCELLED = 1, 3, 4  # delf.v1.JobState
 SIGPIPE_EXIT = 141  # 128 + SIGPIPE: what a shell reports for a tool whose reader went away
 
 
-def _client(args):
-    from delf_common.client import DelfClient
-
-    return DelfClient(args.gateway, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca)
-
-
-def _top_k(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a whole number, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"must be at least 1, got {value}")
-    return value
 
 
 def _seconds(text: str) -> float:
@@ -74,35 +64,8 @@ def _seconds(text: str) -> float:
     return value
 
 
-def _photo_file(text: str, command: str) -> Path:
-    """`text` as the path of one photo to read, or UsageError saying what is wrong with it."""
-    path = Path(text)
-    if path.is_dir():
-        raise UsageError(f"{path} is a folder; {command} takes one photo "
-                         f"(`delf ingest {path}` indexes every photo below a folder)")
-    if not path.exists():
-        raise UsageError(f"{path}: no such file")
-    if not path.is_file():
-        raise UsageError(f"{path} is not a regular file")
-    return path
-
-
-def _box(text: str) -> tuple[float, float, float, float]:
-    try:
-        x0, y0, x1, y1 = (float(v) for v in text.split(","))
-    except ValueError:
-        raise argparse.ArgumentTypeError("expected four numbers x0,y0,x1,y1") from None
-    return x0, y0, x1, y1
-
-
-def _pair(text: str) -> tuple[str, str]:
-    key, sep, value = text.partition("=")
-    if not sep or not key:
-        raise argparse.ArgumentTypeError(f"expected KEY=VALUE, got {text!r}")
-    return key, value
-
-
-def _print_job(job, out=sys.stdout) -> None:
+def _print_job(job, out=None) -> None:
+    out = out or sys.stdout  # the stdout of the moment (a test's capture, a redirection)
     stalled = f" (STALLED: no progress for {job.idle_s:.0f} s)" if job.stalled else ""
     print(f"job {job.job_id}: {STATE_NAMES.get(job.state, job.state)}{stalled}", file=out)
     indexed = job.done - job.unchanged - job.duplicates_skipped  # done: indexed, unchanged or skipped
@@ -118,37 +81,38 @@ def _print_job(job, out=sys.stdout) -> None:
     out.flush()
 
 
-def cmd_ingest(args) -> int:
-    from tqdm import tqdm
-
+def _ingest_source(args) -> tuple[Path, bool, int]:
+    """(the folder or manifest, whether it is a manifest, how many photos), or UsageError."""
     from delf_common.client import photos_in
     from delf_common.manifest import ManifestError, is_manifest, read_manifest
 
     folder = Path(args.path)
     if not folder.exists():
-        raise UsageError(f"{folder}: no such folder or file")
+        raise UsageError(f"no such file or folder: {folder}")
     manifest = folder.is_file() and is_manifest(folder)
     if not folder.is_dir() and not manifest:
-        print(f"delf ingest: {folder} is neither a folder nor a .csv/.jsonl manifest", file=sys.stderr)
-        return 2
+        raise UsageError(f"{folder} is neither a folder nor a manifest (.csv, .tsv or .jsonl)")
     if args.server_paths and not manifest:
-        print("delf ingest: --server-paths applies to manifests only", file=sys.stderr)
-        return 2
+        raise UsageError("--server-paths applies to manifests only")
     if manifest:
         try:  # every problem of the manifest, with line numbers, before anything is sent
-            n = len(read_manifest(folder, check_files=not args.server_paths))
+            return folder, True, len(read_manifest(folder, check_files=not args.server_paths))
         except ManifestError as exc:
-            print(f"delf ingest: bad manifest:\n{exc}", file=sys.stderr)
-            return 2
-    else:
-        n = len(photos_in(folder))
-        if n == 0:
-            print(f"delf ingest: no photos (jpg, png, webp, bmp, tif, gif) below {folder}", file=sys.stderr)
-            return 2
+            raise UsageError(f"bad manifest:\n{exc}") from None
+    n = len(photos_in(folder))
+    if n == 0:
+        raise UsageError(f"no photos (jpg, png, webp, bmp, tif, gif) below {folder}")
+    return folder, False, n
+
+
+def cmd_ingest(args) -> int:
+    from tqdm import tqdm
+
+    folder, manifest, n = _ingest_source(args)
     client = _client(args)
     named: list[str] = []
     with tqdm(total=n, desc="upload", unit="photo", disable=args.quiet) as bar:
-        sent = lambda i, total: bar.update(1)  # noqa: E731
+        sent = lambda i, total: bar.update(1)  # noqa: E731 - a one-line helper
 
         def on_job(job_id: str) -> None:
             named.append(job_id)
@@ -168,7 +132,8 @@ def cmd_ingest(args) -> int:
             else:
                 interrupted("stopped before the gateway named a job: nothing to resume; run the command again")
             return INTERRUPTED_EXIT
-    print(f"job {job.job_id}" + (f" (resumed: {job.resent} re-sent by the server)" if args.resume else ""))
+    if not args.json:
+        print(f"job {job.job_id}" + (f" (resumed: {job.resent} re-sent by the server)" if args.resume else ""))
     if args.resume and job.awaiting_upload:
         print(f"  {job.awaiting_upload} unfinished photos of this job were sent as bytes and are not in "
               f"{folder}: send them with `delf ingest PATH --resume {job.job_id}`", file=sys.stderr)
@@ -176,149 +141,124 @@ def cmd_ingest(args) -> int:
 
 
 def _watch(client, job, args, resume: str) -> int:
-    """Progress until the job ends; Ctrl-C stops waiting (the job goes on) and says how to
-    follow it. `resume`: the command that continues the job should it stall."""
+    """Progress until the job ends, then its summary (--json: the last Job); Ctrl-C stops
+    waiting (the job goes on) and says how to follow it. `resume`: the command that
+    continues the job should it stall. Without --wait: the summary of `job` at once."""
     from tqdm import tqdm
 
-    if not args.wait:
-        return 0
-    told = False
-    job_id = job.job_id
-    try:
-        with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
-            for job in client.watch_job(job_id):
-                bar.update(job.done + job.failed - bar.n)
-                if job.stalled and not told:  # say so once, keep waiting: it may move again
-                    bar.write(f"job {job_id} stalled: {job.hint}\n(still waiting; Ctrl-C stops "
-                              f"waiting, the job goes on)", file=sys.stderr)
-                told = job.stalled
-    except KeyboardInterrupt:
-        interrupted(f"stopped waiting; job {job_id} goes on without this command. "
-                     f"`delf job {job_id}` shows its progress; if it stalls, `{resume}` continues it")
-        return INTERRUPTED_EXIT
-    _print_job(job)
-    return 0 if job.failed == 0 else 1
+    if args.wait:
+        told = False
+        job_id = job.job_id
+        try:
+            with tqdm(total=job.total, desc="index", unit="photo", disable=args.quiet) as bar:
+                for job in client.watch_job(job_id):
+                    bar.update(job.done + job.failed - bar.n)
+                    if job.stalled and not told:  # say so once, keep waiting: it may move again
+                        bar.write(f"job {job_id} stalled: {job.hint}\n(still waiting; Ctrl-C stops "
+                                  f"waiting, the job goes on)", file=sys.stderr)
+                    told = job.stalled
+        except KeyboardInterrupt:
+            interrupted(f"stopped waiting; job {job_id} goes on without this command. "
+                         f"`delf job {job_id}` shows its progress; if it stalls, `{resume}` continues it")
+            return INTERRUPTED_EXIT
+    if args.json:
+        print_json(job)
+    elif args.wait:
+        _print_job(job)
+    return 0 if job.failed == 0 or not args.wait else 1
 
 
 def cmd_resume(args) -> int:
+    """Resumes only what needs it: a finished job is finished, a moving one is left alone
+    (its photos are queued or in progress), a stalled or interrupted one is resumed."""
     client = _client(args)
+    job = client.get_job(args.job_id)
+    verdict = resume_verdict(job)
+    if verdict is not None:
+        if args.json:
+            print_json({"job": job, "resumed": False, "reason": verdict})
+        else:
+            print(verdict, flush=True)
+        return 0
     job = client.resume_job(args.job_id)
-    print(f"job {job.job_id}: resumed, {job.resent} photos sent to the workers again", flush=True)
+    if not args.json:
+        print(f"job {job.job_id}: resumed, {job.resent} photos sent to the workers again", flush=True)
     if job.awaiting_upload:
         # Only the client has these photos: the job cannot complete until they are streamed
         # again, so waiting for it here would wait forever.
         print(f"  {job.awaiting_upload} unfinished photos were sent as bytes, which the server does not "
-              f"keep: the job completes once they are sent again with "
-              f"`delf ingest PATH --resume {job.job_id}` (PATH: the folder or manifest it was started "
-              f"from; photos already done are skipped)", file=sys.stderr)
+              f"keep, and their tasks are lost (neither queued nor held by a worker): the job completes "
+              f"once they are sent again with `delf ingest PATH --resume {job.job_id}` (PATH: the folder or "
+              f"manifest it was started from; photos already done are skipped)", file=sys.stderr)
+        if args.json:
+            print_json({"job": job, "resumed": True, "reason": "photos sent as bytes must be sent again"})
         return 1
     return _watch(client, job, args, resume=f"delf resume {job.job_id}")
 
 
+def resume_verdict(job) -> str | None:
+    """Why `delf resume` leaves this job alone (finished, or moving: its unfinished photos
+    are queued or in progress), or None when it needs resuming (stalled, interrupted)."""
+    left = max(job.total - job.done - job.failed, 0)
+    if job.state == JOB_COMPLETED:
+        return (f"job {job.job_id} is finished: {job.done} indexed, {job.failed} failed; nothing to resume "
+                f"(`delf job {job.job_id}` lists its errors)")
+    if job.stalled or job.state == JOB_CANCELLED:
+        return None  # stalled, or cancelled: ResumeJob resumes an interrupted one, refuses the rest
+    if job.state == JOB_RECEIVING:
+        if job.idle_s >= contract.RESUME_STREAM_IDLE_S:  # the gateway's rule for a live stream
+            return None  # its stream stopped: resumed
+        return (f"job {job.job_id} is still receiving photos from its client ({job.total} so far); "
+                f"nothing to resume; watch it with `delf job {job.job_id} --watch`")
+    return (f"job {job.job_id} is moving: {left} queued or in progress, {job.done} done, {job.failed} failed; "
+            f"nothing to resume; watch it with `delf job {job.job_id} --watch` (should it stall, no photo "
+            f"finished for DELF_JOB_STALLED_AFTER_S, `delf resume {job.job_id}` re-sends what was lost)")
+
+
 def cmd_job(args) -> int:
-    _print_job(_client(args).get_job(args.job_id))
+    client = _client(args)
+    job = client.get_job(args.job_id)
+    if args.watch:
+        args.wait = True
+        return _watch(client, job, args, resume=f"delf resume {job.job_id}")
+    if args.json:
+        print_json(job)
+    else:
+        _print_job(job)
     return 0
 
 
 def cmd_cancel(args) -> int:
-    _print_job(_client(args).cancel_job(args.job_id))
+    job = _client(args).cancel_job(args.job_id)
+    if args.json:
+        print_json(job)
+    else:
+        _print_job(job)
     return 0
 
 
-def cmd_search(args) -> int:
-    if (args.photo is None) == (args.id is None):
-        print("delf search: give a PHOTO or --id ID (one of them)", file=sys.stderr)
-        return 2
-    if args.show is not None and Path(args.show).suffix.lower() not in (".png", ".html", ".htm"):
-        print(f"delf search: --show writes a .png or an .html file, not {args.show}", file=sys.stderr)
-        return 2
-    if args.show is not None:  # before the search, not after it
-        folder = Path(args.show).expanduser().parent
-        if not folder.is_dir():
-            raise UsageError(f"--show {args.show}: the folder {folder} does not exist")
-        if not os.access(folder, os.W_OK):
-            raise UsageError(f"--show {args.show}: cannot write in the folder {folder}")
-    photo = None if args.photo is None else _photo_file(args.photo, "search")
-    client = _client(args)
-    response = client.search(photo, image_id=args.id, top_k=args.top_k, box=args.box,
-                             filter=dict(args.filter), correspondences=args.show is not None)
-    print(f"{len(response.matches)} matches ({response.query_features} query features, "
-          f"{response.elapsed_s:.2f} s)")
-    limit = None if args.wide else ID_COLUMN_MAX
-    ids = [_fit(m.image_id, limit) for m in response.matches]
-    width = max([len("image id"), *(_width(i) for i in ids)])
-    print(f"{'rank':>4}  {_pad('image id', width)} {'score':>6} {'votes':>6} {'inliers':>7}  {'verified':<8} "
-          "region corners (TL TR BR BL)")
-    for rank, (m, image_id) in enumerate(zip(response.matches, ids), 1):
-        corners = " ".join(f"({p.x:.0f},{p.y:.0f})" for p in m.corners) or "-"
-        print(f"{rank:>4}  {_pad(image_id, width)} {m.score:>6.2f} {m.votes:>6} {m.inliers:>7}  "
-              f"{'yes' if m.verified else 'no':<8} {corners}")
-    if response.matches:
-        print(f"score: 0-1 from votes and RANSAC inliers, one scale for every row; verified from "
-              f"{response.verified_score:.2f} (docs/METHOD.md)")
-    if any(i != m.image_id for i, m in zip(ids, response.matches)):
-        print("(long ids are shortened in the middle with …; --wide prints them whole)", file=sys.stderr)
-    if args.show is not None:
-        from delf_tools.show import write_show
+def cmd_jobs(args) -> int:
+    """The newest jobs (--limit, 0: all), a page at a time."""
+    import datetime
 
-        print(f"evidence drawn in {write_show(args.show, client, response, photo, args.id, args.box)}")
-    return 0
-
-
-def _width(text: str) -> int:
-    """Terminal columns of `text`: wide (CJK) characters take two, combining marks none."""
-    return sum(0 if unicodedata.combining(c) else 2 if unicodedata.east_asian_width(c) in "WF" else 1
-               for c in text)
-
-
-def _pad(text: str, width: int) -> str:
-    return text + " " * (width - _width(text))
-
-
-def _fit(text: str, limit: int | None) -> str:
-    """`text` printable in one table cell: control characters escaped, and when `limit` is
-    given, at most `limit` columns, shortened in the middle ("start...end")."""
-    text = "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-    if limit is None or _width(text) <= limit:
-        return text
-    head, tail = "", ""
-    for c in text:  # the start gets half the room, the end what is left
-        if _width(head + c) > (limit - 1) // 2:
+    client, jobs, token = _client(args), [], args.after or ""
+    while True:
+        want = contract.JOBS_PAGE_MAX if not args.limit else min(args.limit - len(jobs), contract.JOBS_PAGE_MAX)
+        page = client.list_jobs(want, token)
+        jobs.extend(page.jobs)
+        token = page.next_page_token
+        if not token or (args.limit and len(jobs) >= args.limit):
             break
-        head += c
-    for c in reversed(text):
-        if _width(head) + _width(c + tail) > limit - 1:
-            break
-        tail = c + tail
-    return head + "\u2026" + tail
-
-
-def cmd_add(args) -> int:
-    meta = dict(args.meta)
-    info = _client(args).add_image(args.image_id, _photo_file(args.photo, "add"), meta)
-    print(f"added {info.image_id}: {info.width}x{info.height}, {info.num_features} features")
-    return 0
-
-
-def cmd_get(args) -> int:
-    info = _client(args).get_image(args.image_id)
-    print(f"{info.image_id}: {info.width}x{info.height}, {info.num_features} features, pca {info.pca_id}")
-    for k, v in sorted(info.metadata.items()):
-        print(f"  {k} = {v}")
-    return 0
-
-
-def cmd_delete(args) -> int:
-    reply = _client(args).delete_image(args.image_id)
-    print(f"deleted {reply.image_id} ({reply.descriptors_removed} descriptors)")
-    return 0
-
-
-def cmd_stats(args) -> int:
-    s = _client(args).stats()
-    print(f"images {s.images}  descriptors {s.descriptors}  model {s.model}  pca {s.pca_id}")
-    for queue, depth in sorted(s.queue_depths.items()):
-        print(f"  queue {queue}: {depth} waiting")
+    if args.json:
+        print_json({"jobs": jobs, "next_page_token": token})
+        return 0
+    print(f"{'job id':<32}  {'state':<9} {'total':>6} {'indexed':>7} {'failed':>6}  created (UTC)")
+    for j in jobs:
+        created = datetime.datetime.fromtimestamp(j.created_at, datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S")
+        print(f"{j.job_id:<32}  {STATE_NAMES.get(j.state, j.state):<9} {j.total:>6} {j.done:>7} {j.failed:>6}  "
+              f"{created}{'  STALLED' if j.stalled else ''}")
+    more = f"; older ones: `delf jobs --after {token}`" if token else ""
+    print(f"{len(jobs)} job{'s' if len(jobs) != 1 else ''}{more}", file=sys.stderr)
     return 0
 
 
@@ -328,13 +268,16 @@ def parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     _tool_commands(sub)
     _job_commands(sub)
-    _index_commands(sub)
+    index_commands(sub)
     add_duplicates_command(sub)
     # The global options after the command too (`delf search photo.jpg --gateway HOST`):
     # there they default to "not given", so they never undo one given before the command.
     for name, command in sub.choices.items():
         if name not in TOOL_COMMANDS:
             _global_options(command, dict.fromkeys(GLOBAL_DEFAULTS, argparse.SUPPRESS))
+        if name in JSON_COMMANDS:
+            command.add_argument("--json", action="store_true",
+                                 help="print the result as one JSON document on stdout (nothing else there)")
     return p
 
 
@@ -365,10 +308,11 @@ def _tool_commands(sub) -> None:
 
 
 def _job_commands(sub) -> None:
-    s = sub.add_parser("ingest", help="index every photo below a folder, or listed in a .csv/.jsonl "
+    s = sub.add_parser("ingest", help="index every photo below a folder, or listed in a .csv/.tsv/.jsonl "
                                       "manifest, as one asynchronous job")
-    s.add_argument("path", help="a folder, or a manifest: .csv (columns id, location, metadata ...) or "
-                                ".jsonl ({\"id\", \"location\", \"metadata\"} per line)")
+    s.add_argument("path", help="a folder, or a manifest: .csv (columns id, location, metadata ...), .tsv "
+                                "(location or path, optional id; as `delf eval` reads them) or .jsonl "
+                                "({\"id\", \"location\", \"metadata\"} per line)")
     s.add_argument("--server-paths", action="store_true",
                    help="manifest file paths are read by the server (under its DELF_INGEST_ROOTS), "
                         "sent as written; default: this client reads them and sends the bytes")
@@ -378,8 +322,8 @@ def _job_commands(sub) -> None:
     s.add_argument("--quiet", action="store_true", help="no progress bars")
     s.set_defaults(func=cmd_ingest)
 
-    s = sub.add_parser("resume", help="re-send an interrupted job's unfinished photos (finished ones "
-                                      "are not redone)")
+    s = sub.add_parser("resume", help="re-send a stalled or interrupted job's lost photos (a job still "
+                                      "moving is left alone; finished photos are not redone)")
     s.add_argument("job_id")
     s.add_argument("--no-wait", dest="wait", action="store_false", help="return at once")
     s.add_argument("--quiet", action="store_true", help="no progress bar")
@@ -387,45 +331,19 @@ def _job_commands(sub) -> None:
 
     s = sub.add_parser("job", help="a job's state and errors")
     s.add_argument("job_id")
+    s.add_argument("--watch", action="store_true", help="follow its progress until it ends")
+    s.add_argument("--quiet", action="store_true", help="with --watch: no progress bar")
     s.set_defaults(func=cmd_job)
+
+    s = sub.add_parser("jobs", help="the newest jobs (id, state, counts, when created)")
+    s.add_argument("--limit", type=_count, default=JOBS_DEFAULT, metavar="N",
+                   help="at most N jobs (default: %(default)s; 0: all the gateway keeps)")
+    s.add_argument("--after", default=None, metavar="JOB_ID", help="start after this job (older ones)")
+    s.set_defaults(func=cmd_jobs)
 
     s = sub.add_parser("cancel", help="stop a job (photos not yet processed are skipped)")
     s.add_argument("job_id")
     s.set_defaults(func=cmd_cancel)
-
-
-def _index_commands(sub) -> None:
-    s = sub.add_parser("search", help="photos showing the same place or object as PHOTO")
-    s.add_argument("photo", nargs="?", default=None)
-    s.add_argument("--id", default=None, metavar="ID", help="search with an indexed photo instead of PHOTO")
-    s.add_argument("--top-k", type=_top_k, default=10, help="how many matches, at least 1 (default: %(default)s)")
-    s.add_argument("--box", type=_box, default=None, help="x0,y0,x1,y1: search only this region of PHOTO")
-    s.add_argument("--filter", type=_pair, action="append", default=[], metavar="KEY=VALUE",
-                   help="only photos whose metadata has KEY=VALUE (repeat: all must hold)")
-    s.add_argument("--show", default=None, metavar="FILE.png|FILE.html",
-                   help="also draw each match beside the query: the matched region outlined, RANSAC "
-                        "inliers joined by lines, score, inliers and verified written on it (a PNG, or one "
-                        "self-contained HTML page)")
-    s.add_argument("--wide", action="store_true",
-                   help=f"print image ids whole (default: ids over {ID_COLUMN_MAX} columns are shortened)")
-    s.set_defaults(func=cmd_search)
-
-    s = sub.add_parser("add", help="index one photo under an id (replaces an existing one)")
-    s.add_argument("image_id")
-    s.add_argument("photo")
-    s.add_argument("--meta", type=_pair, action="append", default=[], metavar="KEY=VALUE")
-    s.set_defaults(func=cmd_add)
-
-    s = sub.add_parser("get", help="what the index holds for an id")
-    s.add_argument("image_id")
-    s.set_defaults(func=cmd_get)
-
-    s = sub.add_parser("delete", help="remove an id from the index")
-    s.add_argument("image_id")
-    s.set_defaults(func=cmd_delete)
-
-    s = sub.add_parser("stats", help="index size and queue depths")
-    s.set_defaults(func=cmd_stats)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -82,7 +82,7 @@ def run_command(args: argparse.Namespace) -> int:
     except KeyboardInterrupt:
         interrupted(f"{command}: interrupted")
         return INTERRUPTED_EXIT
-    except Exception as exc:  # noqa: BLE001 - the contract: a message, never a traceback
+    except Exception as exc:  # the contract: a message, never a traceback
         if os.environ.get("DELF_TRACEBACK"):
             raise
         print(f"{command}: unexpected error: {type(exc).__name__}: {exc} "

@@ -55,9 +55,6 @@ from delf_tools.eval_report import write_report
 from delf_tools.eval_set import TOP_K, EvalError, Photo, load_photos
 from delf_tools.evaluation import queries_and_positives
 # Also reachable as `eval_command.<name>` (tests and benchmark scripts use them).
-from delf_tools.eval_local import ExactVoter, LocalFeatures, rerank  # noqa: F401
-from delf_tools.eval_metrics import RECALL_LEVELS, interpolated_pr, precision_at, recall_at  # noqa: F401
-from delf_tools.eval_set import MethodRun  # noqa: F401
 
 METHODS = ("delf", "global-gem", "sift")
 

@@ -93,7 +93,7 @@ class GemExtractor:
         from delf_extractor import models
 
         class HeadOutput(nn.Module):  # the full network's last feature map, before pooling / fc
-            def __init__(self, net: models.EfficientNetLite0):
+            def __init__(self, net: models.EfficientNetLite):
                 super().__init__()
                 self.net = net
 
@@ -105,7 +105,7 @@ class GemExtractor:
         self.cfg = dataclasses.replace(base, name="effnet-lite0-gem", layer="head", channels=1280,
                                        scales=tuple(scales))
         self.device = models.resolve_device(device)
-        backbone = HeadOutput(models.load_lite0(None, pretrained=pretrained))
+        backbone = HeadOutput(models.load_lite(0, None, pretrained=pretrained))
         self.net = models.DelfNet(self.cfg, backbone, None).eval().to(self.device)
         self.p = p
 
@@ -140,7 +140,7 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
     for n, p in enumerate(photos, 1):
         try:
             vectors[p.image_id] = gem(load_rgb(p.path))
-        except Exception as exc:  # a photo the system would refuse too
+        except Exception as exc:  # noqa: BLE001 - a photo the system would refuse too
             log(f"global-gem: skipped {p.rel}: {exc}")
         if n % 20 == 0:
             log(f"global-gem: {n}/{len(photos)} photos")
@@ -174,10 +174,10 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
         finally:
             client.close()
             try:
-                from milvus_lite.server_manager import server_manager_instance
+                from delf_indexer.lite import release_server
 
-                server_manager_instance.release_server(uri)
-            except Exception:  # pragma: no cover - depends on milvus-lite internals
+                release_server(uri)
+            except Exception:  # noqa: BLE001 - best effort: the temporary file goes anyway
                 pass
     return MethodRun(rankings, latencies, ingest_s, len(vectors))
 
@@ -189,7 +189,7 @@ def run_sift(photos: list[Photo], queries: dict[str, set[str]], top_k: int = TOP
     for n, p in enumerate(photos, 1):
         try:
             feats[p.image_id] = rootsift(load_rgb(p.path))
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001 - a photo the system would refuse too
             log(f"sift: skipped {p.rel}: {exc}")
         if n % 20 == 0:
             log(f"sift: {n}/{len(photos)} photos")

@@ -16,35 +16,27 @@ import re
 from collections import Counter
 from pathlib import Path
 
+from delf_common.manifest import read_table
+
 
 def read_manifest(path: str | Path) -> list[tuple[str, str]]:
-    """(relative photo path, group) for each row of a MANIFEST.tsv."""
-    lines = Path(path).read_text().splitlines()
-    header = lines[0].split("\t")
-    try:
-        ip, ig = header.index("path"), header.index("group")
-    except ValueError:
-        raise ValueError(f"{path}: the header needs 'path' and 'group' columns, got {header}") from None
-    rows = [line.split("\t") for line in lines[1:] if line.strip()]
-    return [(r[ip], r[ig]) for r in rows]
+    """(relative photo path, group) for each row of a MANIFEST.tsv (read as `delf ingest`
+    reads one: delf_common.manifest.read_table)."""
+    rows = read_table(path)
+    header = list(rows[0]) if rows else []
+    if rows and not {"path", "group"} <= set(header):
+        raise ValueError(f"{path}: the header needs 'path' and 'group' columns, got {header}")
+    return [(r["path"], r["group"]) for r in rows]
 
 
 def read_conditions(path: str | Path) -> dict[str, str]:
     """{relative photo path: condition} of the rows of a MANIFEST.tsv that name one."""
-    lines = Path(path).read_text().splitlines()
-    header = lines[0].split("\t")
-    ip = header.index("path")
-    ic = header.index("condition") if "condition" in header else None
-    inote = header.index("note") if "note" in header else None
     out = {}
-    for line in lines[1:]:
-        r = line.split("\t")
-        if not line.strip() or len(r) <= ip:
-            continue
-        if ic is not None and len(r) > ic and r[ic].strip():
-            out[r[ip]] = r[ic].strip()
-        elif inote is not None and len(r) > inote and r[inote].startswith("cond="):
-            out[r[ip]] = re.split(r"[\s;(]", r[inote][5:], maxsplit=1)[0]
+    for r in read_table(path):
+        if r.get("condition", "").strip():
+            out[r["path"]] = r["condition"].strip()
+        elif r.get("note", "").startswith("cond="):
+            out[r["path"]] = re.split(r"[\s;(]", r["note"][5:], maxsplit=1)[0]
     return out
 
 

@@ -7,7 +7,8 @@ Starts, in this order:
    ``$DELF_DATA_DIR/redis``, so that queued jobs survive a restart;
 2. the Celery workers: extractors, one indexer (Milvus Lite is single-process),
    verifiers;
-3. the gRPC gateway.
+3. the gRPC gateway;
+4. the HTTP/JSON API and web console (`web_child`, unless ``--no-web``).
 
 Before the workers start, tasks a previous run's workers held unacknowledged (a
 `delf up` killed with its workers) are handed out again (`orphans`). It prints one
@@ -39,16 +40,16 @@ from pathlib import Path
 from typing import IO
 
 from delf_common import config
-from delf_tools import logsink
+from delf_tools import logsink, web_child
 from delf_tools.broker import embedded_redis_argv, free_port, port_in_use, redacted
 from delf_tools.children import Child, ChildSpec, Events
 from delf_tools.logsink import LogSink
 from delf_tools.logsink import say as _say
 from delf_tools.readiness import (LaunchError, Readiness, check_listen_addr, dial_addr, health_tls_roots,
-                                   positive_int, redis_server_path, write_ready_file)
+                                   redis_server_path, write_ready_file)
 from delf_tools.restarts import Restarter
+from delf_tools.up_options import build_parser
 
-DEFAULT_REDIS_PORT = 6399
 STOP_GRACE_S = 15.0        # a child's time to exit after SIGTERM (Celery warm shutdown)
 BROKER_WAIT_S = 30.0       # time for the broker to answer a ping
 PROGRESS_EVERY_S = 20.0    # how often to say what startup is still waiting for
@@ -70,6 +71,7 @@ class Launcher:
         self.stop_signal: int | None = None
         self.data_dir = Path(opts.data_dir).expanduser().resolve()
         self.grpc_addr: str = opts.grpc_addr
+        self.http_addr: str | None = None if getattr(opts, "no_web", False) else opts.http_addr
         self.redis_url: str = ""
         self._lock_file: IO[str] | None = None
         self._ready_file: Path | None = None
@@ -111,6 +113,11 @@ class Launcher:
 
     def _prepare(self) -> None:
         check_listen_addr(self.grpc_addr)  # malformed, or another process serves it: fail before starting
+        if self.http_addr is not None and web_child.missing():
+            _say(f"the web console is not started: {web_child.missing()}")
+            self.http_addr = None
+        if self.http_addr is not None:
+            self.http_addr = web_child.choose_addr(self.http_addr)
         self.data_dir.mkdir(parents=True, exist_ok=True)
         # One `delf up` per data dir: Milvus Lite and the Redis append-only file
         # cannot be shared by two of them.
@@ -219,6 +226,8 @@ class Launcher:
                 "-Q", queue_name("verify"), "--pool", "threads", "--concurrency", "2",
                 *common, "-n", f"{node}@%h"], node=f"{node}@{host}"))
         specs.append(ChildSpec("gateway", [py, "-m", "delf_gateway"]))
+        if self.http_addr is not None:
+            specs.append(web_child.spec())
         return specs
 
     def _spawn(self, spec: ChildSpec, env: dict[str, str] | None = None) -> Child:
@@ -236,13 +245,17 @@ class Launcher:
         # One machine, several services: each gets its own /metrics port, counting up
         # from DELF_METRICS_PORT in the order started (they would collide on one port).
         base = config.get("DELF_METRICS_PORT")
-        if base:
-            _say("metrics: " + ", ".join(f"{s.name} :{base + i}" for i, s in enumerate(specs)))
+        if base:  # the web service (last) serves no /metrics of its own
+            _say("metrics: " + ", ".join(f"{s.name} :{base + i}" for i, s in enumerate(specs)
+                                         if s.name != web_child.NAME))
         self._restore_tasks({q for s in specs for q in s.queues}, ask_workers=self.redis is None,
                             why="the workers of a previous run held when they stopped")
         self._started_at = time.monotonic()
         for i, spec in enumerate(specs):
-            self._extra_env[spec.name] = {"DELF_METRICS_PORT": str(base + i)} if base else {}
+            metered = base and spec.name != web_child.NAME
+            self._extra_env[spec.name] = {"DELF_METRICS_PORT": str(base + i)} if metered else {}
+            if spec.name == web_child.NAME and self.http_addr is not None:
+                self._extra_env[spec.name].update(web_child.env(self.http_addr, self.grpc_addr))
             self.children.append(self._spawn(spec, self._extra_env[spec.name]))
 
     def _restore_tasks(self, queues: set[str], ask_workers: bool, why: str,
@@ -271,6 +284,7 @@ class Launcher:
         probe = Readiness(dial_addr(self.grpc_addr), health_tls_roots())
         self.restarter = Restarter(self._respawn, self._restore_held, lambda c: self._is_back(probe, c))
         waiting_nodes = {c.spec.node for c in self.children if c.spec.node}
+        waiting_nodes |= {web_child.NAME} if self.http_addr is not None else set()
         gateway_ready = False
         ready = False
         started = self._started_at
@@ -293,8 +307,10 @@ class Launcher:
 
                 if not gateway_ready:
                     gateway_ready = probe.gateway_serving()
-                if waiting_nodes:
-                    waiting_nodes -= probe.answering(waiting_nodes)
+                if web_child.NAME in waiting_nodes and web_child.serving(self.http_addr):
+                    waiting_nodes.discard(web_child.NAME)
+                if waiting_nodes - {web_child.NAME}:
+                    waiting_nodes -= probe.answering(waiting_nodes - {web_child.NAME})
                 if gateway_ready and not waiting_nodes:
                     ready = True
                     self._announce_ready(time.monotonic() - started)
@@ -332,6 +348,8 @@ class Launcher:
             return bool(probe.answering({child.spec.node}))
         if child.name == "gateway":
             return probe.gateway_serving()
+        if child.name == web_child.NAME and self.http_addr is not None:
+            return web_child.serving(self.http_addr)
         return True
 
     def _announce_ready(self, elapsed: float) -> None:
@@ -341,6 +359,7 @@ class Launcher:
             "redis_url": redacted(self.redis_url),
             "data_dir": str(self.data_dir),
             "pid": os.getpid(),
+            "web": web_child.url(self.http_addr) if self.http_addr is not None else None,
             "children": {c.name: c.pid for c in self.children + ([self.redis] if self.redis else [])},
         }
         if self._ready_file is not None:
@@ -349,14 +368,16 @@ class Launcher:
         if self.sink is not None:
             self.sink.show_warnings = True  # from now on a warning is news, not startup
         gateway = dial_addr(self.grpc_addr)
+        web = f", web console {web_child.url(self.http_addr)}" if self.http_addr is not None else ""
         if gateway != config.get("DELF_GATEWAY"):
             _say(f"clients: export DELF_GATEWAY={gateway}")
         if logsink.json_lines():
             from delf_common import logs
 
-            print(logs.json_line("up", f"DELF is up: gateway {gateway}", "INFO", gateway=gateway), flush=True)
+            print(logs.json_line("up", f"DELF is up: gateway {gateway}{web}", "INFO", gateway=gateway,
+                                 web=web_child.url(self.http_addr) if web else None), flush=True)
         else:
-            print(f"DELF is up: gateway {gateway} (Ctrl-C to stop)", flush=True)
+            print(f"DELF is up: gateway {gateway}{web} (Ctrl-C to stop)", flush=True)
 
     def _child_died(self, child: Child) -> LaunchError:
         lines = [f"{child.name} stopped unexpectedly ({child.describe_exit()})"]
@@ -435,43 +456,6 @@ class Launcher:
 
 
 # --------------------------------------------------------------------------- CLI
-
-
-def build_parser(prog: str = "delf up") -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
-        prog=prog,
-        description="Start the whole DELF system on this machine: a broker (embedded Redis "
-                    "unless DELF_REDIS_URL is set), the extractor, indexer and verifier "
-                    "workers and the gRPC gateway. Ctrl-C stops it.",
-    )
-    parser.add_argument("--grpc-addr", default=config.get("DELF_GRPC_ADDR"),
-                        help="address the gateway listens on (default: DELF_GRPC_ADDR, "
-                             "%(default)s)")
-    parser.add_argument("--data-dir", default=config.get("DELF_DATA_DIR"),
-                        help="folder for local state: Milvus Lite, the embedded Redis, logs "
-                             "(default: DELF_DATA_DIR, %(default)s)")
-    parser.add_argument("--redis-port", type=int, default=DEFAULT_REDIS_PORT,
-                        help="port of the embedded Redis, used when DELF_REDIS_URL is not set; "
-                             "0 or a taken port: a free one (default: %(default)s)")
-    parser.add_argument("--extractors", type=positive_int, default=1,
-                        help="number of extractor workers (default: %(default)s)")
-    parser.add_argument("--verifiers", type=positive_int, default=1,
-                        help="number of verifier workers, 2 threads each (default: %(default)s)")
-    parser.add_argument("--log-dir", nargs="?", const="", default="", metavar="DIR",
-                        help="each service's output goes to DIR/<service>.log, lines reporting a "
-                             "problem to the terminal too (default: DATA_DIR/logs)")
-    parser.add_argument("--console-logs", action="store_true",
-                        help="every service's output on the terminal instead, prefixed with its name")
-    parser.add_argument("--ready-file", metavar="PATH",
-                        help="write this file (JSON: gateway address, broker, pids) once "
-                             "everything is ready; it is removed on exit")
-    parser.add_argument("--no-restart", action="store_true",
-                        help="stop everything when a service dies (default: restart it, with "
-                             "backoff, unless it dies 5 times within 2 minutes)")
-    parser.add_argument("--ready-timeout", type=float, default=600.0, metavar="S",
-                        help="give up when not ready after this many seconds "
-                             "(default: %(default)s)")
-    return parser
 
 
 def main(argv: list[str] | None = None, prog: str = "delf up") -> int:

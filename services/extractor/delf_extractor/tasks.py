@@ -95,7 +95,7 @@ def warm_up() -> None:
         rng = np.random.default_rng(0)
         picture = (rng.random((96, 128, 3)) * 255).astype(np.uint8).repeat(2, 0).repeat(2, 1)
         get_batcher().warm_up(picture)
-    except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves, slowly at first
+    except Exception:  # a worker that cannot warm up still serves, slowly at first
         log.exception("warm-up pass failed")
         return
     log.info("warmed up: one pass of the network in %.1f s", time.perf_counter() - t)

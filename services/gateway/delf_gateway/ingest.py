@@ -22,7 +22,7 @@ import time
 import grpc
 
 from delf_common import celery_app as tasks
-from delf_common import config, contract, parked, tracing
+from delf_common import config, contract, inflight, parked, tracing
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
@@ -36,7 +36,7 @@ RESUME_METADATA_KEY = "delf-resume-job"
 # Initial metadata of a StartIngestJob answer: the job's id, sent before the stream is read.
 JOB_ID_METADATA_KEY = "delf-job-id"
 # A RECEIVING job whose last item arrived this recently may still have a live stream.
-RESUME_STREAM_IDLE_S = 30.0
+RESUME_STREAM_IDLE_S = contract.RESUME_STREAM_IDLE_S
 # How long an item waits for the indexer's answer on its bytes (unchanged? a duplicate?)
 # before it is sent to the workers without one.
 KNOWN_TIMEOUT_S = 10.0
@@ -143,7 +143,7 @@ class IngestJobs(WorkerCalls):
                                                                     "metadata": metadata}]],
                                         queue=tasks.queue_for_task(tasks.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
             reply = result.get(timeout=KNOWN_TIMEOUT_S, disable_sync_subtasks=False)
-        except Exception:  # noqa: BLE001 - no answer (indexer busy or away): extract it as usual
+        except Exception:  # no answer (indexer busy or away): the item is extracted as usual
             log.warning("job item %s: no answer on its bytes from the indexer; sending it", image_id,
                         exc_info=log.isEnabledFor(logging.DEBUG))
             return None
@@ -224,7 +224,7 @@ class IngestJobs(WorkerCalls):
                 parked.resend_parked_of_jobs(self.app, self.jobs, stalled_only=True)
                 if resume_after_s > 0:
                     self.resume_stalled_jobs(resume_after_s)
-            except Exception:  # noqa: BLE001 - Redis away, queue full: the next round tries again
+            except Exception:  # Redis away, queue full: the next round tries again
                 log.exception("sweeping stalled jobs failed")
 
     def _check_resumable(self, status: JobStatus, stream: bool) -> None:
@@ -243,13 +243,17 @@ class IngestJobs(WorkerCalls):
 
     def _resend_unfinished(self, job_id: str, context, exclude: set[str] = frozenset()) -> tuple[int, int]:
         """Sends the job's unfinished items (not in `exclude`) again: the index task of those
-        extracted already (parked), the whole chain for location items; returns (re-sent,
-        unfinished bytes items left for the client)."""
+        extracted already (parked), the whole chain for location items whose extract task is
+        not on its way any more (delf_common.inflight: queued, or held by a worker); returns
+        (re-sent, unfinished bytes items lost, left for the client to send again)."""
         indexing = set(parked.resend_parked(self.app, self.jobs, job_id, exclude=exclude))
         resent, awaiting = len(indexing), 0
-        for image_id, record in sorted(self.jobs.unfinished(job_id).items()):
-            if image_id in exclude or image_id in indexing:
-                continue
+        unfinished = {i: r for i, r in self.jobs.unfinished(job_id).items() if i not in exclude and i not in indexing}
+        waiting = inflight.waiting_items(self.jobs.redis, tasks.queue_for_task(tasks.INGEST_EXTRACT), job_id) \
+            if unfinished else set()
+        for image_id, record in sorted(unfinished.items()):
+            if image_id in (waiting or ()):
+                continue  # its extract task waits in the queue or runs: not lost
             if record["location"] is None:
                 awaiting += 1
                 continue

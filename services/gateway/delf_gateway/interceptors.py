@@ -44,7 +44,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                 except redis.RedisError as exc:
                     log.exception("%s: Redis unavailable", method)
                     context.abort(grpc.StatusCode.UNAVAILABLE, f"the broker is unavailable: {exc}")
-                except Exception as exc:  # noqa: BLE001 - the server must keep serving
+                except Exception as exc:  # the server must keep serving
                     if context.code() is not None:  # already aborted
                         raise
                     log.exception("%s failed", method)
@@ -59,7 +59,7 @@ class ErrorInterceptor(grpc.ServerInterceptor):
                     context.abort(exc.code, exc.message)
                 except grpc.RpcError:
                     raise
-                except Exception as exc:  # noqa: BLE001
+                except Exception as exc:
                     log.exception("%s failed", method)
                     context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}: {exc}")
             return call

@@ -40,6 +40,7 @@ from delf_gateway.ingest import (  # noqa: F401 - re-exported: their former home
     JOB_ID_METADATA_KEY, RESUME_METADATA_KEY, IngestJobs, job_proto,
 )
 from delf_gateway.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
+from delf_gateway.listing import ListCalls, image_info_proto
 from delf_gateway.malformed import MalformedBodyInterceptor
 from delf_gateway.search import SearchCalls
 
@@ -52,10 +53,10 @@ class AddressInUse(config.ConfigError):
 SERVICE_NAME = delf_pb2.DESCRIPTOR.services_by_name["ImageSearch"].full_name
 
 
-class Gateway(SearchCalls, IngestJobs, delf_pb2_grpc.ImageSearchServicer):
+class Gateway(SearchCalls, IngestJobs, ListCalls, delf_pb2_grpc.ImageSearchServicer):
     """The delf.v1.ImageSearch servicer: Search from SearchCalls, the job RPCs from
-    IngestJobs, task sending and admission from their base (backpressure.WorkerCalls),
-    and the single-image RPCs below."""
+    IngestJobs, ListImages and ListJobs from ListCalls, task sending and admission from
+    their base (backpressure.WorkerCalls), and the single-image RPCs below."""
 
     def AddImage(self, request, context):
         image_id = check_image_id(request.image_id)
@@ -89,21 +90,6 @@ class Gateway(SearchCalls, IngestJobs, delf_pb2_grpc.ImageSearchServicer):
             model=config.get("DELF_MODEL"),
             pca_id=reply.get("pca_id", ""),
         )
-
-
-def image_info_proto(info: dict, thumbnail: bytes = b"") -> delf_pb2.ImageInfo:
-    return delf_pb2.ImageInfo(
-        thumbnail=bytes(thumbnail),
-        image_id=info["image_id"],
-        metadata=info.get("metadata") or {},
-        width=int(info.get("width", 0)),
-        height=int(info.get("height", 0)),
-        num_features=int(info.get("num_features", 0)),
-        pca_id=info.get("pca_id", ""),
-        sha256=info.get("sha256") or "",
-        duplicate_of=info.get("duplicate_of") or [],
-        skipped=bool(info.get("skipped")),
-    )
 
 
 def tls_credentials() -> grpc.ServerCredentials | None:

@@ -13,7 +13,7 @@ from delf_common.contract import (  # noqa: F401 - the rules, under the names th
 )
 # The store checks that an id fits the images collection (512 UTF-8 bytes); the indexer's
 # tasks first apply the whole rule the gateway applies (contract.check_image_id).
-from delf_common.contract import check_id_fits as check_image_id  # noqa: F401
+from delf_common.contract import check_id_fits as check_image_id  # noqa: F401 - the store's name for the contract's rule
 from delf_common.contract import MAX_ID_BYTES as MAX_ID_LENGTH  # noqa: F401 - the VARCHAR length of image_id
 from delf_common.contract import METADATA_MAX_JSON_BYTES as METADATA_MAX_LENGTH  # noqa: F401 - of metadata
 

@@ -12,13 +12,16 @@ Everything here touches names Lite does not promise to keep (``server_manager_in
 ._servers``, ``_memtable``, ``_read_snapshot``, the delta log's ``_map``, segment
 ``table``/``pks``/``seqs``/``indexes``/``vector_data``, ``_wait_for_bg``). So a Lite upgrade
 touches this file only, and every method answers None (or does nothing) when the internals
-are not as expected: the store then uses the public API, which gives the same answers.
+are not as expected: the store then uses the public API, which gives the same answers. It
+runs at all only on the Lite versions listed in `delf_indexer.lite_version`.
 """
 from __future__ import annotations
 
 import logging
 
 import numpy as np
+
+from delf_indexer.lite_version import lite_internals_allowed
 
 log = logging.getLogger(__name__)
 
@@ -45,6 +48,12 @@ class LiteFastPath:
         self.collection = collection
         self._seg_cols: dict = {}  # (segment file, rows) -> column arrays
 
+    @classmethod
+    def open(cls, uri: str, collection: str) -> "LiteFastPath | None":
+        """The fast path, or None when the installed Lite is not a tested version
+        (`delf_indexer.lite_version`): the store then uses Lite's public API."""
+        return cls(uri, collection) if lite_internals_allowed() else None
+
     # ------------------------------------------------------------ the Lite server
     def _engine(self):
         """Milvus Lite's in-process collection engine, or None."""
@@ -53,7 +62,7 @@ class LiteFastPath:
 
             entry = server_manager_instance._servers.get(self.uri)
             return entry[1].get_collection(self.collection) if entry is not None else None
-        except Exception:  # pragma: no cover - depends on milvus-lite internals
+        except Exception:  # noqa: BLE001 - depends on milvus-lite internals
             return None
 
     def wait_for_index(self, timeout: float | None = 600) -> bool:
@@ -92,13 +101,6 @@ class LiteFastPath:
         except Exception:  # pragma: no cover - depends on milvus-lite internals
             log.warning("could not wait for Milvus Lite's background index build", exc_info=True)
             return False
-
-    def release(self) -> None:
-        """Stop the in-process Lite server of this file (after the client closed), so its
-        files are flushed and another store (or process) can open them."""
-        from milvus_lite.server_manager import server_manager_instance
-
-        server_manager_instance.release_server(self.uri)
 
     def snapshot(self):
         """(segments, tombstones) of the collection as Milvus Lite holds them now, or None
@@ -235,6 +237,18 @@ class LiteFastPath:
             }
             self._seg_cols[key] = cols
         return cols
+
+
+def release_server(uri: str) -> None:
+    """Stop the in-process Lite server of this file (after the client closed), so its
+    files are flushed and another store (or process) can open them. On every Lite version
+    (a store must free its file): a Lite without this internal keeps its server running."""
+    try:
+        from milvus_lite.server_manager import server_manager_instance
+
+        server_manager_instance.release_server(uri)
+    except (ImportError, *_INTERNALS_DIFFER):  # pragma: no cover - depends on milvus-lite internals
+        log.warning("could not stop Milvus Lite's server of %s", uri, exc_info=True)
 
 
 def _tombstones(delta):

@@ -22,13 +22,16 @@ One more makes it quiet rather than fast:
   terminal. The patch answers the same UNIMPLEMENTED status without raising.
 
 Like ``delf_indexer.lite``, this touches names Lite does not promise to keep; each patch
-checks them first and changes nothing (answers False) when they are not as expected.
+changes nothing (answers False) on a Lite version not listed in `delf_indexer.lite_version`,
+and checks the names first, changing nothing when they are not as expected.
 """
 from __future__ import annotations
 
 import logging
 
 import numpy as np
+
+from delf_indexer.lite_version import lite_internals_allowed
 
 log = logging.getLogger(__name__)
 
@@ -42,6 +45,8 @@ def speed_up_flush() -> bool:
     one insert batch at a time, instead of one Python object per cell (most of a flush's
     time: seconds per 100k rows). Same table; any surprise falls back to Lite's own code.
     Idempotent; False when Lite's memtable is not as expected (nothing changed)."""
+    if not lite_internals_allowed():
+        return False
     try:
         from milvus_lite.storage.memtable import MemTable
 
@@ -54,7 +59,7 @@ def speed_up_flush() -> bool:
     def build(self, rows):
         try:
             table = _take_rows(self._insert_batches, rows, self._data_schema)
-        except Exception:  # noqa: BLE001 - Lite's internals differ: its own code
+        except Exception:  # Lite's internals differ: its own code
             log.warning("fast memtable flush declined; using Milvus Lite's", exc_info=True)
             table = None
         return original(self, rows) if table is None else table
@@ -110,6 +115,9 @@ def sample_training(points: int) -> bool:
     cap. False when Lite's index modules are not as expected (nothing changed)."""
     import importlib
 
+    if not lite_internals_allowed():
+        return False
+
     import faiss
 
     modules = []
@@ -135,6 +143,8 @@ def sample_training(points: int) -> bool:
 def quiet_alloc_timestamp() -> bool:
     """Lite's server answers AllocTimestamp UNIMPLEMENTED without raising (module docstring).
     Idempotent; False when Lite's servicer is not as expected, or implements it (nothing changed)."""
+    if not lite_internals_allowed():
+        return False
     try:
         import grpc
         from milvus_lite.adapter.grpc.servicer import MilvusServicer

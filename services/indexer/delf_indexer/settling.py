@@ -62,7 +62,7 @@ class IdleFlush:
         try:
             self._flush()
             self.flushes += 1
-        except Exception:  # noqa: BLE001 - the next search flushes anyway
+        except Exception:  # whatever went wrong, the next search flushes anyway
             log.warning("background flush of Milvus Lite failed; the next search flushes", exc_info=True)
 
     def close(self) -> None:

@@ -17,7 +17,6 @@ descriptor, ``<name>_images``, one row per image (their fields: ``schema``), and
 
 Metadata filters (``search(filter={key: value})``, exact equality on every pair) reach
 the descriptor search as described in ``filters``.
-
 Replacing an image is ordered so that it is never missing and never doubled in the
 images collection: insert the new descriptors under a new generation, delete that
 image's descriptors of any other generation, then upsert the images row. While the
@@ -30,8 +29,8 @@ descriptors with another ``pca_id`` (or another dimension) is refused with
 
 Around the store: ``settings`` (IndexSettings: which vector index), ``schema`` (the two
 collections), ``checks`` (ids, metadata, filters, quoting), ``filters`` (how a filter
-reaches the search), ``lite`` (the Milvus Lite fast path, the only reader of Lite's
-internals), ``thumbnails`` (the photos' thumbnails), ``voting`` (the pure DELF voting
+reaches the search), ``lite`` and ``lite_patches`` (the Milvus Lite fast paths, on the
+versions ``lite_version`` lists), ``thumbnails`` (the photos' thumbnails), ``voting`` (the pure DELF voting
 that ``search`` calls) and ``candidates`` (its answer on the wire).
 """
 from __future__ import annotations
@@ -53,12 +52,12 @@ from delf_indexer.checks import (  # noqa: F401 - re-exported: the store's names
 from delf_indexer.filters import SearchScope, matching_images, search_scope
 from delf_indexer.hashes import HashStore
 from delf_indexer import rows
-from delf_indexer.lite import LiteFastPath
+from delf_indexer.lite import LiteFastPath, release_server
 from delf_indexer.lite_patches import sample_training, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, api_knn, create_collections, has_field, query_pages, vector_dim)
 from delf_indexer.settling import IdleFlush
-from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri  # noqa: F401
+from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri
 from delf_indexer.thumbnails import ThumbnailStore
 from delf_indexer.voting import vote
 
@@ -90,9 +89,9 @@ class DescriptorStore:
         # Each indexed photo keeps its best-scored descriptors (DELF_STORED_FEATURES).
         self.stored_features = int(config.get("DELF_STORED_FEATURES"))
         self._lock = threading.RLock()
-        self._fast = LiteFastPath(self.uri, self.features_name) if self.lite else None
-        self.direct_insert = self.lite and bool(config.get("DELF_LITE_DIRECT_INSERT")) and speed_up_flush()
-        if self.lite:
+        self._fast = LiteFastPath.open(self.uri, self.features_name) if self.lite else None  # None: untested Lite
+        self.direct_insert = self._fast is not None and bool(config.get("DELF_LITE_DIRECT_INSERT")) and speed_up_flush()
+        if self._fast is not None:
             sample_training(int(config.get("DELF_LITE_TRAIN_POINTS")))
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable
@@ -130,8 +129,8 @@ class DescriptorStore:
                         log.exception("flush of %s failed", name)
             self.client.close()
             self.client = None
-            if self._fast is not None:
-                self._fast.release()
+            if self.lite:
+                release_server(self.uri)
 
     def __enter__(self) -> "DescriptorStore":
         return self

@@ -29,6 +29,7 @@ from delf_common.retry import retry_delay
 
 from delf_indexer import duplicates
 from delf_indexer.checks import check_filter
+from delf_indexer.listing import list_images
 from delf_indexer.lite_patches import quiet_alloc_timestamp
 from delf_indexer.store import DescriptorStore
 
@@ -112,7 +113,7 @@ def warm_up(**_kwargs) -> None:
             probe = rng.standard_normal((1, store._dim)).astype(np.float32)
             store.search(DelfFeatures(np.zeros((1, 2)), np.ones(1), np.ones(1),
                                       probe / np.linalg.norm(probe), (64, 64), "", pca), shortlist=1)
-    except Exception:  # noqa: BLE001 - Milvus away: the heartbeat reports it, tasks retry
+    except Exception:  # Milvus away: the heartbeat reports it, tasks retry
         log.exception("warm-up failed")
         return
     log.info("warmed up: store open%s in %.1f s", ", one search" if pca is not None else "",
@@ -124,7 +125,7 @@ def _close_store(**_kwargs) -> None:
     """Warm shutdown: flush Milvus Lite and release its file for the next indexer."""
     try:
         reset_store()
-    except Exception:  # noqa: BLE001 - shutting down anyway
+    except Exception:  # shutting down anyway
         log.exception("closing the descriptor store failed")
 
 
@@ -343,3 +344,18 @@ def index_stats() -> dict:
     stats = get_store().stats()
     _count_stored(stats)
     return ok(**stats)
+
+
+@app.task(name=names.INDEX_LIST)
+def index_list(options=None) -> dict:
+    """One page of the indexed images in id order: ``options`` ``{after: id or "", limit: n,
+    filter: {key: value}}`` -> ``images`` (infos), ``next`` (the id the next page starts after, "": none)."""
+    options = options or {}
+    try:
+        images, after = list_images(get_store(), after=options.get("after") or "",
+                                   limit=int(options.get("limit") or 100), filter=options.get("filter") or None)
+    except ContractError as exc:
+        return error(exc.code, str(exc))
+    except (ValueError, TypeError) as exc:
+        return error(INVALID_ARGUMENT, str(exc))
+    return ok(images=images, next=after)

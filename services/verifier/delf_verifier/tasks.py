@@ -34,7 +34,7 @@ def warm_up(**_kwargs) -> None:
         rng = np.random.default_rng(0)
         xy = rng.uniform(0, 200, (60, 2)).astype(np.float32)
         judge(xy, xy * 1.1 + 5, (200, 200), None, votes=60, verified_score=0.5, ransac_px=4.0)
-    except Exception:  # noqa: BLE001 - a worker that cannot warm up still serves
+    except Exception:  # a worker that cannot warm up still serves
         log.exception("warm-up failed")
         return
     log.info("warmed up: one RANSAC in %.2f s", time.perf_counter() - t)
