@@ -14,6 +14,8 @@ while the ingest goes on: when the job completes, only its last rows (fewer than
 ``FLUSH_ROWS``) are left to flush and to search exactly. An ingest's steady stream of adds
 is not flushed one photo at a time (with CPU extraction they come a second or more apart):
 segments of one photo each cost an index build each and would only be merged again by Lite.
+After each background flush it runs ``after`` (the store: ``probe_search``), so that the
+search path has read the new segment and run faiss before the first real search does.
 """
 from __future__ import annotations
 
@@ -32,8 +34,10 @@ FLUSH_ROWS = 25_000
 class IdleFlush:
     """Calls ``flush`` in a timer thread ``idle_s`` seconds after the last ``wrote()``."""
 
-    def __init__(self, flush: Callable[[], None], idle_s: float = IDLE_FLUSH_S):
+    def __init__(self, flush: Callable[[], None], idle_s: float = IDLE_FLUSH_S,
+                 after: Callable[[], object] | None = None):
         self._flush = flush
+        self._after = after
         self.idle_s = idle_s
         self._timer: threading.Timer | None = None
         self._lock = threading.Lock()
@@ -62,6 +66,8 @@ class IdleFlush:
         try:
             self._flush()
             self.flushes += 1
+            if self._after is not None:
+                self._after()
         except Exception:  # whatever went wrong, the next search flushes anyway
             log.warning("background flush of Milvus Lite failed; the next search flushes", exc_info=True)
 
@@ -70,3 +76,25 @@ class IdleFlush:
             if self._timer is not None:
                 self._timer.cancel()
                 self._timer = None
+
+
+PROBE_ROWS = 32  # query rows of the probe search: enough for faiss' BLAS path, as a real query
+
+
+def probe_search(store) -> bool:
+    """One search with random descriptors, its answer dropped: the store reads every segment's
+    columns and faiss runs once, so that the next real search finds them warm (the indexer's
+    warm-up at start, and after a background flush). False when the index holds nothing."""
+    import numpy as np
+
+    from delf_common.features import DelfFeatures
+
+    with store._lock:
+        pca = store._collection_pca() if store.exists else None
+        if pca is None:
+            return False
+        probe = np.random.default_rng(0).standard_normal((PROBE_ROWS, store._dim)).astype(np.float32)
+        probe /= np.linalg.norm(probe, axis=1, keepdims=True)
+        store.search(DelfFeatures(np.zeros((PROBE_ROWS, 2)), np.ones(PROBE_ROWS), np.ones(PROBE_ROWS),
+                                  probe, (64, 64), "", pca), shortlist=1)
+    return True

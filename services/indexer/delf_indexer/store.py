@@ -56,7 +56,7 @@ from delf_indexer.lite import LiteFastPath, release_server
 from delf_indexer.lite_patches import sample_training, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, api_knn, create_collections, has_field, query_pages, vector_dim)
-from delf_indexer.settling import IdleFlush
+from delf_indexer.settling import IdleFlush, probe_search
 from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri
 from delf_indexer.thumbnails import ThumbnailStore
 from delf_indexer.voting import vote
@@ -96,7 +96,8 @@ class DescriptorStore:
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable
         # Lite, direct search: flush once writes pause, so Lite indexes new rows before a search (settling)
-        self._idle_flush = IdleFlush(self._flush) if self._fast and config.get("DELF_LITE_DIRECT_SEARCH") else None
+        self._idle_flush = (IdleFlush(self._flush, after=lambda: probe_search(self))
+                            if self._fast and config.get("DELF_LITE_DIRECT_SEARCH") else None)
         self._pca: str | None = None  # Lite: the index's pca_id, read once per write
         self.client = MilvusClient(uri=self.uri, token=token or "")
         self.thumbnails = ThumbnailStore(self.client, f"{name}_thumbnails")

@@ -31,6 +31,7 @@ from delf_indexer import duplicates
 from delf_indexer.checks import check_filter
 from delf_indexer.listing import list_images
 from delf_indexer.lite_patches import quiet_alloc_timestamp
+from delf_indexer.settling import probe_search
 from delf_indexer.store import DescriptorStore
 
 log = logging.getLogger(__name__)
@@ -102,22 +103,13 @@ def warm_up(**_kwargs) -> None:
     segments read before the first real search (issue 14, item 8)."""
     import time
 
-    import numpy as np
-
     t = time.perf_counter()
     try:
-        store = get_store()
-        pca = store._collection_pca() if store.exists else None
-        if pca is not None:
-            rng = np.random.default_rng(0)
-            probe = rng.standard_normal((1, store._dim)).astype(np.float32)
-            store.search(DelfFeatures(np.zeros((1, 2)), np.ones(1), np.ones(1),
-                                      probe / np.linalg.norm(probe), (64, 64), "", pca), shortlist=1)
+        searched = probe_search(get_store())
     except Exception:  # Milvus away: the heartbeat reports it, tasks retry
         log.exception("warm-up failed")
         return
-    log.info("warmed up: store open%s in %.1f s", ", one search" if pca is not None else "",
-             time.perf_counter() - t)
+    log.info("warmed up: store open%s in %.1f s", ", one search" if searched else "", time.perf_counter() - t)
 
 
 @worker_shutdown.connect
