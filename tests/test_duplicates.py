@@ -31,6 +31,25 @@ def _photo(name: str, quality: int = QUALITY) -> bytes:
     return jpeg(sample_photo(name), quality=quality)
 
 
+# Every id these tests add to the shared system: removed after each test, so that other
+# modules' searches do not find these copies of their photos.
+OUR_IDS = [f"dup-{n}" for n in NAMES] + ["dup-hubble", "dup-hubble-copy", "dup-hubble-third", "dup-astronaut",
+                                         "dup-astronaut-2", "near-dom-01", "near-dom-01-small", "near-dom-02"]
+
+
+@pytest.fixture(autouse=True)
+def leaves_nothing_behind(request):
+    yield
+    if "client" not in request.fixturenames:
+        return
+    client = request.getfixturevalue("client")
+    for image_id in OUR_IDS:
+        try:
+            client.delete_image(image_id)
+        except grpc.RpcError as exc:
+            assert exc.code() == grpc.StatusCode.NOT_FOUND, exc
+
+
 def _folder(root: Path, name: str) -> Path:
     folder = root / "photos" / name
     folder.mkdir(parents=True)

@@ -5,7 +5,7 @@ segment's index in a background thread. The direct search (``delf_indexer.lite``
 segments only (a flush first), and searches a segment whose index is not built yet
 exactly, which costs little for the few photos an ingest just added; so a search flushes
 and does not wait for the build (it used to: a first search after an ingest took the whole
-build, 13 s for landmarks-dev, BENCHMARKS.md "First search after an ingest").
+build, 13 s for landmarks-dev; BENCHMARKS.md, "Unchanged photos and the first search").
 
 ``IdleFlush`` flushes in a timer thread as soon as an ingest job completes (``now``: the
 indexer marked its last item), once other writes pause for ``idle_s`` seconds, and every
