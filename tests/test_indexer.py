@@ -157,7 +157,7 @@ def test_persists_across_stores(tmp_path):
         assert s.search(noisy(f, 0.02, 1), shortlist=1)[0]["image_id"] == "keep"
 
 
-def test_metadata_filter(store, monkeypatch):
+def test_metadata_filter(store):
     base = feats(150, 40)
     # three copies of one image under different metadata, one unrelated image
     store.add("p1", base, {"city": "Paris", "year": "2020"})
