@@ -270,7 +270,7 @@ def index_search(features, options=None) -> dict:
         return error(INVALID_ARGUMENT, f"bad filter: {exc}")
     try:
         candidates = get_store().search(
-            feats, shortlist=None if shortlist in (None, 0) else int(shortlist),
+            feats, shortlist=None if shortlist is None else int(shortlist),  # 0 counts: no candidates
             exclude=options.get("exclude") or (), filter=filter)
     except ValueError as exc:
         return error(FAILED_PRECONDITION, str(exc))
