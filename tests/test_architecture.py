@@ -6,7 +6,11 @@
 * no import cycle among the modules of the project's own packages (imports inside
   functions count: they still tie the two modules together);
 * the shared library (shared/delf_common) imports no service package and no tool:
-  arrows point from tools to services to shared, never up.
+  arrows point from tools to services to shared, never up;
+* settings are read once (issue 23): in a service package (services/*/delf_*/) the
+  environment's settings are read (``config.get(...)``, ``config.milvus_uri()``,
+  ``config.data_dir()``) only in a module named ``settings.py``, where the service's frozen
+  settings objects are built; everything else is handed those objects.
 
 "Hand-written": every .py file git knows (tracked, or new and not ignored) under
 shared/, services/, tools/, scripts/ and tests/, except the generated gRPC stubs
@@ -247,6 +251,25 @@ def shared_imports_upward(root: Path, files: list[Path]) -> list[str]:
             if imp.source.split(".")[0] == SHARED_PACKAGE and imp.target.split(".")[0] in ABOVE_SHARED]
 
 
+SETTINGS_READS = ("get", "milvus_uri", "data_dir")  # the functions of delf_common.config that read the environment
+
+
+def settings_reads_outside_settings(root: Path, files: list[Path]) -> list[str]:
+    """Reads of the environment's settings (``config.get(...)`` and the like) in a service
+    package's module other than its ``settings.py``."""
+    out = []
+    for path in files:
+        parts = rel(path, root).split("/")
+        if parts[0] != "services" or len(parts) < 4 or not parts[2].startswith("delf_") or path.name == "settings.py":
+            continue
+        calls = [node.func for node in ast.walk(ast.parse(path.read_text(), str(path))) if isinstance(node, ast.Call)]
+        out += [f"{rel(path, root)}:{func.lineno}: config.{func.attr}(...)"
+                for func in sorted(calls, key=lambda f: f.lineno)
+                if isinstance(func, ast.Attribute) and func.attr in SETTINGS_READS
+                and isinstance(func.value, ast.Name) and func.value.id == "config"]
+    return out
+
+
 def report(title: str, offenders: list[str]) -> str:
     return f"{len(offenders)} {title}:\n  " + "\n  ".join(offenders)
 
@@ -316,6 +339,13 @@ def test_the_shared_library_imports_no_service_and_no_tool():
         pytest.fail(report("imports from shared/delf_common up into services or tools", offenders), pytrace=False)
 
 
+def test_services_read_settings_only_where_settings_objects_are_built():
+    offenders = settings_reads_outside_settings(ROOT, FILES)
+    if offenders:
+        pytest.fail(report("settings read outside a service's settings.py (add a field to its settings "
+                           "object and pass the object down)", offenders), pytrace=False)
+
+
 # --------------------------------------------------------------------------- self-tests
 
 
@@ -382,3 +412,16 @@ def test_self_check_module_names():
     assert module_name(Path("shared/delf_common/__init__.py")) == "delf_common"
     assert module_name(Path("tools/delf_tools/cli.py")) == "delf_tools.cli"
     assert module_name(Path("tests/test_shared.py")) is None
+
+
+def test_self_check_settings_reads(tmp_path):
+    files = [
+        _write(tmp_path, "services/v/delf_verifier/settings.py", "x = config.get('DELF_RATIO')\n"),
+        _write(tmp_path, "services/v/delf_verifier/tasks.py",
+               "def f(options):\n    return options.get('k') or config.get('DELF_RATIO')\n"
+               "y = config.milvus_uri()\nz = config.read_pem('DELF_TLS_CERT', 'a.pem')\n"),
+        _write(tmp_path, "tools/delf_tools/cli.py", "x = config.get('DELF_GATEWAY')\n"),
+    ]
+    assert settings_reads_outside_settings(tmp_path, files) == [
+        "services/v/delf_verifier/tasks.py:2: config.get(...)",
+        "services/v/delf_verifier/tasks.py:3: config.milvus_uri(...)"]

@@ -12,6 +12,7 @@ from skimage import data
 from delf_common.features import DelfFeatures
 from delf_extractor import tasks
 from delf_extractor.extract import DelfExtractor
+from delf_extractor.settings import ExtractorSettings
 
 
 @pytest.fixture(scope="module")
@@ -24,9 +25,17 @@ def extractor() -> DelfExtractor:
 
 @pytest.fixture
 def worker(extractor, monkeypatch):
-    """The task module with the test's extractor as its per-process model."""
+    """The task module with the test's extractor as its per-process model, and its settings
+    read again at first use (after the test has set its environment)."""
     monkeypatch.setattr(tasks, "_extractor", extractor)
+    monkeypatch.setattr(tasks, "_settings", None)
     return tasks
+
+
+def read_location(location: str) -> bytes:
+    """An ingest location read under the environment's settings, as a worker reads it."""
+    settings = ExtractorSettings.from_env()
+    return tasks.read_location(location, settings.ingest_roots, settings.max_image_bytes)
 
 
 def test_tasks_are_registered_under_contract_names():
@@ -92,9 +101,9 @@ def ingest_root(tmp_path, monkeypatch):
 
 
 def test_location_inside_root_is_read(ingest_root):
-    assert tasks.read_location("ok.png") == b"inside"
-    assert tasks.read_location(str(ingest_root / "ok.png")) == b"inside"
-    assert tasks.read_location("inner_link.png") == b"inside"  # a symlink staying inside is fine
+    assert read_location("ok.png") == b"inside"
+    assert read_location(str(ingest_root / "ok.png")) == b"inside"
+    assert read_location("inner_link.png") == b"inside"  # a symlink staying inside is fine
 
 
 @pytest.mark.parametrize("location, code, words", [
@@ -109,7 +118,7 @@ def test_location_inside_root_is_read(ingest_root):
 ])
 def test_location_confinement(ingest_root, location, code, words):
     with pytest.raises(tasks.ImageRejected) as err:
-        tasks.read_location(location)
+        read_location(location)
     assert err.value.code == code and words in err.value.message
 
 
@@ -122,8 +131,8 @@ def test_location_absolute_outside_root_via_task(worker, ingest_root, tmp_path):
 def test_location_byte_limit_and_empty_roots(ingest_root, monkeypatch):
     monkeypatch.setenv("DELF_MAX_IMAGE_BYTES", "3")
     with pytest.raises(tasks.ImageRejected) as err:
-        tasks.read_location("ok.png")
+        read_location("ok.png")
     assert err.value.code == "RESOURCE_EXHAUSTED" and "DELF_MAX_IMAGE_BYTES" in err.value.message
     monkeypatch.setenv("DELF_INGEST_ROOTS", "")
     with pytest.raises(tasks.ImageRejected, match="DELF_INGEST_ROOTS is empty"):
-        tasks.read_location("ok.png")
+        read_location("ok.png")

@@ -1,4 +1,5 @@
 """DescriptorStore and the indexer tasks against a real Milvus Lite file in tmp_path."""
+import dataclasses
 import uuid
 
 import numpy as np
@@ -156,7 +157,7 @@ def test_persists_across_stores(tmp_path):
         assert s.search(noisy(f, 0.02, 1), shortlist=1)[0]["image_id"] == "keep"
 
 
-def test_metadata_filter(store, monkeypatch):
+def test_metadata_filter(store):
     base = feats(150, 40)
     # three copies of one image under different metadata, one unrelated image
     store.add("p1", base, {"city": "Paris", "year": "2020"})
@@ -169,8 +170,8 @@ def test_metadata_filter(store, monkeypatch):
         return [c["image_id"] for c in store.search(q, shortlist=10, **kw)]
 
     assert set(found()[:3]) == {"p1", "p2", "r1"}
-    for limit in ("10000", "1"):  # `image_id in [...]` in Milvus / applied after voting
-        monkeypatch.setenv("DELF_FILTER_MAX_IMAGES", limit)
+    for limit in (10000, 1):  # `image_id in [...]` in Milvus / applied after voting
+        store.settings = dataclasses.replace(store.settings, filter_max_images=limit)  # DELF_FILTER_MAX_IMAGES
         assert found(filter={"city": "Rome"}) == ["r1"]
         assert found(filter={"city": "Paris", "year": "2021"})[0] == "p2"
         assert "p1" not in found(filter={"city": "Paris", "year": "2021"})
@@ -265,7 +266,7 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, index_type, e
     row = store._image_rows(["i1"])["i1"]
     assert len(store._direct_rows("i1", int(row["generation"]))["idx"]) == 200
     _, direct = store.get_features("i1")
-    monkeypatch.setenv("DELF_LITE_DIRECT_SEARCH", "0")
+    store.settings = dataclasses.replace(store.settings, lite_direct_search=False)  # DELF_LITE_DIRECT_SEARCH=0
     _, api = store.get_features("i1")
     np.testing.assert_array_equal(direct.descriptors, api.descriptors)
     np.testing.assert_array_equal(direct.locations, api.locations)

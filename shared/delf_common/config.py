@@ -5,6 +5,10 @@ Every setting has a default that runs on one machine (the embedded default that
 ``SETTINGS`` below (``python -m delf_common.config --write-docs``) and a test
 checks it is current, so the two cannot drift apart. Help texts say what a setting
 does; measured trade-offs belong in BENCHMARKS.md.
+
+A service reads its settings once, into its frozen settings object (``from_env`` in
+``delf_<service>/settings.py``), and passes that object down; `get` is called nowhere
+else in a service (tests/test_architecture.py).
 """
 from __future__ import annotations
 

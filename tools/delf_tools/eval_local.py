@@ -81,11 +81,11 @@ class ExactVoter:
         fetched neighbour in that image), or with ``voting_only`` only from neighbours
         that passed the ratio test (an experiment of scripts/bench_ranking.py).
         """
-        from delf_indexer.voting import vote
+        from delf_indexer.voting import fetched_neighbours, vote
 
         if len(q) == 0 or shortlist <= 0:
             return []
-        dists, rows = self.knn(np.ascontiguousarray(q, np.float32), neighbours + 1, exclude)
+        dists, rows = self.knn(np.ascontiguousarray(q, np.float32), fetched_neighbours(neighbours), exclude)
         out = []
         for c in vote(dists, self.names[self.owner[rows]], neighbours, ratio, shortlist,
                       voting_only=voting_only):

@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 from torch.nn.utils.fusion import fuse_conv_bn_weights
 
-from delf_common import config
+from delf_extractor.settings import ExtractorSettings
+
 
 WEIGHTS_DIR = Path(__file__).resolve().parent / "weights"
 
@@ -39,10 +40,12 @@ class WeightsNotFound(FileNotFoundError):
 
 
 def weight_dirs() -> list[Path]:
-    """Folders searched for weight files: DELF_WEIGHTS_DIR, then torch hub's checkpoint cache."""
+    """Folders searched for weight files: DELF_WEIGHTS_DIR (read when a model is built), then
+    torch hub's checkpoint cache."""
     dirs = []
-    if config.get("DELF_WEIGHTS_DIR"):
-        dirs.append(Path(config.get("DELF_WEIGHTS_DIR")).expanduser())
+    weights_dir = ExtractorSettings.from_env().weights_dir
+    if weights_dir:
+        dirs.append(Path(weights_dir).expanduser())
     dirs.append(Path(torch.hub.get_dir()) / "checkpoints")  # honours $TORCH_HOME
     dirs.append(WEIGHTS_DIR)
     return dirs

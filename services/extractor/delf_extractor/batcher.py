@@ -21,7 +21,7 @@ import time
 from concurrent.futures import Future
 from typing import TYPE_CHECKING, Callable
 
-from delf_common import config
+from delf_extractor.settings import ExtractorSettings
 
 if TYPE_CHECKING:  # the extractor imports torch; this module does not
     from delf_extractor.extract import DelfExtractor
@@ -32,12 +32,11 @@ CUDA_BATCH = 16  # DELF_WORKER_BATCH=0 (automatic) on a GPU
 CPU_BATCH = 1    # ... and on a CPU: batching does not pay there (BENCHMARKS.md)
 
 
-def worker_batch() -> int:
+def worker_batch(settings: ExtractorSettings) -> int:
     """DELF_WORKER_BATCH, or its automatic value for DELF_DEVICE."""
-    value = int(config.get("DELF_WORKER_BATCH"))
-    if value > 0:
-        return value
-    device = str(config.get("DELF_DEVICE"))
+    if settings.worker_batch > 0:
+        return settings.worker_batch
+    device = settings.device
     if device == "auto":
         import torch
 
@@ -45,9 +44,9 @@ def worker_batch() -> int:
     return CUDA_BATCH if device.startswith("cuda") else CPU_BATCH
 
 
-def worker_threads(batch: int | None = None) -> int:
+def worker_threads(settings: ExtractorSettings) -> int:
     """Tasks a worker runs at once: one batch in the network, the next being read and decoded."""
-    return 2 * (batch or worker_batch())
+    return 2 * worker_batch(settings)
 
 
 try:
@@ -191,8 +190,9 @@ _batcher: Batcher | None = None
 _lock = threading.Lock()
 
 
-def get_batcher(extractor: Callable[[], DelfExtractor]) -> Batcher:
-    """The worker process's batcher (DELF_WORKER_BATCH, DELF_WORKER_BATCH_WAIT_MS).
+def get_batcher(extractor: Callable[[], DelfExtractor], settings: ExtractorSettings) -> Batcher:
+    """The worker process's batcher (DELF_WORKER_BATCH, DELF_WORKER_BATCH_WAIT_MS), made with the
+    `settings` of its first call.
 
     ``extractor()`` gives the process's `DelfExtractor`; it is called for every batch, so the
     batcher always runs the model the worker holds at that moment."""
@@ -200,9 +200,9 @@ def get_batcher(extractor: Callable[[], DelfExtractor]) -> Batcher:
     if _batcher is None:
         with _lock:
             if _batcher is None:
-                query_scale = config.get("DELF_QUERY_MAX_SCALE") or None
-                _batcher = Batcher(lambda images: extractor().extract_batch(images), worker_batch(),
-                                   float(config.get("DELF_WORKER_BATCH_WAIT_MS")) / 1000.0,
+                query_scale = settings.query_max_scale or None
+                _batcher = Batcher(lambda images: extractor().extract_batch(images), worker_batch(settings),
+                                   settings.worker_batch_wait_ms / 1000.0,
                                    run_urgent=lambda images: extractor().extract_batch(
                                        images, max_scale=query_scale))
     return _batcher

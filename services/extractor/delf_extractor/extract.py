@@ -42,6 +42,7 @@ import torch.nn.functional as F
 from delf_common.features import DelfFeatures
 from delf_extractor import models, pca as pca_mod
 from delf_extractor.memory import tune_malloc
+from delf_extractor.settings import ExtractorSettings
 
 log = logging.getLogger(__name__)
 
@@ -62,24 +63,26 @@ class DelfExtractor:
     config: overrides the preset (e.g. ``dataclasses.replace(cfg, scales=...)``).
     fast: on CUDA, bf16 autocast and channels_last (the default); False gives the plain
         fp32 path (the equivalence reference of scripts/bench_gpu.py).
+    settings: the extractor's settings (default: read from the environment now).
     """
 
     def __init__(self, model_name: str | None = None, device: str | None = None,
                  pca=_DEFAULT, config: models.ModelConfig | None = None, pretrained: bool = True,
-                 fast: bool = True):
-        self.cfg = config or models.get_config(model_name)
-        self.device = models.resolve_device(device)
+                 fast: bool = True, settings: ExtractorSettings | None = None):
+        settings = settings or ExtractorSettings.from_env()  # read once, as the extractor is built
+        self.cfg = config or models.get_config(model_name or settings.model)
+        self.device = models.resolve_device(device or settings.device)
         net = models.build_model(self.cfg, pretrained=pretrained)
         models.fold_batchnorm(net)  # extraction only; training builds its own network
         self.net = net.to(self.device)
         if self.device.type == "cpu":
-            tune_malloc()
+            tune_malloc(settings.malloc_tune)
         self.cuda = self.device.type == "cuda"
         self.fast = self.cuda and fast  # bf16 autocast + channels_last
         if self.fast:
             self.net = self.net.to(memory_format=torch.channels_last)
         if isinstance(pca, str) and pca == _DEFAULT:
-            pca = pca_mod.configured_path(self.cfg)  # DELF_PCA, else the shipped one
+            pca = pca_mod.configured_path(self.cfg, settings.pca)  # DELF_PCA, else the shipped one
         if isinstance(pca, (str, Path)):
             pca = pca_mod.load_pca(pca)
         if pca is not None:

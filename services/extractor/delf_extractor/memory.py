@@ -3,15 +3,13 @@ from __future__ import annotations
 
 import logging
 
-from delf_common import config
-
 log = logging.getLogger(__name__)
 
 _MALLOC_TUNED = False
 
 
-def tune_malloc() -> bool:
-    """Keep freed heap memory in the process (DELF_MALLOC_TUNE; glibc on Linux only).
+def tune_malloc(enabled: bool) -> bool:
+    """Keep freed heap memory in the process when `enabled` (DELF_MALLOC_TUNE; glibc on Linux only).
 
     CPU inference allocates each pyramid level's activations afresh; with glibc's dynamic
     mmap threshold and heap trimming those pages go back to the OS after every layer and
@@ -21,7 +19,7 @@ def tune_malloc() -> bool:
     it before starting threads: a thread keeps the arena it already has); returns whether
     it applied."""
     global _MALLOC_TUNED
-    if _MALLOC_TUNED or not config.get("DELF_MALLOC_TUNE"):
+    if _MALLOC_TUNED or not enabled:
         return _MALLOC_TUNED
     import ctypes
     import sys

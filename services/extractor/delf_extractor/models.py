@@ -44,12 +44,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from delf_common import config
 # The backbones' public names stay importable as models.X (tests, scripts, the evaluation).
 from delf_extractor.backbones import (
     WEIGHTS_DIR, AxisGeometry, EfficientNetLite, WeightsNotFound, find_weights, fold_batchnorm, load_lite,
     load_resnet50_conv4, lite_stage_end, walk_geometry, weight_dirs,
 )
+from delf_extractor.settings import ExtractorSettings
 
 TFLITE = "tflite"      # (x - 127) / 128, EfficientNet-Lite's own convention
 IMAGENET = "imagenet"  # torchvision mean / std
@@ -204,7 +204,8 @@ MODEL_CONFIGS["effnet-lite2-cat32"] = _lite_cat32(2)
 
 
 def get_config(name: str | None = None) -> ModelConfig:
-    name = name or config.get("DELF_MODEL")
+    """The preset `name` (default: DELF_MODEL, read now)."""
+    name = name or ExtractorSettings.from_env().model
     try:
         return MODEL_CONFIGS[name]
     except KeyError:
@@ -375,7 +376,8 @@ def build_model(cfg: ModelConfig | str | None = None, pretrained: bool = True) -
 
 
 def resolve_device(name: str | None = None) -> torch.device:
-    name = name or config.get("DELF_DEVICE")
+    """The torch device `name` (default: DELF_DEVICE, read now); ``auto``: CUDA when present."""
+    name = name or ExtractorSettings.from_env().device
     if name == "auto":
         name = "cuda" if torch.cuda.is_available() else "cpu"
     return torch.device(name)

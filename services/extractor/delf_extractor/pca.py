@@ -112,12 +112,14 @@ def default_path(cfg: models.ModelConfig) -> Path:
     return models.WEIGHTS_DIR / cfg.pca_file
 
 
-def configured_path(cfg: models.ModelConfig) -> Path:
-    """The PCA artifact DELF_PCA names (a path, or a shipped artifact's name), else the
-    model's shipped one."""
-    from delf_common import config
+def configured_path(cfg: models.ModelConfig, value: str | None = None) -> Path:
+    """The PCA artifact `value` (default: DELF_PCA, read now) names (a path, or a shipped
+    artifact's name), else the model's shipped one."""
+    if value is None:
+        from delf_extractor.settings import ExtractorSettings
 
-    value = str(config.get("DELF_PCA") or "").strip()
+        value = ExtractorSettings.from_env().pca
+    value = value.strip()
     if not value:
         return default_path(cfg)
     path = Path(value).expanduser()

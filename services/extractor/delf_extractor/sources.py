@@ -10,22 +10,22 @@ from __future__ import annotations
 import errno
 import os
 
-from delf_common import config, fetch
+from delf_common import fetch
 from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected
+from delf_extractor.settings import ExtractorSettings
 
 
 def _refuse(code: str, message: str) -> ImageRejected:
     return ImageRejected(code, message)
 
 
-def resolve_location(location: str, roots: tuple[str, ...] | None = None) -> str:
-    """The real path of an ingest ``location``, which must lie inside one of DELF_INGEST_ROOTS.
+def resolve_location(location: str, roots: tuple[str, ...]) -> str:
+    """The real path of an ingest ``location``, which must lie inside one of ``roots`` (DELF_INGEST_ROOTS).
 
     A relative location is looked up under each root in turn. Refused: ``..``
     components, URLs, paths outside every root, and symlinks that lead out of the
     root (checked on the fully resolved path).
     """
-    roots = config.get("DELF_INGEST_ROOTS") if roots is None else roots
     if not roots:
         raise _refuse(INVALID_ARGUMENT, "photo locations are not accepted here: DELF_INGEST_ROOTS is empty; "
                                         "send the image bytes instead")
@@ -56,9 +56,9 @@ def resolve_location(location: str, roots: tuple[str, ...] | None = None) -> str
     raise _refuse(NOT_FOUND, f"location {location!r} not found under the ingest roots")
 
 
-def read_location(location: str, roots: tuple[str, ...] | None = None, max_bytes: int | None = None) -> bytes:
-    """The bytes of an ingest location, refusing files over DELF_MAX_IMAGE_BYTES without reading them."""
-    max_bytes = config.get("DELF_MAX_IMAGE_BYTES") if max_bytes is None else max_bytes
+def read_location(location: str, roots: tuple[str, ...], max_bytes: int) -> bytes:
+    """The bytes of an ingest location under ``roots``, refusing files over ``max_bytes``
+    (DELF_MAX_IMAGE_BYTES) without reading them."""
     path = resolve_location(location, roots)
     try:
         fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0))
@@ -87,15 +87,16 @@ def read_url(url: str) -> bytes:
     return fetch.fetch_url(url)
 
 
-def item_bytes(item: dict) -> bytes:
-    """The bytes of one ingest item: its image bytes, its location's or its URL's (exactly one)."""
+def item_bytes(item: dict, settings: ExtractorSettings) -> bytes:
+    """The bytes of one ingest item: its image bytes, its location's (under the settings'
+    ingest roots and byte limit) or its URL's (exactly one)."""
     image, location = item.get("image"), item.get("location")
     if image and location:
         raise _refuse(INVALID_ARGUMENT, "give either the image bytes or a location, not both")
     if location:
         if isinstance(location, str) and fetch.is_url(location):
             return read_url(location)
-        return read_location(location)
+        return read_location(location, settings.ingest_roots, settings.max_image_bytes)
     if image is None:
         raise _refuse(INVALID_ARGUMENT, "the item has neither image bytes nor a location")
     if not isinstance(image, (bytes, bytearray)):

@@ -35,18 +35,31 @@ from delf_common.metrics import install_worker_hooks
 from delf_extractor import batcher
 from delf_extractor.batcher import Batcher, worker_threads
 from delf_extractor.memory import tune_malloc
+from delf_extractor.settings import ExtractorSettings
 from delf_extractor.sources import item_bytes, read_location, read_url, resolve_location
 
 # Importable from here as before (tests, scripts/bench_batching.py).
 __all__ = ["extract", "ingest_extract", "get_extractor", "get_batcher", "Batcher", "ImageRejected",
-           "read_location", "read_url", "resolve_location", "FETCH_MAX_RETRIES"]
+           "read_location", "read_url", "resolve_location", "FETCH_MAX_RETRIES", "settings"]
 
 log = logging.getLogger(__name__)
 
+_settings: ExtractorSettings | None = None
+
+
+def settings() -> ExtractorSettings:
+    """The worker process's settings, read from the environment once (here at import, for the
+    two lines below; tests that change the environment set ``_settings`` to None)."""
+    global _settings
+    if _settings is None:
+        _settings = ExtractorSettings.from_env()
+    return _settings
+
+
 configure_worker(app)  # publish retries that ride out a Redis restart
-tune_malloc()  # DELF_MALLOC_TUNE: before the pool's threads take malloc arenas
+tune_malloc(settings().malloc_tune)  # DELF_MALLOC_TUNE: before the pool's threads take malloc arenas
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
-app.conf.worker_concurrency = worker_threads()  # the --pool threads worker's threads
+app.conf.worker_concurrency = worker_threads(settings())  # the --pool threads worker's threads
 
 _extractor = None
 _lock = threading.Lock()
@@ -61,7 +74,7 @@ def get_extractor():
                 from delf_extractor.extract import DelfExtractor
 
                 t = time.perf_counter()
-                ex = DelfExtractor()
+                ex = DelfExtractor(settings=settings())
                 log.info("extractor ready: model %s, pca %s, device %s (%.1f s)",
                          ex.model_name, ex.pca_id, ex.device, time.perf_counter() - t)
                 _extractor = ex
@@ -70,7 +83,7 @@ def get_extractor():
 
 def get_batcher() -> Batcher:
     """The worker process's batcher, running this process's extractor (`get_extractor`)."""
-    return batcher.get_batcher(get_extractor)
+    return batcher.get_batcher(get_extractor, settings())
 
 
 _jobs: JobStore | None = None
@@ -181,7 +194,7 @@ def ingest_extract(item: dict, job_id: str) -> dict:
         return error(CANCELLED, "job cancelled", image_id=image_id)
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
-            data = item_bytes(item)
+            data = item_bytes(item, settings())
             rgb = decode_image(data)
             features = _features_wire(rgb, slot=slot)
         except ImageRejected as exc:

@@ -17,11 +17,11 @@ import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
 from delf_common import celery_app as tasks
-from delf_common import config
 from delf_common import contract
 from delf_common import metrics
 from delf_common.jobs import JobStore
 from delf_gateway.checks import RequestError, status_code
+from delf_gateway.settings import GatewaySettings
 
 # Time kept back from the caller's deadline to build and send the answer.
 DEADLINE_MARGIN_S = 0.2
@@ -32,12 +32,14 @@ QUEUE_POLL_S = 0.2
 class WorkerCalls:
     """Task sending, waiting and admission shared by the search and ingest RPCs."""
 
-    def __init__(self, app=None, jobs: JobStore | None = None):
+    def __init__(self, app=None, jobs: JobStore | None = None, settings: GatewaySettings | None = None):
         self.app = app or tasks.app
         self.jobs = jobs or JobStore()
-        self.default_timeout = config.get("DELF_TASK_TIMEOUT_S")
-        self.max_queue = config.get("DELF_MAX_QUEUE")
-        self.max_searches = config.get("DELF_MAX_SEARCHES")
+        # The gateway's settings, read once: here when none are given (tests build a servicer).
+        self.settings = settings or GatewaySettings.from_env()
+        self.default_timeout = self.settings.task_timeout_s
+        self.max_queue = self.settings.max_queue
+        self.max_searches = self.settings.max_searches
         self._search_slots = threading.BoundedSemaphore(self.max_searches) if self.max_searches > 0 else None
 
     # -- calls within the caller's deadline ---------------------------------------

@@ -27,11 +27,11 @@ import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from delf_common import config
+from delf_gateway.settings import HealthcheckSettings
 
 
-def local_target(addr: str | None = None) -> str:
-    """127.0.0.1 (or [::1]) on the port the gateway binds, e.g. ``0.0.0.0:50051``."""
-    addr = addr if addr is not None else config.get("DELF_GRPC_ADDR")
+def local_target(addr: str) -> str:
+    """127.0.0.1 (or [::1]) on the port the gateway binds (`addr`, e.g. ``0.0.0.0:50051``)."""
     host, sep, port = addr.rpartition(":")
     if not sep or not port.isdigit():
         port = "50051"
@@ -44,14 +44,14 @@ def local_target(addr: str | None = None) -> str:
     return f"{host}:{port}"
 
 
-def tls_roots(tls_ca: str | None = None) -> tuple[str, str] | None:
+def tls_roots(settings: HealthcheckSettings, tls_ca: str | None = None) -> tuple[str, str] | None:
     """(setting, PEM path) to trust when the check must use TLS; None for plaintext."""
     if tls_ca:
         return "--tls-ca", tls_ca
-    if config.get("DELF_TLS_CA"):
-        return "DELF_TLS_CA", config.get("DELF_TLS_CA")
-    if config.get("DELF_TLS_CERT"):
-        return "DELF_TLS_CERT", config.get("DELF_TLS_CERT")
+    if settings.tls_ca:
+        return "DELF_TLS_CA", settings.tls_ca
+    if settings.tls_cert:
+        return "DELF_TLS_CERT", settings.tls_cert
     return None
 
 
@@ -71,7 +71,7 @@ def check(target: str, service: str = "", timeout: float = 3.0, tls_ca: str | No
     """`tls`: None decides from the settings (see the module doc), False forces plaintext.
     `show_all`: also print the status of each dependency."""
     try:
-        roots = tls_roots(tls_ca) if tls is not False else None
+        roots = tls_roots(HealthcheckSettings.from_env(), tls_ca) if tls is not False else None
         channel = _channel(target, roots, server_name)
     except config.ConfigError as exc:
         print(f"unhealthy: {target}: {exc}", file=sys.stderr)
@@ -114,7 +114,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--server-name", default=None,
                         help="host name the gateway's certificate must carry (default: the target's)")
     args = parser.parse_args(argv)
-    return check(args.target or local_target(), args.service, args.timeout,
+    return check(args.target or local_target(HealthcheckSettings.from_env().grpc_addr), args.service, args.timeout,
                  tls_ca=args.tls_ca, server_name=args.server_name, show_all=args.show_all)
 
 

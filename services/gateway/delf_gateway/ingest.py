@@ -22,7 +22,7 @@ import time
 import grpc
 
 from delf_common import celery_app as tasks
-from delf_common import config, contract, inflight, parked, tracing
+from delf_common import contract, inflight, parked, tracing
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
@@ -130,7 +130,7 @@ class IngestJobs(WorkerCalls):
         if known.get("unchanged"):
             self.jobs.mark_done(job_id, image_id, unchanged=True, duplicate_of=same)
             return True
-        if same and config.get("DELF_DUPLICATES") == "skip":
+        if same and self.settings.skip_duplicates:
             self.jobs.mark_done(job_id, image_id, duplicate_of=same, skipped=True)
             return True
         return False
@@ -216,7 +216,7 @@ class IngestJobs(WorkerCalls):
         """Every little while: the index tasks of stalled jobs' extracted photos are sent
         again (once per stall, delf_common.parked), and with `resume_after_s` > 0
         (DELF_JOB_RESUME_AFTER_S) jobs with no progress for that long are resumed."""
-        stalled_after = config.get("DELF_JOB_STALLED_AFTER_S")
+        stalled_after = self.settings.job_stalled_after_s
         shortest = min(stalled_after, resume_after_s) if resume_after_s > 0 else stalled_after
         interval = min(60.0, max(1.0, shortest / 4))
         while not stop.wait(interval):

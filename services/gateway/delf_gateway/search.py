@@ -13,7 +13,6 @@ import grpc
 import numpy as np
 
 from delf_common import celery_app as tasks
-from delf_common import config
 from delf_common.features import DelfFeatures
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.proto.delf.v1 import delf_pb2
@@ -47,12 +46,12 @@ class SearchCalls(WorkerCalls):
             features = features.inside(box)
 
         response = delf_pb2.SearchResponse(query_features=len(features),
-                                           verified_score=config.get("DELF_VERIFIED_SCORE"))
+                                           verified_score=self.settings.verified_score)
         if len(features) == 0:
             response.elapsed_s = time.monotonic() - started
             return response
 
-        shortlist = max(config.get("DELF_SHORTLIST"), top_k)
+        shortlist = max(self.settings.shortlist, top_k)
         options = {"shortlist": shortlist, "exclude": exclude}
         if filter:
             options["filter"] = filter
@@ -98,8 +97,8 @@ class SearchCalls(WorkerCalls):
             return []
         query = VerifyQuery(features.locations, size, scales=features.scales, box=box).to_wire()
         options = {
-            "verified_score": config.get("DELF_VERIFIED_SCORE"),
-            "ransac_px": config.get("DELF_RANSAC_PX"),
+            "verified_score": self.settings.verified_score,
+            "ransac_px": self.settings.ransac_px,
         }
         if inliers:
             options["inlier_idx"] = True

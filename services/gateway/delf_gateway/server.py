@@ -43,6 +43,7 @@ from delf_gateway.interceptors import AuthInterceptor, ErrorInterceptor, Observe
 from delf_gateway.listing import ListCalls, image_info_proto
 from delf_gateway.malformed import MalformedBodyInterceptor
 from delf_gateway.search import SearchCalls
+from delf_gateway.settings import GatewaySettings
 
 log = logging.getLogger("delf.gateway")
 
@@ -87,21 +88,21 @@ class Gateway(SearchCalls, IngestJobs, ListCalls, delf_pb2_grpc.ImageSearchServi
             images=reply["images"],
             descriptors=reply["descriptors"],
             queue_depths=self._queue_depths(),
-            model=config.get("DELF_MODEL"),
+            model=self.settings.model,
             pca_id=reply.get("pca_id", ""),
         )
 
 
-def tls_credentials() -> grpc.ServerCredentials | None:
+def tls_credentials(settings: GatewaySettings) -> grpc.ServerCredentials | None:
     """Server credentials from DELF_TLS_CERT and DELF_TLS_KEY; None when neither is set."""
-    cert, key = config.get("DELF_TLS_CERT"), config.get("DELF_TLS_KEY")
+    cert, key = settings.tls_cert, settings.tls_key
     if not cert and not key:
         return None
     if not (cert and key):
         missing, given = ("DELF_TLS_KEY", "DELF_TLS_CERT") if cert else ("DELF_TLS_CERT", "DELF_TLS_KEY")
         raise config.ConfigError(f"{given} is set but {missing} is not: TLS needs both (or neither)")
-    chain = config.read_pem("DELF_TLS_CERT")
-    private_key = config.read_pem("DELF_TLS_KEY")
+    chain = config.read_pem("DELF_TLS_CERT", cert)
+    private_key = config.read_pem("DELF_TLS_KEY", key)
     return grpc.ssl_server_credentials([(private_key, chain)])
 
 
@@ -146,12 +147,10 @@ def dependency_status(client: redis.Redis) -> tuple[dict[str, int], dict[str, st
 
 
 def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Redis, stop: threading.Event,
-                        interval: float | None = None, require: tuple[str, ...] | None = None) -> None:
+                        interval: float, require: tuple[str, ...]) -> None:
     """Every DELF_HEALTH_INTERVAL_S: each dependency's status under its own name, and the
     overall one ("" and delf.v1.ImageSearch): SERVING while every dependency named in
     DELF_HEALTH_REQUIRE is SERVING, else NOT_SERVING. Also samples the queue depths."""
-    interval = config.get("DELF_HEALTH_INTERVAL_S") if interval is None else interval
-    require = config.get("DELF_HEALTH_REQUIRE") if require is None else require
     last: dict[str, int] = {}
     while not stop.is_set():
         try:
@@ -183,13 +182,15 @@ def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Re
         stop.wait(interval)
 
 
-def build_server(address: str | None = None, max_workers: int = 32):
-    """A started-ready (not yet started) server, its bound port and a stop event."""
-    address = address or config.get("DELF_GRPC_ADDR")
-    max_message = config.get("DELF_MAX_MESSAGE_BYTES")
-    credentials = tls_credentials()  # before anything starts: a bad setting fails fast
-    interval, require = config.get("DELF_HEALTH_INTERVAL_S"), config.get("DELF_HEALTH_REQUIRE")
-    tokens = config.get("DELF_AUTH_TOKENS")
+def build_server(address: str | None = None, max_workers: int = 32, settings: GatewaySettings | None = None):
+    """A started-ready (not yet started) server, its bound port and a stop event; ``settings``
+    (default: read from the environment now) serve the whole server's life."""
+    settings = settings or GatewaySettings.from_env()
+    address = address or settings.grpc_addr
+    max_message = settings.max_message_bytes
+    credentials = tls_credentials(settings)  # before anything starts: a bad setting fails fast
+    interval, require = settings.health_interval_s, settings.health_require
+    tokens = settings.auth_tokens
     # Innermost last: a malformed body becomes INVALID_ARGUMENT (gRPC's own answer is INTERNAL).
     interceptors: list[grpc.ServerInterceptor] = [ErrorInterceptor(), MalformedBodyInterceptor()]
     if tokens:
@@ -209,7 +210,7 @@ def build_server(address: str | None = None, max_workers: int = 32):
             ("grpc.so_reuseport", 0),
         ],
     )
-    gateway = Gateway()
+    gateway = Gateway(settings=settings)
     delf_pb2_grpc.add_ImageSearchServicer_to_server(gateway, server)
     health_servicer = health.HealthServicer()
     for name in ("", SERVICE_NAME):
@@ -237,7 +238,7 @@ def build_server(address: str | None = None, max_workers: int = 32):
         name="health", daemon=True,
     )
     # Stalled jobs: index tasks of extracted photos re-sent; resumed after DELF_JOB_RESUME_AFTER_S (0: never).
-    threading.Thread(target=gateway.sweep_forever, args=(config.get("DELF_JOB_RESUME_AFTER_S"), stop),
+    threading.Thread(target=gateway.sweep_forever, args=(settings.job_resume_after_s, stop),
                      name="job-sweep", daemon=True).start()
     return server, port, stop, watcher
 
@@ -250,7 +251,8 @@ def main() -> None:
         log.error("cannot start the gateway: %s", exc)
         sys.exit(2)
     try:
-        server, port, stop, watcher = build_server()
+        settings = GatewaySettings.from_env()
+        server, port, stop, watcher = build_server(settings=settings)
     except config.ConfigError as exc:
         log.error("cannot start the gateway: %s", exc)
         sys.exit(2)
@@ -258,12 +260,11 @@ def main() -> None:
         metrics.start_server()
     except OSError as exc:  # the port is taken: serve gRPC anyway, without /metrics
         log.error("cannot serve metrics on DELF_METRICS_PORT=%s: %s (continuing without /metrics)",
-                  config.get("DELF_METRICS_PORT"), exc)
+                  settings.metrics_port, exc)
     server.start()
     watcher.start()
-    tls = bool(config.get("DELF_TLS_CERT"))
-    auth = bool(config.get("DELF_AUTH_TOKENS"))
-    log.info("gateway listening on %s (TLS %s, token auth %s)", config.get("DELF_GRPC_ADDR"),
+    tls, auth = bool(settings.tls_cert), bool(settings.auth_tokens)
+    log.info("gateway listening on %s (TLS %s, token auth %s)", settings.grpc_addr,
              "on" if tls else "off", "on" if auth else "off")
     if auth and not tls:
         log.warning("DELF_AUTH_TOKENS is set without TLS: tokens travel in plaintext "

@@ -7,7 +7,6 @@ import json
 
 import numpy as np
 
-from delf_common import config
 from delf_common.features import DelfFeatures
 from delf_common.messages import SearchCandidate
 from delf_indexer.voting import Candidate
@@ -47,12 +46,11 @@ def candidate_dicts(candidates: list[Candidate], hits: list, info: dict[str, dic
     return [c.to_wire() for c in search_candidates(candidates, hits, info, chosen)]
 
 
-def query_rows(features: DelfFeatures) -> tuple[np.ndarray, np.ndarray | None]:
+def query_rows(features: DelfFeatures, limit: int) -> tuple[np.ndarray, np.ndarray | None]:
     """(query descriptors to search with, their rows in ``features`` or None for all):
-    the DELF_QUERY_FEATURES best-scored ones, in feature order."""
+    the ``limit`` (DELF_QUERY_FEATURES; 0: all) best-scored ones, in feature order."""
     q = np.ascontiguousarray(features.descriptors, np.float32)
     chosen = None
-    limit = config.get("DELF_QUERY_FEATURES")
     if 0 < limit < len(q):
         chosen = np.sort(np.argsort(-np.asarray(features.scores), kind="stable")[:limit])
         q = np.ascontiguousarray(q[chosen])

@@ -12,14 +12,13 @@ Two questions, asked before a photo is indexed:
 """
 from __future__ import annotations
 
-from delf_common import config
 from delf_indexer.checks import metadata_text
 from delf_indexer.hashes import check_sha256
 
 
-def skip_duplicates() -> bool:
+def skip_duplicates(store) -> bool:
     """Whether a photo identical to one indexed under another id is left out (DELF_DUPLICATES)."""
-    return config.get("DELF_DUPLICATES") == "skip"
+    return store.settings.skip_duplicates
 
 
 def duplicate_of(store, image_id: str, sha256: str) -> list[str]:

@@ -21,7 +21,6 @@ import contextlib
 import dataclasses
 from typing import Callable
 
-from delf_common import config
 from delf_indexer.checks import metadata_matches, quote
 from delf_indexer.schema import QUERY_MAX_LIMIT, query_pages
 
@@ -39,14 +38,15 @@ class SearchScope:
 
 
 def search_scope(filter: dict[str, str], exclude: list[str],
-                 matching: Callable[[int], list[str]]) -> SearchScope | None:
+                 matching: Callable[[int], list[str]], max_images: int) -> SearchScope | None:
     """The scope of a search that leaves out ``exclude`` and keeps ``filter`` (a checked
     filter, {} for none); ``matching(limit)``: up to ``limit`` ids of the photos the filter
-    matches. None when the filter leaves no photo."""
+    matches; ``max_images`` (DELF_FILTER_MAX_IMAGES): most matching photos that restrict the
+    kNN itself. None when the filter leaves no photo."""
     expr = ("image_id not in [" + ", ".join(quote(x) for x in exclude) + "]") if exclude else ""
     if not filter:
         return SearchScope(expr, set(exclude), None, False)
-    max_ids = max(1, config.get("DELF_FILTER_MAX_IMAGES"))
+    max_ids = max(1, max_images)
     left_out = set(exclude)
     allowed = [i for i in matching(max_ids + 1 + len(left_out)) if i not in left_out]
     if not allowed:

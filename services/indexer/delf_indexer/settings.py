@@ -4,6 +4,9 @@
 ``DELF_MILVUS_INDEX``, auto: IVF_SQ8; ``http://...``: a server, ``DELF_MILVUS_INDEX``); ``is_lite_uri`` tells the two
 deployments apart. How the choices were measured: BENCHMARKS.md ("Milvus Lite index
 choice", "Lite IVF lists", "Search latency against index size").
+
+``IndexerSettings`` holds the rest of the indexer's settings, read once when a store is
+built (``DescriptorStore.settings``); nothing on a request's path reads the environment.
 """
 from __future__ import annotations
 
@@ -126,3 +129,43 @@ LITE_DEFAULT_INDEX = "IVF_SQ8"  # BENCHMARKS.md, "Scale in photos"
 
 def is_lite_uri(uri: str) -> bool:
     return not uri.startswith(("http://", "https://", "tcp://", "unix:"))
+
+
+@dataclasses.dataclass(frozen=True)
+class IndexerSettings:
+    """The indexer's settings, read from the environment once: when a `DescriptorStore` is
+    built (the worker's, in ``delf_indexer.tasks.get_store``), which keeps them as
+    ``store.settings``. A search's own shortlist, neighbours and ratio, when given, override
+    the ones here."""
+
+    milvus_uri: str  # DELF_MILVUS_URI, else the Lite file under DELF_DATA_DIR
+    milvus_token: str
+    collection: str
+    stored_features: int
+    lite_direct_insert: bool
+    lite_direct_search: bool
+    lite_train_points: int
+    shortlist: int
+    neighbours: int
+    ratio: float
+    query_features: int
+    filter_max_images: int
+    skip_duplicates: bool = False  # DELF_DUPLICATES=skip
+
+    @classmethod
+    def from_env(cls) -> "IndexerSettings":
+        return cls(
+            milvus_uri=config.milvus_uri(),
+            milvus_token=config.get("DELF_MILVUS_TOKEN"),
+            collection=config.get("DELF_COLLECTION"),
+            stored_features=int(config.get("DELF_STORED_FEATURES")),
+            lite_direct_insert=bool(config.get("DELF_LITE_DIRECT_INSERT")),
+            lite_direct_search=bool(config.get("DELF_LITE_DIRECT_SEARCH")),
+            lite_train_points=int(config.get("DELF_LITE_TRAIN_POINTS")),
+            shortlist=int(config.get("DELF_SHORTLIST")),
+            neighbours=int(config.get("DELF_NEIGHBOURS")),
+            ratio=float(config.get("DELF_RATIO")),
+            query_features=int(config.get("DELF_QUERY_FEATURES")),
+            filter_max_images=int(config.get("DELF_FILTER_MAX_IMAGES")),
+            skip_duplicates=config.get("DELF_DUPLICATES") == "skip",
+        )

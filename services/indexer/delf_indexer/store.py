@@ -43,7 +43,6 @@ from typing import Iterable, Sequence
 
 import numpy as np
 
-from delf_common import config
 from delf_common.features import DelfFeatures
 from delf_indexer.candidates import candidate_dicts, query_rows
 from delf_indexer.checks import (  # noqa: F401 - re-exported: the store's names before the split
@@ -57,9 +56,9 @@ from delf_indexer.lite_patches import sample_training, speed_up_flush
 from delf_indexer.schema import (  # noqa: F401 - QUERY_*: re-exported
     QUERY_MAX_LIMIT, QUERY_PAGE, api_knn, create_collections, has_field, query_pages, vector_dim)
 from delf_indexer.settling import IdleFlush, probe_search
-from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexSettings, is_lite_uri
+from delf_indexer.settings import LITE_INDEXES, SERVER_INDEXES, IndexerSettings, IndexSettings, is_lite_uri
 from delf_indexer.thumbnails import ThumbnailStore
-from delf_indexer.voting import vote
+from delf_indexer.voting import fetched_neighbours, vote
 
 log = logging.getLogger(__name__)
 
@@ -71,33 +70,33 @@ class DescriptorStore:
     """DELF descriptors of the indexed images, in Milvus (Lite or server)."""
 
     def __init__(self, uri: str | None = None, token: str | None = None,
-                 collection: str | None = None, index: IndexSettings | None = None):
+                 collection: str | None = None, index: IndexSettings | None = None,
+                 settings: IndexerSettings | None = None):
         from pymilvus import MilvusClient
 
-        self.uri = uri or config.milvus_uri()
+        self.settings = s = settings or IndexerSettings.from_env()  # read once, here
+        self.uri = uri or s.milvus_uri
         self.lite = is_lite_uri(self.uri)
         if self.lite:
             self.uri = os.path.abspath(self.uri)
             if not self.uri.endswith(".db"):
                 raise ValueError(f"a Milvus Lite URI must be a file path ending in .db, got {self.uri!r}")
             os.makedirs(os.path.dirname(self.uri), exist_ok=True)
-        token = config.get("DELF_MILVUS_TOKEN") if token is None else token
-        name = collection or config.get("DELF_COLLECTION")
+        token = s.milvus_token if token is None else token
+        name = collection or s.collection
         self.features_name = f"{name}_features"
         self.images_name = f"{name}_images"
         self.index = index or IndexSettings.for_uri(self.uri)
-        # Each indexed photo keeps its best-scored descriptors (DELF_STORED_FEATURES).
-        self.stored_features = int(config.get("DELF_STORED_FEATURES"))
+        self.stored_features = s.stored_features  # best-scored descriptors kept per photo
         self._lock = threading.RLock()
         self._fast = LiteFastPath.open(self.uri, self.features_name) if self.lite else None  # None: untested Lite
-        self.direct_insert = self._fast is not None and bool(config.get("DELF_LITE_DIRECT_INSERT")) and speed_up_flush()
+        self.direct_insert = self._fast is not None and s.lite_direct_insert and speed_up_flush()
         if self._fast is not None:
-            sample_training(int(config.get("DELF_LITE_TRAIN_POINTS")))
+            sample_training(s.lite_train_points)
         self.direct_rows = 0  # descriptor rows written by the direct path (tests, benchmarks)
         self._dirty = True  # Lite: rows may sit in the memtable
-        # Lite, direct search: flush once writes pause, so Lite indexes new rows before a search (settling)
-        self._idle_flush = (IdleFlush(self._flush, after=lambda: probe_search(self))
-                            if self._fast and config.get("DELF_LITE_DIRECT_SEARCH") else None)
+        self._idle_flush = (IdleFlush(self._flush, after=lambda: probe_search(self))  # settling
+                            if self._fast and s.lite_direct_search else None)
         self._pca: str | None = None  # Lite: the index's pca_id, read once per write
         self.client = MilvusClient(uri=self.uri, token=token or "")
         self.thumbnails = ThumbnailStore(self.client, f"{name}_thumbnails")
@@ -377,7 +376,7 @@ class DescriptorStore:
             if row is None:
                 raise KeyError(image_id)
             cols = None
-            if self.lite and config.get("DELF_LITE_DIRECT_SEARCH"):
+            if self.lite and self.settings.lite_direct_search:
                 self._settle()
                 cols = self._direct_rows(image_id, int(row["generation"]))
             if cols is None:
@@ -443,9 +442,9 @@ class DescriptorStore:
         reaches Milvus); ``exclude``: image ids that are never candidates.
         """
         filter = check_filter(filter)
-        shortlist = config.get("DELF_SHORTLIST") if shortlist is None else int(shortlist)
-        neighbours = config.get("DELF_NEIGHBOURS") if neighbours is None else int(neighbours)
-        ratio = config.get("DELF_RATIO") if ratio is None else float(ratio)
+        shortlist = self.settings.shortlist if shortlist is None else int(shortlist)
+        neighbours = self.settings.neighbours if neighbours is None else int(neighbours)
+        ratio = self.settings.ratio if ratio is None else float(ratio)
         exclude = [str(x) for x in exclude]
         if shortlist <= 0 or len(features) == 0:
             return []
@@ -453,11 +452,12 @@ class DescriptorStore:
             if not self._searchable_by(features):
                 return []
             self._settle()
-            scope = search_scope(filter, exclude, lambda limit: self._matching_images(filter, limit))
+            scope = search_scope(filter, exclude, lambda limit: self._matching_images(filter, limit),
+                                 self.settings.filter_max_images)
             if scope is None:
                 return []
-            q, chosen = query_rows(features)
-            hits = self._knn(q, neighbours + 1, scope)
+            q, chosen = query_rows(features, self.settings.query_features)
+            hits = self._knn(q, fetched_neighbours(neighbours), scope)
             info: dict[str, dict] = {}
             keep = None
             if scope.post_filter:  # broad filter: keep the best-voted matching images
@@ -492,7 +492,7 @@ class DescriptorStore:
         """Per query row: (distances, image ids, x, y, scale) of its k nearest descriptors in
         scope, nearest first: Lite's fast path where it answers, else the search API."""
         hits = None
-        if self.lite and config.get("DELF_LITE_DIRECT_SEARCH"):
+        if self.lite and self.settings.lite_direct_search:
             hits = self._direct_knn(q, k, deny=scope.deny, allow=scope.allow)
         if hits is None:
             hits = self._milvus_knn(q, k, scope.expr)

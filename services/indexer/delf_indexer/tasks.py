@@ -166,7 +166,7 @@ def _add(image_id, wire, metadata, thumbnail=None, sha256=None) -> dict:
         same = duplicates.duplicate_of(get_store(), image_id, sha256)
     except (ValueError, KeyError, TypeError) as exc:
         return error(INVALID_ARGUMENT, f"malformed features or hash: {exc}")
-    if same and duplicates.skip_duplicates():
+    if same and duplicates.skip_duplicates(get_store()):
         info = {"image_id": image_id, "metadata": dict(metadata or {}), "width": features.image_size[0],
                 "height": features.image_size[1], "num_features": 0, "pca_id": features.pca_id}
         return ok(image={**info, "sha256": sha256, "duplicate_of": same, "skipped": True})
@@ -290,7 +290,7 @@ def index_search(features, options=None) -> dict:
         return error(INVALID_ARGUMENT, f"bad filter: {exc}")
     try:
         candidates = get_store().search(
-            feats, shortlist=None if shortlist in (None, 0) else int(shortlist),
+            feats, shortlist=None if shortlist is None else int(shortlist),  # 0 counts: no candidates
             exclude=options.get("exclude") or (), filter=filter)
     except ValueError as exc:
         return error(FAILED_PRECONDITION, str(exc))

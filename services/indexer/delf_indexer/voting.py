@@ -77,10 +77,16 @@ def vote(distances: Sequence[Sequence[float]], images: Sequence[Sequence[Hashabl
     return out
 
 
+def fetched_neighbours(neighbours: int) -> int:
+    """How many nearest neighbours to fetch per query descriptor so that ``neighbours`` may
+    vote: one more, the ratio test's reference (the indexer's search, `delf eval`)."""
+    return neighbours + 1
+
+
 def _tally(distances, images, neighbours: int, ratio: float, voting_only: bool):
     """(votes per image, summed voting distance per image, image -> {query row:
     (distance, neighbour position)} of the nearest fetched neighbour there)."""
-    k = neighbours + 1
+    k = fetched_neighbours(neighbours)
     votes: dict = {}
     vote_dist: dict = {}
     nearest: dict = {}

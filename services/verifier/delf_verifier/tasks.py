@@ -13,13 +13,13 @@ import time
 import numpy as np
 from celery.signals import celeryd_after_setup
 
-from delf_common import config
 from delf_common.celery_app import VERIFY, app
 from delf_common.contract import INVALID_ARGUMENT, error, ok
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.metrics import install_worker_hooks
 
 from delf_verifier.ransac import judge, rank
+from delf_verifier.settings import VerifierSettings
 
 install_worker_hooks()  # task counters and timings; /metrics on DELF_METRICS_PORT
 log = logging.getLogger(__name__)
@@ -44,16 +44,26 @@ def _error(message: str) -> dict:
     return error(INVALID_ARGUMENT, message)
 
 
-def _options(options: dict | None) -> dict:
+_settings: VerifierSettings | None = None
+
+
+def settings() -> VerifierSettings:
+    """The worker process's settings, read from the environment at first use."""
+    global _settings
+    if _settings is None:
+        _settings = VerifierSettings.from_env()
+    return _settings
+
+
+def _options(options: dict | None, defaults: VerifierSettings) -> dict:
     """The request's options over the settings: a value sent counts, even 0."""
     options = options or {}
 
-    def pick(name: str, setting: str, kind):
+    def pick(name: str):
         value = options.get(name)
-        return kind(config.get(setting) if value is None else value)
+        return float(getattr(defaults, name) if value is None else value)
 
-    return {"verified_score": pick("verified_score", "DELF_VERIFIED_SCORE", float),
-            "ransac_px": pick("ransac_px", "DELF_RANSAC_PX", float)}
+    return {"verified_score": pick("verified_score"), "ransac_px": pick("ransac_px")}
 
 
 def _mismatch(query: VerifyQuery, cand: SearchCandidate) -> str | None:
@@ -66,12 +76,14 @@ def _mismatch(query: VerifyQuery, cand: SearchCandidate) -> str | None:
     return None
 
 
-def verify_candidates(query: dict, candidates: list[dict], options: dict | None = None) -> dict:
+def verify_candidates(query: dict, candidates: list[dict], options: dict | None = None,
+                      defaults: VerifierSettings | None = None) -> dict:
     """``{"ok": True, "matches": [VerifiedMatch wire, ...]}`` best first, or INVALID_ARGUMENT.
     ``options``: ``verified_score`` and ``ransac_px`` (absent: the settings); with
-    ``inlier_idx`` each match also says which correspondences are the plane model's inliers."""
+    ``inlier_idx`` each match also says which correspondences are the plane model's inliers.
+    ``defaults``: the settings for options left out (default: the process's, `settings`)."""
     try:
-        opts = _options(options)
+        opts = _options(options, defaults or settings())
     except (TypeError, ValueError) as exc:
         return _error(f"malformed options: {exc}")
     with_inliers = bool((options or {}).get("inlier_idx"))

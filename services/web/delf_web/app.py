@@ -21,6 +21,7 @@ from delf_common import logs
 from delf_web import api_images, api_jobs, api_search, auth
 from delf_web.errors import ApiError
 from delf_web.gateway import Gateway
+from delf_web.settings import WebSettings
 
 log = logging.getLogger("delf.web")
 STATIC = Path(__file__).resolve().parent / "static"
@@ -95,14 +96,16 @@ def _install_pages(app: FastAPI) -> None:
                                    swagger_favicon_url="/docs-assets/favicon.png")
 
 
-def create_app(gateway: Gateway | None = None) -> FastAPI:
+def create_app(gateway: Gateway | None = None, settings: WebSettings | None = None) -> FastAPI:
+    """The app; ``settings`` default to the environment's, read now."""
+    settings = settings or WebSettings.from_env()
     app = FastAPI(title="DELF search", version="1",
                   description="Search photos by photo, add and delete images, run ingest jobs: the HTTP/JSON "
                               "face of the gateway's gRPC API. With DELF_AUTH_TOKENS set, send "
                               "`Authorization: Bearer <token>`. Errors: `{\"error\": {\"code\", \"message\"}}`.",
                   docs_url=None, redoc_url=None)
-    app.state.gateway = gateway or Gateway()
-    app.state.tokens = auth.accepted_tokens()
+    app.state.gateway = gateway or Gateway(settings.gateway)
+    app.state.tokens = auth.accepted_tokens(settings.auth_tokens)
     _install_handlers(app)
     _install_request_log(app)
     for module in (api_search, api_images, api_jobs):

@@ -9,14 +9,14 @@ from __future__ import annotations
 
 import hmac
 
-from delf_common import config
 from delf_web.errors import ApiError
 
 _HELP = "send the header `Authorization: Bearer <token>` (the console: the token field at the top)"
 
 
-def accepted_tokens() -> list[bytes]:
-    return [t.encode() for t in config.get("DELF_AUTH_TOKENS") if t]
+def accepted_tokens(tokens: tuple[str, ...]) -> list[bytes]:
+    """The configured tokens (`WebSettings.auth_tokens`) as the checks compare them."""
+    return [t.encode() for t in tokens if t]
 
 
 def refusal(header: str | None, tokens: list[bytes]) -> str | None:

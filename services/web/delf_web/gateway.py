@@ -9,7 +9,6 @@ from __future__ import annotations
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from delf_common import config
 from delf_common.client import DelfClient
 from delf_web.errors import ApiError, from_rpc_error
 
@@ -17,8 +16,8 @@ CALL_TIMEOUT_S = 300.0
 
 
 class Gateway:
-    def __init__(self, target: str | None = None):
-        self.client = DelfClient(target or config.get("DELF_GATEWAY"), timeout=CALL_TIMEOUT_S, token="")
+    def __init__(self, target: str):
+        self.client = DelfClient(target, timeout=CALL_TIMEOUT_S, token="")
         self.stub = self.client.stub
         self.health = health_pb2_grpc.HealthStub(self.client.channel)
 

@@ -1,0 +1,42 @@
+"""The extractor's settings, read from the environment once.
+
+A worker process reads them once (``delf_extractor.tasks.settings``: before its threads
+start, for the malloc tuning and the pool size) and hands them to what needs them: the
+batcher, the model (`DelfExtractor`), the ingest sources. Library code that builds a
+model outside a worker (``delf fit-pca``, the evaluation tools, scripts) reads them when
+it builds one, through `ExtractorSettings.from_env`.
+"""
+from __future__ import annotations
+
+import dataclasses
+
+from delf_common import config
+
+
+@dataclasses.dataclass(frozen=True)
+class ExtractorSettings:
+    model: str
+    device: str
+    weights_dir: str
+    pca: str  # DELF_PCA: a path, a shipped artifact's name, or "" (the model's own)
+    worker_batch: int  # 0: automatic
+    worker_batch_wait_ms: float
+    query_max_scale: float  # 0: every pyramid level
+    malloc_tune: bool
+    ingest_roots: tuple[str, ...]
+    max_image_bytes: int
+
+    @classmethod
+    def from_env(cls) -> "ExtractorSettings":
+        return cls(
+            model=config.get("DELF_MODEL"),
+            device=str(config.get("DELF_DEVICE")),
+            weights_dir=config.get("DELF_WEIGHTS_DIR"),
+            pca=str(config.get("DELF_PCA") or "").strip(),
+            worker_batch=int(config.get("DELF_WORKER_BATCH")),
+            worker_batch_wait_ms=float(config.get("DELF_WORKER_BATCH_WAIT_MS")),
+            query_max_scale=float(config.get("DELF_QUERY_MAX_SCALE")),
+            malloc_tune=bool(config.get("DELF_MALLOC_TUNE")),
+            ingest_roots=tuple(config.get("DELF_INGEST_ROOTS")),
+            max_image_bytes=int(config.get("DELF_MAX_IMAGE_BYTES")),
+        )
