@@ -126,8 +126,9 @@ class System:
 
     def targets(self, ready: dict) -> list[tuple[str, str, int]]:
         """(child name, service, metrics port): the launcher gives its services ports counting
-        up from DELF_METRICS_PORT in the order it started them (the ready file's order)."""
-        names = [n for n in ready["children"] if n != "redis"]
+        up from DELF_METRICS_PORT in the order it started them (the ready file's order); the
+        web service (started last) serves no /metrics of its own."""
+        names = [n for n in ready["children"] if n != "redis" and n.split("-")[0] in SERVICE_OF]
         return [(n, SERVICE_OF[n.split("-")[0]], self.metrics_base + i) for i, n in enumerate(names)]
 
     def start_prometheus(self, targets: list[tuple[str, str, int]], timeout: float = 60) -> None:

@@ -225,8 +225,9 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_COLLECTION", "delf", str,
                 "Name prefix of the Milvus collections (`<name>_features`, `<name>_images`).", "indexer"),
         Setting("DELF_MODEL", "effnet-lite0-cat32", str,
-                "Extractor preset: `effnet-lite0-cat32`, `effnet-lite0`, `effnet-lite0-attn` or "
-                "`delf-resnet50` (docs/METHOD.md).", "extractor, gateway (stats)"),
+                "Extractor preset: `effnet-lite0-cat32`, `effnet-lite0`, `effnet-lite0-attn`, "
+                "`effnet-lite0-cat32-attn`, `effnet-lite1-cat32`, `effnet-lite2-cat32` or `delf-resnet50` "
+                "(docs/METHOD.md).", "extractor, gateway (stats)"),
         Setting("DELF_DEVICE", "auto", str,
                 "Torch device for the extractor: `auto` (CUDA when present), `cpu`, `cuda`, `cuda:1`.",
                 "extractor"),

@@ -43,7 +43,7 @@ function parsePairs(text) {
   const out = {};
   for (const part of text.split(",").map((s) => s.trim()).filter(Boolean)) {
     const i = part.indexOf("=");
-    if (i < 1) throw new Error(`a filter is key=value, not "${part}"`);
+    if (i < 1) throw new Error(`expected key=value, not "${part}"`);
     out[part.slice(0, i).trim()] = part.slice(i + 1).trim();
   }
   return out;
@@ -266,6 +266,8 @@ async function startJob(event) {
   $("ingest-errors").replaceChildren();
   $("ingest-status").textContent = "Sending…";
   try {
+    const extra = parsePairs($("ingest-metadata").value);
+    if (Object.keys(extra).length) form.append("metadata", JSON.stringify(extra));
     const job = await api("/api/v1/jobs", { method: "POST", body: form });
     $("ingest-cancel").disabled = false;
     $("ingest-cancel").onclick = () => api(`/api/v1/jobs/${job.job_id}/cancel`, { method: "POST" }).catch((e) => notice(e.message));
