@@ -34,15 +34,9 @@ def resized_copy(path: Path) -> bytes:
 
 def verified_pairs(client, ids: list[str]) -> list[dict]:
     """Every verified match of a search by each id: its overlap and inlier share."""
-    from delf_tools.duplicates import mutual_overlap
+    from delf_tools.duplicates import image_sizes, mutual_overlap
 
-    sizes: dict[str, tuple[int, int]] = {}
-
-    def size(image_id: str) -> tuple[int, int]:
-        if image_id not in sizes:
-            info = client.get_image(image_id)
-            sizes[image_id] = (info.width, info.height)
-        return sizes[image_id]
+    size = image_sizes(client)
 
     rows = []
     for image_id in ids:

@@ -1,6 +1,8 @@
 """Duplicates in the CLI: what a job says about identical photos (``job_outcomes``)."""
 from __future__ import annotations
 
+from typing import Callable
+
 
 def job_outcomes(job) -> str:
     """The end of a job's summary line: its unchanged items and duplicates, when any."""
@@ -113,11 +115,8 @@ def _path_ids(path: str) -> list[str]:
     raise UsageError(f"{path}: neither a folder nor a .csv/.jsonl manifest")
 
 
-def near_identical_pairs(client, ids: list[str], overlap: float, inliers: float,
-                         top_k: int) -> dict[tuple[str, str], float]:
-    """(id, id) sorted -> overlap, for every verified match of a search by each id whose
-    homography covers at least ``overlap`` of both photos, with at least ``inliers`` of the
-    searching photo's features RANSAC inliers."""
+def image_sizes(client) -> Callable[[str], tuple[int, int]]:
+    """image_id -> (width, height) as indexed, asked of the gateway once per id."""
     sizes: dict[str, tuple[int, int]] = {}
 
     def size(image_id: str) -> tuple[int, int]:
@@ -125,7 +124,15 @@ def near_identical_pairs(client, ids: list[str], overlap: float, inliers: float,
             info = client.get_image(image_id)
             sizes[image_id] = (info.width, info.height)
         return sizes[image_id]
+    return size
 
+
+def near_identical_pairs(client, ids: list[str], overlap: float, inliers: float,
+                         top_k: int) -> dict[tuple[str, str], float]:
+    """(id, id) sorted -> overlap, for every verified match of a search by each id whose
+    homography covers at least ``overlap`` of both photos, with at least ``inliers`` of the
+    searching photo's features RANSAC inliers."""
+    size = image_sizes(client)
     pairs: dict[tuple[str, str], float] = {}
     for image_id in ids:
         found = client.search(image_id=image_id, top_k=top_k)

@@ -18,7 +18,8 @@ from __future__ import annotations
 import re
 from typing import Iterable
 
-from delf_indexer.checks import MAX_ID_LENGTH, quote
+from delf_indexer.checks import quote
+from delf_indexer.side_collections import DUMMY, KeyedCollection
 
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 LOOKUP_CHUNK = 500
@@ -32,33 +33,16 @@ def check_sha256(value) -> str:
     return text
 
 
-class HashStore:
+class HashStore(KeyedCollection):
     """The hashes collection of one index (``client``: the store's MilvusClient)."""
 
-    def __init__(self, client, name: str):
-        self.client = client
-        self.name = name
-        self.exists = client.has_collection(name)
-        if self.exists:
-            client.load_collection(name)
-
-    def _create(self) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH, is_primary=True)
-        s.add_field("sha256", DataType.VARCHAR, max_length=64)
-        s.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
-        ip = self.client.prepare_index_params()
-        ip.add_index("dummy", index_type="FLAT", metric_type="L2")
-        self.client.create_collection(self.name, schema=s, index_params=ip, consistency_level="Strong")
-        self.client.load_collection(self.name)
-        self.exists = True
+    field = "sha256"
+    max_length = 64
 
     def write(self, hashes: dict[str, str], replaced: Iterable[str] = ()) -> None:
         """Store these photos' hashes (replacing any), and drop the old hash of each
         ``replaced`` id that comes without one now."""
-        rows = [{"image_id": i, "sha256": h, "dummy": [0.0, 0.0]} for i, h in hashes.items() if h]
+        rows = [{"image_id": i, "sha256": h, "dummy": DUMMY} for i, h in hashes.items() if h]
         if rows:
             if not self.exists:
                 self._create()

@@ -17,35 +17,19 @@ import base64
 import logging
 from typing import Iterable
 
-from delf_indexer.checks import MAX_ID_LENGTH, quote
+from delf_indexer.checks import quote
+from delf_indexer.side_collections import DUMMY, KeyedCollection
 
 log = logging.getLogger(__name__)
 
 JPEG_FIELD_LENGTH = 65535
 
 
-class ThumbnailStore:
+class ThumbnailStore(KeyedCollection):
     """The thumbnails collection of one index (``client``: the store's MilvusClient)."""
 
-    def __init__(self, client, name: str):
-        self.client = client
-        self.name = name
-        self.exists = client.has_collection(name)
-        if self.exists:
-            client.load_collection(name)
-
-    def _create(self) -> None:
-        from pymilvus import DataType, MilvusClient
-
-        s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH, is_primary=True)
-        s.add_field("jpeg", DataType.VARCHAR, max_length=JPEG_FIELD_LENGTH)
-        s.add_field("dummy", DataType.FLOAT_VECTOR, dim=2)
-        ip = self.client.prepare_index_params()
-        ip.add_index("dummy", index_type="FLAT", metric_type="L2")
-        self.client.create_collection(self.name, schema=s, index_params=ip, consistency_level="Strong")
-        self.client.load_collection(self.name)
-        self.exists = True
+    field = "jpeg"
+    max_length = JPEG_FIELD_LENGTH
 
     def write(self, thumbnails: dict[str, bytes], replaced: Iterable[str] = ()) -> None:
         """Store these photos' thumbnails (replacing any), and drop the old thumbnail of
@@ -56,7 +40,7 @@ class ThumbnailStore:
             if len(text) > JPEG_FIELD_LENGTH:
                 raise ValueError(f"the thumbnail of {image_id!r} is {len(jpeg):,} bytes; at most "
                                  f"{JPEG_FIELD_LENGTH * 3 // 4:,} can be stored")
-            rows.append({"image_id": image_id, "jpeg": text, "dummy": [0.0, 0.0]})
+            rows.append({"image_id": image_id, "jpeg": text, "dummy": DUMMY})
         if rows:
             if not self.exists:
                 self._create()
