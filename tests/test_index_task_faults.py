@@ -100,11 +100,11 @@ def test_index_task_retries_transient_redis_errors_not_bad_input(cluster, monkey
     real_mark_done = jobs_mod.JobStore.mark_done
     calls = {"mark_done": 0, "retry": 0}
 
-    def flaky_mark_done(self, job_id, item_id):
+    def flaky_mark_done(self, job_id, item_id, **outcome):
         calls["mark_done"] += 1
         if calls["mark_done"] == 1:
             raise redis_lib.ConnectionError("Redis is restarting")
-        return real_mark_done(self, job_id, item_id)
+        return real_mark_done(self, job_id, item_id, **outcome)
 
     real_retry = tasks.ingest_index.retry
 

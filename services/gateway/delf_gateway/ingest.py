@@ -38,8 +38,11 @@ JOB_ID_METADATA_KEY = "delf-job-id"
 # A RECEIVING job whose last item arrived this recently may still have a live stream.
 RESUME_STREAM_IDLE_S = contract.RESUME_STREAM_IDLE_S
 # How long an item waits for the indexer's answer on its bytes (unchanged? a duplicate?)
-# before it is sent to the workers without one.
-KNOWN_TIMEOUT_S = 10.0
+# before it is sent to the workers without one. After one such wait the job's other items
+# are sent without asking (an indexer that is away or behind a backlog must not slow a
+# stream down by this much per photo); the indexer still reports duplicates as it indexes.
+KNOWN_TIMEOUT_S = 3.0
+KNOWN_SKIPPED_JOBS_MAX = 1000
 
 _JOB_STATES = {
     "RECEIVING": delf_pb2.JOB_STATE_RECEIVING,
@@ -123,7 +126,7 @@ class IngestJobs(WorkerCalls):
     def _done_unsent(self, job_id: str, image_id: str, metadata: dict, image: bytes) -> bool:
         """Marks the item done, unsent, when the index holds its id with the same bytes and
         metadata (unchanged) or, with DELF_DUPLICATES=skip, holds its bytes under another id."""
-        known = self._known(image_id, hashlib.sha256(image).hexdigest(), metadata)
+        known = self._known(job_id, image_id, hashlib.sha256(image).hexdigest(), metadata)
         if known is None:
             return False
         same = (known.get("duplicate_of") or [""])[0]
@@ -135,21 +138,39 @@ class IngestJobs(WorkerCalls):
             return True
         return False
 
-    def _known(self, image_id: str, sha256: str, metadata: dict) -> dict | None:
+    def _known(self, job_id: str, image_id: str, sha256: str, metadata: dict) -> dict | None:
         """The indexer's answer on these bytes (delf.index.known), or None when it gives none
-        soon (the item is then sent as usual: the indexer still reports a duplicate)."""
+        soon (the item is then sent as usual: the indexer still reports a duplicate), or
+        gave none soon for an earlier item of this job."""
+        unanswered = self.__dict__.setdefault("_known_unanswered_jobs", set())
+        if job_id in unanswered or not self._indexer_free():
+            return None
         try:
             result = self.app.send_task(tasks.INDEX_KNOWN, args=[[{"image_id": image_id, "sha256": sha256,
                                                                     "metadata": metadata}]],
                                         queue=tasks.queue_for_task(tasks.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
             reply = result.get(timeout=KNOWN_TIMEOUT_S, disable_sync_subtasks=False)
-        except Exception:  # no answer (indexer busy or away): the item is extracted as usual
-            log.warning("job item %s: no answer on its bytes from the indexer; sending it", image_id,
+        except Exception:  # no answer (indexer busy or away): extracted as usual
+            if len(unanswered) >= KNOWN_SKIPPED_JOBS_MAX:
+                unanswered.clear()
+            unanswered.add(job_id)
+            log.warning("job %s: no answer from the indexer on the bytes of %s within %.0f s; this job's "
+                        "photos are sent without asking", job_id, image_id, KNOWN_TIMEOUT_S,
                         exc_info=log.isEnabledFor(logging.DEBUG))
             return None
         if contract.failure(reply) is not None:
             return None
         return (reply.get("known") or {}).get(image_id)
+
+    def _indexer_free(self) -> bool:
+        """A live indexer with nothing queued before a question on bytes: only then is its
+        answer worth waiting for (otherwise the photo goes to the workers as usual)."""
+        client = self.jobs.redis
+        try:
+            return bool(tasks.read_heartbeats(client).get("indexer")) and \
+                not client.llen(tasks.queue_for_task(tasks.INDEX_KNOWN))
+        except Exception:  # noqa: BLE001 - Redis hiccups: the send that follows reports them
+            return False
 
     def _send_item(self, job_id: str, image_id: str, metadata: dict, image: bytes | None,
                    location: str | None, context=None) -> None:
