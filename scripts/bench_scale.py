@@ -210,7 +210,7 @@ def _build_index(uri: str, inputs: Inputs, photos: int, stored: int) -> dict:
         t = time.monotonic()
         store.settle()
         info["descriptors"] = store.stats()["descriptors"]
-        if not store.lite:
+        if store.backend.kind != "lite":
             _wait_for_server_index(store, info["descriptors"])
         info["settle_s"] = time.monotonic() - t
     finally:
@@ -361,11 +361,11 @@ def _system_env(args) -> dict[str, str]:
 
 
 def _index_name(args) -> str:
-    from delf_indexer.settings import IndexSettings
+    from delf_indexer.backends import BACKENDS
 
     if args.backend == "lite":
-        return IndexSettings.for_lite().index_type
-    index = IndexSettings.for_uri("http://milvus")
+        return BACKENDS["lite"].index_settings().index_type
+    index = BACKENDS["server"].index_settings()
     parts = [index.index_type]
     if index.index_type == "IVF_PQ":
         parts.append(f"m={index.build_params_for(96)['m']}")

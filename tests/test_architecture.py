@@ -10,7 +10,9 @@
 * settings are read once (issue 23): in a service package (services/*/delf_*/) the
   environment's settings are read (``config.get(...)``, ``config.milvus_uri()``,
   ``config.data_dir()``) only in a module named ``settings.py``, where the service's frozen
-  settings objects are built; everything else is handed those objects.
+  settings objects are built; everything else is handed those objects;
+* storage backends (issue 23): only ``delf_indexer/backends/`` names a backend or branches
+  on its kind, and every registered backend class implements ``StorageBackend``.
 
 "Hand-written": every .py file git knows (tracked, or new and not ignored) under
 shared/, services/, tools/, scripts/ and tests/, except the generated gRPC stubs
@@ -270,6 +272,33 @@ def settings_reads_outside_settings(root: Path, files: list[Path]) -> list[str]:
     return out
 
 
+INDEXER = "services/indexer/delf_indexer/"
+BACKEND_NAMES = {"lite", "server", "is_lite_uri", "LITE_INDEXES", "SERVER_INDEXES", "_fast", "fast",
+                 "release_server", "_lite_snapshot", "LiteFastPath", "LiteBackend", "ServerBackend", "kind"}
+
+
+def backend_branches(root: Path, files: list[Path], kinds: set[str]) -> list[str]:
+    """In delf_indexer outside backends/: names of a backend (attributes, variables, imports
+    of a backend's module) and comparisons with a backend's kind ("lite" == ...)."""
+    out = []
+    for path in files:
+        where = rel(path, root)
+        if not where.startswith(INDEXER) or where.startswith(INDEXER + "backends/"):
+            continue
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            names = ([node.attr] if isinstance(node, ast.Attribute) else [node.id] if isinstance(node, ast.Name)
+                     else [a.asname or a.name for a in node.names] if isinstance(node, ast.ImportFrom) else [])
+            if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("delf_indexer.backends."):
+                names.append(node.module)
+            if isinstance(node, ast.Compare):
+                names += [c.value for c in [node.left, *node.comparators]
+                          if isinstance(c, ast.Constant) and c.value in kinds]
+            out += [(where, node.lineno, name) for name in names
+                    if name in BACKEND_NAMES | kinds or name.startswith("delf_indexer.backends.")
+                    and name != "delf_indexer.backends.base"]
+    return [f"{where}:{line}: {name}" for where, line, name in sorted(out)]
+
+
 def report(title: str, offenders: list[str]) -> str:
     return f"{len(offenders)} {title}:\n  " + "\n  ".join(offenders)
 
@@ -347,6 +376,44 @@ def test_services_read_settings_only_where_settings_objects_are_built():
 
 
 # --------------------------------------------------------------------------- self-tests
+
+
+def test_only_the_backends_name_a_backend():
+    from delf_indexer.backends import BACKENDS
+
+    offenders = backend_branches(ROOT, FILES, set(BACKENDS))
+    if offenders:
+        pytest.fail(report("backend names outside delf_indexer/backends/ (give StorageBackend a method)",
+                           offenders), pytrace=False)
+
+
+def test_every_registered_backend_implements_the_protocol():
+    import inspect
+
+    from delf_indexer.backends import BACKENDS, backend_for
+    from delf_indexer.backends.base import StorageBackend
+
+    members = [n for n, v in vars(StorageBackend).items() if isinstance(v, classmethod) or inspect.isfunction(v)
+               if not n.startswith("_")]
+    assert {"knn", "insert", "image_rows", "settle", "close", "index_settings"} <= set(members)
+    for kind, cls in BACKENDS.items():
+        assert cls.kind == kind and isinstance(cls.index_types, tuple) and isinstance(cls.sole_writer, bool)
+        for name in members:
+            ours, theirs = inspect.signature(getattr(StorageBackend, name)), inspect.signature(getattr(cls, name))
+            assert list(theirs.parameters) == list(ours.parameters), f"{cls.__name__}.{name}{theirs}"
+        assert list(inspect.signature(cls).parameters) == [
+            "uri", "token", "settings", "features_name", "lock", "index", "warm"], cls
+    assert backend_for("http://milvus:19530").kind == "server" and backend_for("/data/milvus.db").kind == "lite"
+
+
+def test_self_check_backend_branches(tmp_path):
+    files = [_write(tmp_path, INDEXER + "store.py", "if self.lite:\n    x = kind == 'server'\n"
+                    "from delf_indexer.backends.lite import LiteBackend\n"),
+             _write(tmp_path, INDEXER + "backends/lite.py", "if self.lite:\n    pass\n"),
+             _write(tmp_path, INDEXER + "tasks.py", "from delf_indexer.backends.base import Hits\n")]
+    assert backend_branches(tmp_path, files, {"lite", "server"}) == [
+        f"{INDEXER}store.py:1: lite", f"{INDEXER}store.py:2: kind", f"{INDEXER}store.py:2: server",
+        f"{INDEXER}store.py:3: LiteBackend", f"{INDEXER}store.py:3: delf_indexer.backends.lite"]
 
 
 def _write(root: Path, relpath: str, text: str) -> Path:

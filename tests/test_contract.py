@@ -77,12 +77,12 @@ def test_item7_one_id_limit_for_every_service(client):
 
     # The indexer's own checks are the same rule (the same functions).
     from delf_common import contract
-    from delf_indexer import checks, tasks
+    from delf_indexer import rows, tasks
 
-    assert contract.check_image_id(ID_512) == ID_512 and checks.check_image_id(ID_512) == ID_512
+    assert contract.check_image_id(ID_512) == ID_512 and rows.check_id_fits(ID_512) == ID_512
     assert tasks._bad_id(ID_512) is None
     with pytest.raises(ValueError, match="513 bytes"):
-        checks.check_image_id(ID_513)
+        rows.check_id_fits(ID_513)
     refused = tasks._bad_id(ID_513)["error"]
     assert refused["code"] == "INVALID_ARGUMENT" and refused["message"] == reason
 
@@ -91,14 +91,13 @@ def test_item7_limits_are_defined_once():
     """Every service reads the limits from the contract: same values, same functions."""
     from delf_common import contract
     from delf_gateway import checks as gateway_checks
-    from delf_indexer import checks as indexer_checks
-    from delf_indexer import schema  # noqa: F401 - the VARCHAR lengths come from the contract
+    from delf_indexer import listing, rows, schema, store, tasks
 
     assert contract.MAX_ID_BYTES == 512
-    assert indexer_checks.MAX_ID_LENGTH == gateway_checks.MAX_ID_LENGTH == contract.MAX_ID_BYTES
-    assert indexer_checks.check_filter is contract.check_filter
-    assert indexer_checks.check_image_id is contract.check_id_fits  # the store's part of the rule
-    assert indexer_checks.metadata_text is contract.metadata_text
+    assert schema.MAX_ID_BYTES == gateway_checks.MAX_ID_LENGTH == contract.MAX_ID_BYTES  # the VARCHAR length
+    assert tasks.check_filter is listing.check_filter is store.check_filter is contract.check_filter
+    assert rows.check_id_fits is store.check_id_fits is contract.check_id_fits  # the store's part of the rule
+    assert rows.metadata_text is contract.metadata_text
     for bad in ("", "tab\tid", ID_513, 7):
         with pytest.raises(ValueError):
             contract.check_image_id(bad)

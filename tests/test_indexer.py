@@ -7,7 +7,8 @@ import pytest
 
 from conftest import redis_db_url
 from delf_common.features import DelfFeatures, decode_array
-from delf_indexer.store import DescriptorStore, quote
+from delf_indexer.checks import quote
+from delf_indexer.store import DescriptorStore
 
 DIM = 40
 
@@ -40,6 +41,9 @@ def store(tmp_path):
 
 
 def test_add_get_stats_delete(store):
+    from delf_indexer.backends.base import StorageBackend
+
+    assert isinstance(store.backend, StorageBackend) and store.backend.kind == "lite"
     assert store.stats() == {"images": 0, "descriptors": 0, "pca_id": ""}
     a, b = feats(120, 1), feats(80, 2)
     info = store.add("a", a, {"title": "A", "n": "1"})
@@ -192,7 +196,7 @@ def test_lite_segments_get_the_configured_ivf_lists(tmp_path, monkeypatch):
     import faiss
 
     def lists(store, kind):
-        segments, _ = store._lite_snapshot()
+        segments, _ = store.backend.snapshot()
         built = [(seg.num_rows, seg.indexes["desc"]._index) for seg in segments if seg.num_rows]
         assert built and all(type(index) is kind for _, index in built), built
         return sorted((rows, index.nlist) for rows, index in built)
@@ -233,9 +237,10 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, index_type, e
     search API: after replacements and deletes (tombstones), with exclusions and filters.
     Both probe every IVF list here, so both are exact (on the same codes) and must agree."""
     import dataclasses
-    from delf_indexer import lite as store_module
+    from delf_indexer.backends import lite_fast
+    from delf_indexer.schema import api_knn
 
-    monkeypatch.setattr(store_module, "EXACT_SEGMENT_ROWS", exact_rows)
+    monkeypatch.setattr(lite_fast, "EXACT_SEGMENT_ROWS", exact_rows)
     # nprobe above any segment's list count (faiss and the direct path clamp it): every list
     store.index = dataclasses.replace(store.index, index_type=index_type, search_params={"nprobe": 4096},
                                       direct_nprobe=4096)
@@ -252,9 +257,9 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, index_type, e
         d = np.ascontiguousarray(q.descriptors)
         for deny, allow, expr in [(set(), None, ""), ({"i3"}, None, 'image_id not in ["i3"]'),
                                   (set(), {"i1", "i4"}, 'image_id in ["i1", "i4"]')]:
-            direct = store._direct_knn(d, 11, deny=deny, allow=allow)
+            direct = store.backend.direct_knn(d, 11, deny=deny, allow=allow)
             assert direct is not None
-            api = store._milvus_knn(d, 11, expr)
+            api = api_knn(store.client, store.features_name, store.index, d, 11, expr)
             assert [h[1] for h in direct] == [h[1] for h in api]
             for (dd, _, xd, yd, sd), (da, _, xa, ya, sa) in zip(direct, api):
                 np.testing.assert_allclose(dd, da, atol=1e-4)
@@ -264,9 +269,9 @@ def test_direct_lite_search_matches_search_api(store, monkeypatch, index_type, e
             assert all("i2" not in h[1] for h in direct)
     # an image's stored features: read from the segments or through the query API, the same
     row = store._image_rows(["i1"])["i1"]
-    assert len(store._direct_rows("i1", int(row["generation"]))["idx"]) == 200
+    assert len(store.backend.direct_rows_of("i1", int(row["generation"]), store.dim)["idx"]) == 200
     _, direct = store.get_features("i1")
-    store.settings = dataclasses.replace(store.settings, lite_direct_search=False)  # DELF_LITE_DIRECT_SEARCH=0
+    store.backend.settings = dataclasses.replace(store.backend.settings, lite_direct_search=False)  # DELF_LITE_DIRECT_SEARCH=0
     _, api = store.get_features("i1")
     np.testing.assert_array_equal(direct.descriptors, api.descriptors)
     np.testing.assert_array_equal(direct.locations, api.locations)
@@ -280,15 +285,15 @@ def test_filter_on_collection_without_meta_field(tmp_path):
         s.add("a", feats(80, 1), {"k": "v"})
         s.add("b", feats(80, 2), {"k": "w"})
     from pymilvus import MilvusClient
-    from delf_indexer import store as store_module
+    from delf_common.contract import MAX_ID_BYTES, METADATA_MAX_JSON_BYTES
     # rebuild the images collection as the old schema had it
     with DescriptorStore(path, collection="o") as s:
         rows = s.client.query(s.images_name, filter='image_id != ""', output_fields=["*"])
         s.client.drop_collection(s.images_name)
         schema = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
         from pymilvus import DataType
-        schema.add_field("image_id", DataType.VARCHAR, max_length=store_module.MAX_ID_LENGTH, is_primary=True)
-        schema.add_field("metadata", DataType.VARCHAR, max_length=store_module.METADATA_MAX_LENGTH)
+        schema.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_BYTES, is_primary=True)
+        schema.add_field("metadata", DataType.VARCHAR, max_length=METADATA_MAX_JSON_BYTES)
         for name in ("width", "height", "num_features", "generation"):
             schema.add_field(name, DataType.INT64)
         schema.add_field("pca_id", DataType.VARCHAR, max_length=256)
@@ -372,31 +377,31 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
     """DELF_MILVUS_INDEX / DELF_MILVUS_SEARCH_PARAMS: a server gets the named index with
     that type's parameters; the embedded Lite file refuses anything but its IVF_FLAT."""
     from delf_common import config
-    from delf_indexer.store import IndexSettings
+    from delf_indexer.backends import index_for
 
     server = "http://milvus.example:19530"
-    assert IndexSettings.for_uri(server).index_type == "HNSW"
+    assert index_for(server).index_type == "HNSW"
     monkeypatch.setenv("DELF_MILVUS_INDEX", "ivf-pq")
-    pq = IndexSettings.for_uri(server)
+    pq = index_for(server)
     assert pq.index_type == "IVF_PQ" and pq.build_params_for(40)["m"] == 10
     assert pq.build_params_for(42)["m"] == 21 and pq.search_params == {"nprobe": 16}
     monkeypatch.setenv("DELF_MILVUS_SEARCH_PARAMS", '{"nprobe": 48}')
-    assert IndexSettings.for_uri(server).search_params == {"nprobe": 48}
+    assert index_for(server).search_params == {"nprobe": 48}
     monkeypatch.setenv("DELF_MILVUS_INDEX_PARAMS", '{"nlist": 4096}')
-    assert IndexSettings.for_uri(server).build_params_for(96) == {"nlist": 4096, "m": 24, "nbits": 8}
+    assert index_for(server).build_params_for(96) == {"nlist": 4096, "m": 24, "nbits": 8}
     monkeypatch.delenv("DELF_MILVUS_INDEX_PARAMS")
     with pytest.raises(ValueError, match="Milvus Lite"):
         DescriptorStore(str(tmp_path / "m.db"))
     monkeypatch.setenv("DELF_MILVUS_INDEX", "IVF_FLAT")
-    assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
+    assert index_for(str(tmp_path / "m.db")).index_type == "IVF_FLAT"
     monkeypatch.setenv("DELF_MILVUS_INDEX", "auto")
-    assert IndexSettings.for_uri(str(tmp_path / "m.db")).index_type == "IVF_SQ8"
-    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 6
+    assert index_for(str(tmp_path / "m.db")).index_type == "IVF_SQ8"
+    assert index_for(str(tmp_path / "m.db")).direct_nprobe == 6
     monkeypatch.setenv("DELF_LITE_NPROBE", "4")
-    assert IndexSettings.for_uri(str(tmp_path / "m.db")).direct_nprobe == 4
+    assert index_for(str(tmp_path / "m.db")).direct_nprobe == 4
     for bad_env, bad in (("DELF_MILVUS_INDEX", "FAISS"), ("DELF_MILVUS_SEARCH_PARAMS", "[1]"),
                          ("DELF_MILVUS_INDEX_PARAMS", "nlist=4")):
         monkeypatch.setenv(bad_env, bad)
         with pytest.raises(config.ConfigError, match=bad_env):
-            IndexSettings.for_uri(server)
+            index_for(server)
         monkeypatch.delenv(bad_env)

@@ -35,11 +35,13 @@ def server_uri(tmp_path_factory):
 
 @pytest.mark.timeout(180)
 def test_store_on_server(server_uri):
+    from delf_indexer.backends.base import StorageBackend
     from delf_indexer.store import DescriptorStore
 
     s = DescriptorStore(server_uri, token="root:Milvus", collection=f"srv{int(time.time())}")
     try:
-        assert not s.lite and s.index.index_type == "HNSW"
+        assert s.backend.kind == "server" and s.index.index_type == "HNSW"
+        assert isinstance(s.backend, StorageBackend)
         version = s.client.get_server_version()
         assert "2.3" in version
         images = {f"img{i}": feats(150, 20 + i) for i in range(4)}

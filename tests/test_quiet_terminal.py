@@ -27,7 +27,7 @@ MAX_TERMINAL_LINES = 15  # what `delf up` says: logs, broker, services, ready, s
 def test_an_index_build_on_milvus_lite_logs_no_error(tmp_path, caplog):
     from pymilvus import MilvusClient
 
-    from delf_indexer.lite_patches import quiet_alloc_timestamp
+    from delf_indexer.backends.lite_patches import quiet_alloc_timestamp
 
     assert quiet_alloc_timestamp() and quiet_alloc_timestamp()  # idempotent
     with caplog.at_level(logging.WARNING):

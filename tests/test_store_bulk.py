@@ -3,7 +3,8 @@
 import numpy as np
 import pytest
 
-from delf_indexer.store import DescriptorStore, quote
+from delf_indexer.checks import quote
+from delf_indexer.store import DescriptorStore
 from test_indexer import feats, noisy, rows
 
 
@@ -92,12 +93,12 @@ def test_direct_lite_insert_writes_what_the_api_writes_and_survives_a_reopen(tmp
         monkeypatch.setenv("DELF_LITE_DIRECT_INSERT", direct)
         path = str(tmp_path / f"direct{direct}.db")
         with DescriptorStore(path, collection="c") as s:
-            assert s.direct_insert is (direct == "1")
+            assert s.backend.direct_insert is (direct == "1")
             s.add_many(photos[:3])
             s.add("d1", feats(70, 11), {})  # a replacement, one photo per call
             s.add_many(photos[3:])
             top = s.search(noisy(feats(70, 11), 0.02, 5), shortlist=3)
-            assert s.direct_rows == (6 * 40 if direct == "1" else 0)
+            assert s.backend.direct_rows == (6 * 40 if direct == "1" else 0)
         with DescriptorStore(path, collection="c") as s:  # reopened: rows come back from disk
             answers[direct] = (s.stats(), _all_rows(s), [t["image_id"] for t in top],
                                [t["image_id"] for t in s.search(noisy(feats(63, 3), 0.02, 6), shortlist=3)])
@@ -111,13 +112,13 @@ def test_fast_memtable_flush_builds_the_table_lite_builds(tmp_path, monkeypatch)
     for rows from several insert batches out of order (a replaced primary key)."""
     from milvus_lite.storage.memtable import MemTable
 
-    from delf_indexer.lite_patches import _take_rows
+    from delf_indexer.backends.lite_patches import _take_rows
 
     monkeypatch.setenv("DELF_STORED_FEATURES", "0")
     with DescriptorStore(str(tmp_path / "flush.db"), collection="f") as s:
         for k in range(3):
             s.add_many([(f"m{k}{j}", feats(30 + j, 10 * k + j), {}) for j in range(2)])
-        memtable = s._fast._engine()._memtable
+        memtable = s.backend.fast._engine()._memtable
         rows = [(b, r) for b, batch in enumerate(memtable._insert_batches) for r in range(batch.num_rows)]
         assert len(memtable._insert_batches) >= 3 and len(rows) == sum(2 * 30 + 1 for _ in range(3))
         shuffled = rows[40:] + rows[:40]
@@ -154,7 +155,7 @@ def test_lite_trains_its_ivf_lists_on_the_configured_sample(tmp_path, monkeypatc
         s.add_many(list((k, f, {}) for k, f in photos.items()))
         for k, f in photos.items():
             assert s.search(noisy(f, 0.02, 1), shortlist=1)[0]["image_id"] == k
-        segments, _ = s._lite_snapshot()
+        segments, _ = s.backend.snapshot()
         built = [(seg.num_rows, seg.indexes["desc"]._index) for seg in segments if seg.num_rows]
         assert sum(rows for rows, _ in built) == 4 * 300
         for rows, index in built:
@@ -168,7 +169,7 @@ def test_training_sample_declines_other_lite_internals(monkeypatch):
     import milvus_lite.index.faiss_ivf_flat as flat_module
     import milvus_lite.index.faiss_ivf_sq8 as sq8_module
 
-    from delf_indexer.lite_patches import sample_training
+    from delf_indexer.backends.lite_patches import sample_training
 
     before = sq8_module.faiss
     monkeypatch.setattr(flat_module, "faiss", object())
@@ -185,7 +186,7 @@ def test_settle_waits_for_lite_s_index_build_however_long_and_a_search_does_not(
 
     with DescriptorStore(str(tmp_path / "wait.db"), collection="w") as s:
         s.add("a", feats(200, 5), {})
-        engine = s._fast._engine()
+        engine = s.backend.fast._engine()
         own, calls = engine._wait_for_bg, []
 
         def slow(timeout=None):  # a build that outlasts three waits
@@ -195,12 +196,12 @@ def test_settle_waits_for_lite_s_index_build_however_long_and_a_search_does_not(
             own(timeout=timeout)
 
         monkeypatch.setattr(engine, "_wait_for_bg", slow)
-        with caplog.at_level(logging.INFO, logger="delf_indexer.lite"):
+        with caplog.at_level(logging.INFO, logger="delf_indexer.backends.lite_fast"):
             s.settle()
         assert len(calls) == 4 and calls[0] == 60.0
         assert sum("still indexing" in r.getMessage() for r in caplog.records) == 3
         calls.clear()
-        assert s._fast.wait_for_index(timeout=0.0) is False
+        assert s.backend.fast.wait_for_index(timeout=0.0) is False
         assert any("exactly" in r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
         s.add("b", feats(200, 6), {})
         calls.clear()

@@ -132,7 +132,7 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
     """Global GeM vectors in a temporary Milvus Lite collection (FLAT, inner product)."""
     from pymilvus import DataType, MilvusClient
 
-    from delf_indexer.store import quote
+    from delf_indexer.checks import quote
 
     t = time.monotonic()
     gem = extractor or GemExtractor()
@@ -174,7 +174,7 @@ def run_global_gem(photos: list[Photo], queries: dict[str, set[str]], top_k: int
         finally:
             client.close()
             try:
-                from delf_indexer.lite import release_server
+                from delf_indexer.backends.lite_fast import release_server
 
                 release_server(uri)
             except Exception:  # noqa: BLE001 - best effort: the temporary file goes anyway

@@ -12,7 +12,7 @@ Two questions, asked before a photo is indexed:
 """
 from __future__ import annotations
 
-from delf_indexer.checks import metadata_text
+from delf_common.contract import metadata_text
 from delf_indexer.hashes import check_sha256
 
 

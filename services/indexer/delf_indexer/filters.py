@@ -1,7 +1,7 @@
 """Metadata filters in a search: which photos match, and how a filter reaches the kNN.
 
 A filter (``search(filter={key: value})``, exact equality on every pair, checked by
-``checks.check_filter``) is resolved in two steps, so descriptor rows carry no metadata
+``contract.check_filter``) is resolved in two steps, so descriptor rows carry no metadata
 (1000 rows per photo; a metadata change would rewrite them all): first the images
 collection answers which photos match (``meta["key"] == "value"``, checked again in
 Python), then

@@ -16,8 +16,9 @@ from __future__ import annotations
 import contextlib
 import heapq
 
+from delf_common.contract import check_filter, check_id_fits
 from delf_indexer import rows
-from delf_indexer.checks import check_filter, check_image_id, metadata_matches, quote
+from delf_indexer.checks import metadata_matches, quote
 from delf_indexer.schema import query_pages
 
 
@@ -26,7 +27,7 @@ def list_images(store, after: str = "", limit: int = 100, filter: dict | None = 
     order and matching ``filter``; the id the next page starts after, "" when none follows)."""
     filter = check_filter(filter)
     if after:
-        check_image_id(after)
+        check_id_fits(after)
     if limit < 1:
         raise ValueError(f"limit must be at least 1, got {limit}")
     with store._lock:

@@ -8,7 +8,7 @@ from typing import NamedTuple
 import numpy as np
 
 from delf_common.features import DelfFeatures
-from delf_indexer.checks import check_image_id, metadata_text
+from delf_common.contract import check_id_fits, metadata_text
 
 
 class NewImage(NamedTuple):
@@ -26,7 +26,7 @@ def prepare(image_id: str, features: DelfFeatures, metadata: dict | None, thumbn
             *, stored: int) -> NewImage:
     """Check one image (ValueError / the id's checks) and keep its ``stored`` best-scored
     features (0: all)."""
-    check_image_id(image_id)
+    check_id_fits(image_id)
     metadata, meta_text = metadata_text(metadata)
     if len(features) and not np.all(np.isfinite(features.descriptors)):
         raise ValueError("descriptors contain NaN or infinity")
@@ -85,3 +85,19 @@ def stored_info(row: dict) -> dict:
     return {"image_id": row["image_id"], "metadata": json.loads(row["metadata"]) if row["metadata"] else {},
             "width": int(row["width"]), "height": int(row["height"]),
             "num_features": int(row["num_features"]), "pca_id": row["pca_id"]}
+
+
+def stored_features(cols: dict[str, np.ndarray], row: dict, dim: int) -> DelfFeatures:
+    """An indexed image's features from its descriptor rows ({idx, x, y, scale, score, desc}
+    arrays, any order: put back in the order they were added) and its images row."""
+    order = np.argsort(cols["idx"], kind="stable")
+    n = len(order)
+    return DelfFeatures(
+        locations=np.stack([cols["x"], cols["y"]], 1).astype(np.float32)[order].reshape(n, 2),
+        scales=cols["scale"].astype(np.float32)[order],
+        scores=cols["score"].astype(np.float32)[order],
+        descriptors=cols["desc"].astype(np.float32).reshape(n, dim)[order],
+        image_size=(int(row["width"]), int(row["height"])),
+        model=row.get("model", ""),
+        pca_id=row["pca_id"],
+    )

@@ -17,22 +17,29 @@ from __future__ import annotations
 
 from typing import Iterator
 
-from delf_indexer.checks import MAX_ID_LENGTH, METADATA_MAX_LENGTH
+import numpy as np
+
+from delf_common.contract import MAX_ID_BYTES, METADATA_MAX_JSON_BYTES
+from delf_indexer import rows
+from delf_indexer.checks import quote
 from delf_indexer.settings import IndexSettings
 
 QUERY_PAGE = 10000      # rows per query page (Milvus caps offset + limit at 16384)
 QUERY_MAX_LIMIT = 16384
+INSERT_BATCH = 10000    # descriptor rows per insert call (api_insert)
+ROW_FIELDS = ["idx", "x", "y", "scale", "score", "desc"]  # what api_rows reads
 
 
 def create_collections(client, features_name: str, images_name: str, dim: int,
-                       index: IndexSettings, lite: bool) -> None:
-    """Create and load the descriptors collection (``dim``-d vectors, ``index``) and the
-    images collection, both with strong consistency."""
+                       index: IndexSettings, params: dict) -> None:
+    """Create and load the descriptors collection (``dim``-d vectors, ``index`` built with
+    ``params``: the backend's form of ``index.build_params_for(dim)``) and the images
+    collection, both with strong consistency."""
     from pymilvus import DataType, MilvusClient
 
     s = MilvusClient.create_schema(auto_id=True, enable_dynamic_field=False)
     s.add_field("pk", DataType.INT64, is_primary=True)
-    s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH)
+    s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_BYTES)
     s.add_field("idx", DataType.INT32)
     s.add_field("x", DataType.FLOAT)
     s.add_field("y", DataType.FLOAT)
@@ -41,19 +48,13 @@ def create_collections(client, features_name: str, images_name: str, dim: int,
     s.add_field("generation", DataType.INT64)
     s.add_field("desc", DataType.FLOAT_VECTOR, dim=dim)
     ip = client.prepare_index_params()
-    params = index.build_params_for(dim)
-    if lite:
-        # pymilvus 3 sends index parameters as flat key/values (a server reads those);
-        # Milvus Lite 3.2 reads only a JSON "params" entry and silently builds its
-        # default (nlist 128) otherwise.
-        params = {"params": params}
     ip.add_index("desc", index_type=index.index_type, metric_type="L2", params=params)
     # Strong consistency: a search right after an add/delete sees it (server).
     client.create_collection(features_name, schema=s, index_params=ip, consistency_level="Strong")
 
     s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-    s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH, is_primary=True)
-    s.add_field("metadata", DataType.VARCHAR, max_length=METADATA_MAX_LENGTH)
+    s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_BYTES, is_primary=True)
+    s.add_field("metadata", DataType.VARCHAR, max_length=METADATA_MAX_JSON_BYTES)
     s.add_field("meta", DataType.JSON)
     s.add_field("width", DataType.INT64)
     s.add_field("height", DataType.INT64)
@@ -99,12 +100,33 @@ def query_pages(client, collection: str, expr: str, fields: list[str]) -> Iterat
         it.close()
 
 
+def query_all(client, collection: str, expr: str, fields: list[str]) -> list[dict]:
+    """Every row matching ``expr`` (``query_pages`` joined)."""
+    return [row for page in query_pages(client, collection, expr, fields) for row in page]
+
+
+def api_insert(client, features_name: str, images: list[rows.NewImage], generations: list[int]) -> None:
+    """The images' descriptor rows through the insert API, ``INSERT_BATCH`` at a time."""
+    feature_rows = [r for image, g in zip(images, generations)
+                    for r in rows.feature_rows(image.image_id, image.features, g)]
+    for i in range(0, len(feature_rows), INSERT_BATCH):
+        client.insert(features_name, feature_rows[i:i + INSERT_BATCH])
+
+
+def api_rows(client, features_name: str, image_id: str, generation: int) -> dict[str, np.ndarray]:
+    """One image's descriptor rows of one generation ({idx, x, y, scale, score, desc} arrays)
+    through the query API."""
+    expr = f"image_id == {quote(image_id)} and generation == {int(generation)}"
+    hits = query_all(client, features_name, expr, ROW_FIELDS)
+    cols = {name: np.array([h[name] for h in hits]) for name in ROW_FIELDS[:-1]}
+    cols["desc"] = np.array([h["desc"] for h in hits], np.float32)
+    return cols
+
+
 def api_knn(client, features_name: str, index: IndexSettings, q, k: int,
             expr: str) -> list[tuple[list, list, list, list, list]]:
     """Per query row: (distances, image ids, x, y, scale) of its k nearest descriptors,
     nearest first, through the Milvus search API (server, or Lite's own search path)."""
-    import numpy as np
-
     out = []
     bs = max(1, index.query_batch)
     for start in range(0, len(q), bs):

@@ -1,7 +1,7 @@
 """Milvus Lite: new rows made searchable in the background, not inside the next search.
 
 Lite keeps new rows in a memtable until a flush writes them as a segment, then builds that
-segment's index in a background thread. The direct search (``delf_indexer.lite``) reads
+segment's index in a background thread. The direct search (``backends.lite_fast``) reads
 segments only (a flush first), and searches a segment whose index is not built yet
 exactly, which costs little for the few photos an ingest just added; so a search flushes
 and does not wait for the build (it used to: a first search after an ingest took the whole
@@ -26,7 +26,7 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 IDLE_FLUSH_S = 5.0  # seconds without a write before the background flush
-# New rows that are flushed at once: a segment above lite.EXACT_SEGMENT_ROWS (20k) is searched
+# New rows that are flushed at once: a segment above lite_fast.EXACT_SEGMENT_ROWS (20k) is searched
 # through its IVF index once built, one below it exactly (50 photos at 500 stored descriptors).
 FLUSH_ROWS = 25_000
 
@@ -90,10 +90,10 @@ def probe_search(store) -> bool:
     from delf_common.features import DelfFeatures
 
     with store._lock:
-        pca = store._collection_pca() if store.exists else None
+        pca = store.collection_pca() if store.exists else None
         if pca is None:
             return False
-        probe = np.random.default_rng(0).standard_normal((PROBE_ROWS, store._dim)).astype(np.float32)
+        probe = np.random.default_rng(0).standard_normal((PROBE_ROWS, store.dim)).astype(np.float32)
         probe /= np.linalg.norm(probe, axis=1, keepdims=True)
         store.search(DelfFeatures(np.zeros((PROBE_ROWS, 2)), np.ones(PROBE_ROWS), np.ones(PROBE_ROWS),
                                   probe, (64, 64), "", pca), shortlist=1)

@@ -4,7 +4,7 @@ so each row carries a 2-d dummy vector. The collection is created on its first w
 index made before it existed gets it then."""
 from __future__ import annotations
 
-from delf_indexer.checks import MAX_ID_LENGTH
+from delf_common.contract import MAX_ID_BYTES
 
 DUMMY = [0.0, 0.0]
 
@@ -27,7 +27,7 @@ class KeyedCollection:
         from pymilvus import DataType, MilvusClient
 
         s = MilvusClient.create_schema(auto_id=False, enable_dynamic_field=False)
-        s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_LENGTH, is_primary=True)
+        s.add_field("image_id", DataType.VARCHAR, max_length=MAX_ID_BYTES, is_primary=True)
         s.add_field(self.field, DataType.VARCHAR, max_length=self.max_length)
         s.add_field("dummy", DataType.FLOAT_VECTOR, dim=len(DUMMY))
         ip = self.client.prepare_index_params()

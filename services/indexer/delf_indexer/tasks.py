@@ -20,17 +20,15 @@ from celery.signals import celeryd_after_setup, worker_shutdown
 from delf_common import celery_app as names
 from delf_common import parked
 from delf_common.celery_app import app, configure_worker
-from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, ContractError, check_image_id,
-                                  error, failure, ok)
+from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, ContractError, check_filter,
+                                  check_image_id, error, failure, ok)
 from delf_common.features import DelfFeatures
 from delf_common.jobs import JobStore
 from delf_common.metrics import DESCRIPTORS_INDEXED, STORED, install_worker_hooks
 from delf_common.retry import retry_delay
 
 from delf_indexer import duplicates
-from delf_indexer.checks import check_filter
 from delf_indexer.listing import list_images
-from delf_indexer.lite_patches import quiet_alloc_timestamp
 from delf_indexer.settling import probe_search
 from delf_indexer.store import DescriptorStore
 
@@ -50,9 +48,6 @@ def get_store() -> DescriptorStore:
     global _store
     with _store_lock:
         if _store is None:
-            # Before Lite's in-process server starts (it binds its servicer's methods then):
-            # no harmless AllocTimestamp ERROR traceback per index build (lite_patches).
-            quiet_alloc_timestamp()
             _store = DescriptorStore()
         return _store
 

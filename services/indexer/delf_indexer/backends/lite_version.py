@@ -1,6 +1,7 @@
 """Which Milvus Lite versions the fast paths may touch.
 
-`delf_indexer.lite` (direct reads and writes) and `delf_indexer.lite_patches` (flush,
+`delf_indexer.backends.lite_fast` (direct reads and writes) and
+`delf_indexer.backends.lite_patches` (flush,
 k-means and AllocTimestamp patches) use names Milvus Lite does not promise to keep. They
 run only on the versions listed here, the ones they were tested with; on any other version
 the indexer uses Lite's public API (the same answers, slower searches and writes) and says

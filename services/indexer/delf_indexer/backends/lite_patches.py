@@ -21,8 +21,8 @@ One more makes it quiet rather than fast:
   implemented!" at ERROR with a traceback on every index build: harmless, and alarming in a
   terminal. The patch answers the same UNIMPLEMENTED status without raising.
 
-Like ``delf_indexer.lite``, this touches names Lite does not promise to keep; each patch
-changes nothing (answers False) on a Lite version not listed in `delf_indexer.lite_version`,
+Like ``delf_indexer.backends.lite_fast``, this touches names Lite does not promise to keep; each patch
+changes nothing (answers False) on a Lite version not listed in `delf_indexer.backends.lite_version`,
 and checks the names first, changing nothing when they are not as expected.
 """
 from __future__ import annotations
@@ -31,7 +31,7 @@ import logging
 
 import numpy as np
 
-from delf_indexer.lite_version import lite_internals_allowed
+from delf_indexer.backends.lite_version import lite_internals_allowed
 
 log = logging.getLogger(__name__)
 

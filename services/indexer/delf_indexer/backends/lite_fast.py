@@ -1,4 +1,5 @@
-"""The Milvus Lite fast path: the one module that reads Milvus Lite's private internals.
+"""The Milvus Lite fast path: direct reads and writes of Milvus Lite's private internals
+(with ``lite_patches``, the only code that touches them; ``lite.LiteBackend`` uses it).
 
 Milvus Lite (milvus-lite 3.2.x, pinned in pyproject.toml) runs inside the indexer process:
 a pure-Python engine of immutable Parquet segments (one faiss index each), a memtable
@@ -11,9 +12,9 @@ lock) with numpy masks and the segments' own faiss indexes instead.
 Everything here touches names Lite does not promise to keep (``server_manager_instance
 ._servers``, ``_memtable``, ``_read_snapshot``, the delta log's ``_map``, segment
 ``table``/``pks``/``seqs``/``indexes``/``vector_data``, ``_wait_for_bg``). So a Lite upgrade
-touches this file only, and every method answers None (or does nothing) when the internals
+touches this file and ``lite_patches`` only, and every method answers None (or does nothing) when the internals
 are not as expected: the store then uses the public API, which gives the same answers. It
-runs at all only on the Lite versions listed in `delf_indexer.lite_version`.
+runs at all only on the Lite versions listed in `delf_indexer.backends.lite_version`.
 """
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ import logging
 
 import numpy as np
 
-from delf_indexer.lite_version import lite_internals_allowed
+from delf_indexer.backends.lite_version import lite_internals_allowed
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,7 @@ class LiteFastPath:
     """Direct reads of one Milvus Lite collection (the descriptors) in this process.
 
     ``knn`` and ``rows`` are valid only when nothing waits in Lite's memtable: flush the
-    collection first (``DescriptorStore._settle``); they answer None otherwise.
+    collection first (``LiteBackend.settle_for_read``); they answer None otherwise.
     """
 
     def __init__(self, uri: str, collection: str):
@@ -51,7 +52,7 @@ class LiteFastPath:
     @classmethod
     def open(cls, uri: str, collection: str) -> "LiteFastPath | None":
         """The fast path, or None when the installed Lite is not a tested version
-        (`delf_indexer.lite_version`): the store then uses Lite's public API."""
+        (`delf_indexer.backends.lite_version`): the store then uses Lite's public API."""
         return cls(uri, collection) if lite_internals_allowed() else None
 
     # ------------------------------------------------------------ the Lite server
@@ -183,7 +184,7 @@ class LiteFastPath:
         """The k nearest descriptors of each query row, or None to use the search API.
 
         Per query row: (distances, image ids, x, y, scale) lists, nearest first, plain
-        (not squared) L2 - what ``DescriptorStore._milvus_knn`` answers. Rows deleted by a
+        (not squared) L2 - what ``schema.api_knn`` answers. Rows deleted by a
         later tombstone or of denied / non-allowed images are left out through a faiss
         IDSelectorBitmap. Segments over ``EXACT_SEGMENT_ROWS`` rows with an IVF index are
         searched through it (``nprobe`` lists); smaller ones (or not yet indexed) exactly.
