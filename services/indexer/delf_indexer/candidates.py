@@ -15,7 +15,7 @@ from delf_indexer.voting import Candidate
 def search_candidates(candidates: list[Candidate], hits: list, info: dict[str, dict],
                       chosen: np.ndarray | None) -> list[SearchCandidate]:
     """Voted candidates as messages: database locations and scales of the correspondences
-    looked up in ``hits`` (as ``DescriptorStore._knn`` returns them), query rows mapped back
+    looked up in ``hits`` (as ``StorageBackend.knn`` returns them), query rows mapped back
     through ``chosen``. Candidates without an images row in ``info`` (deleted while we
     searched) are dropped."""
     out = []

@@ -1,5 +1,6 @@
 """The index's two Milvus collections: their schemas, what an existing one holds,
-reading one page by page, and searching the descriptors through the API (``api_knn``).
+reading one page by page, and the descriptors through pymilvus' public API (``api_insert``,
+``api_rows``, ``api_knn``: what every backend can fall back on).
 
 Collections (``DELF_COLLECTION`` = ``<name>``):
 

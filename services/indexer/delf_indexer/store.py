@@ -25,9 +25,10 @@ descriptors with another ``pca_id`` (or another dimension) is refused with
 
 Around the store: ``backends`` (where the rows live), ``settings`` (IndexSettings: which
 vector index), ``schema`` (the collections), ``checks`` (quoting; the input rules are
-``delf_common.contract``'s), ``filters`` (how a filter reaches the search), ``thumbnails``
-(the photos' thumbnails), ``writes`` (what an add checks before it writes), ``voting`` (the
-pure DELF voting that ``search`` calls) and ``candidates`` (its answer on the wire).
+``delf_common.contract``'s), ``rows`` (what is written for an image, and read back),
+``filters`` (how a filter reaches the search), ``thumbnails`` and ``hashes`` (side
+collections), ``voting`` (the pure DELF voting that ``search`` calls) and ``candidates``
+(its answer on the wire).
 """
 from __future__ import annotations
 
@@ -35,7 +36,6 @@ import logging
 import threading
 import time
 from typing import Iterable, Sequence
-
 
 from delf_common.contract import check_filter, check_id_fits
 from delf_common.features import DelfFeatures
