@@ -7,6 +7,10 @@
   functions count: they still tie the two modules together);
 * the shared library (shared/delf_common) imports no service package and no tool:
   arrows point from tools to services to shared, never up;
+* no re-export (issue 23): in services/, shared/ and tools/ a noqa for F401 (an import
+  the module itself does not use) marks only a side-effect import, a plain ``import a.b``
+  whose reason starts with "registers" (``import delf_x.tasks  # noqa: F401 - registers its
+  tasks on the shared app``); a name is imported from the module that defines it;
 * settings are read once (issue 23): in a service package (services/*/delf_*/) the
   environment's settings are read (``config.get(...)``, ``config.milvus_uri()``,
   ``config.data_dir()``) only in a module named ``settings.py``, where the service's frozen
@@ -327,6 +331,48 @@ def test_self_check_noqa(tmp_path):
     assert [line.split(":")[1] for line in unjustified_noqas(tmp_path, [f])] == ["2", "3"]
 
 
+# The folders where a noqa for F401 is held to the side-effect rule: the project's packages.
+RE_EXPORT_FOLDERS = ("services", "shared", "tools")
+RE_EXPORT_SKIPPED = (
+    "services/indexer/",  # services/indexer: its re-exports go with the backends branch
+)
+# TEMPORARY, (file, reason) -> why: delf_indexer.tasks still reads four task names from
+# celery_app; when the backends branch moves them to delf_common.contract, drop this.
+RE_EXPORT_TEMPORARY = {
+    ("shared/delf_common/celery_app.py", "re-exported for delf_indexer.tasks until the backends branch"),
+}
+SIDE_EFFECT_REASON = re.compile(r"registers\b")
+
+
+def re_exports(root: Path, files: list[Path], skipped: tuple[str, ...] = (),
+               temporary: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """noqa-for-F401 lines in services/, shared/ or tools/ that are not a side-effect import:
+    a plain `import a.b` (not `from`) whose reason starts with "registers"."""
+    out = []
+    for path in files:
+        name = rel(path, root)
+        if name.split("/")[0] not in RE_EXPORT_FOLDERS or name.startswith(skipped):
+            continue
+        text = path.read_text(encoding="utf-8")
+        statements = {node.lineno: node for node in ast.walk(ast.parse(text, str(path))) if isinstance(node, ast.stmt)}
+        for n, line in enumerate(text.splitlines(), 1):
+            m = NOQA.search(line)
+            codes, _, reason = (m.group("rest").partition(" - ") if m else ("", "", ""))
+            if "F401" not in codes or (name, reason.strip()) in temporary:
+                continue
+            if not (isinstance(statements.get(n), ast.Import) and SIDE_EFFECT_REASON.match(reason.strip())):
+                out.append(f"{name}:{n}: {line.strip()}")
+    return out
+
+
+def test_no_re_exports_only_side_effect_imports():
+    offenders = re_exports(ROOT, FILES, RE_EXPORT_SKIPPED, RE_EXPORT_TEMPORARY)
+    if offenders:
+        pytest.fail(report("unused imports kept under `noqa: F401` (import the name from its home module; "
+                           "a side-effect import is `import a.b  # noqa: F401 - registers ...`)", offenders),
+                    pytrace=False)
+
+
 def test_no_import_cycle_among_the_project_modules():
     offenders = import_cycles(ROOT, FILES)
     if offenders:
@@ -425,3 +471,28 @@ def test_self_check_settings_reads(tmp_path):
     assert settings_reads_outside_settings(tmp_path, files) == [
         "services/v/delf_verifier/tasks.py:2: config.get(...)",
         "services/v/delf_verifier/tasks.py:3: config.milvus_uri(...)"]
+
+
+def test_self_check_re_exports(tmp_path):
+    files = [
+        _write(tmp_path, "services/g/delf_gateway/server.py",
+               "from delf_gateway.checks import (  # noqa: F401 - re-exported: their former home\n"
+               "    check_photo,\n)\n"
+               "import delf_gateway.tasks  # noqa: F401 - registers its tasks on the shared app\n"
+               "import delf_gateway.more  # noqa: F401 - the old name\n"
+               "from delf_gateway import tasks  # noqa: F401 - registers its tasks (a from-import binds a name)\n"
+               "import os  # noqa: E402 - after the path setup\n"),
+        _write(tmp_path, "shared/delf_common/images.py",
+               "from delf_common.contract import NOT_FOUND  # noqa: F401 - importable from here\n"
+               "from delf_common.contract import X  # noqa: F401 - kept for now\n"),
+        _write(tmp_path, "tools/delf_tools/cli.py", "from delf_tools.cli_index import _client  # noqa: F401, E402 - x\n"),
+        _write(tmp_path, "services/i/delf_indexer/store.py", "from a import b  # noqa: F401 - re-exported\n"),
+        _write(tmp_path, "tests/probe.py", "from a import b  # noqa: F401 - a fixture\n"),
+        _write(tmp_path, "scripts/bench.py", "from a import b  # noqa: F401 - re-exported\n"),
+    ]
+    found = re_exports(tmp_path, files, skipped=("services/i/",),
+                       temporary={("shared/delf_common/images.py", "kept for now")})
+    assert [":".join(line.split(":")[:2]) for line in found] == [
+        "services/g/delf_gateway/server.py:1", "services/g/delf_gateway/server.py:5",
+        "services/g/delf_gateway/server.py:6", "shared/delf_common/images.py:1", "tools/delf_tools/cli.py:1"]
+    assert len(re_exports(tmp_path, files)) == 7  # nothing skipped or temporary: the indexer's and images' count

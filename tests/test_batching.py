@@ -239,7 +239,8 @@ def cluster(tmp_path):
 
 def _index_features(cluster: Cluster, monkeypatch, image_ids):
     """Each image's features as stored by the indexer (delf.index.features)."""
-    from delf_common.celery_app import INDEX_FEATURES, make_app, queue_for_task
+    from delf_common.celery_app import make_app
+    from delf_common.contract import INDEX_FEATURES, queue_for_task
     from delf_common.features import DelfFeatures
 
     monkeypatch.setenv("DELF_REDIS_URL", cluster.redis_url)

@@ -39,7 +39,8 @@ def read_location(location: str) -> bytes:
 
 
 def test_tasks_are_registered_under_contract_names():
-    from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app
+    from delf_common.celery_app import app
+    from delf_common.contract import EXTRACT, INGEST_EXTRACT
 
     assert app.tasks[EXTRACT].run is tasks.extract.run
     assert app.tasks[INGEST_EXTRACT].run is tasks.ingest_extract.run

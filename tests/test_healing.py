@@ -147,7 +147,7 @@ def test_item6_delf_resume_does_not_wait_forever_for_photos_only_the_client_has(
             yield delf_pb2.Job(job_id=job_id, state=delf_pb2.JOB_STATE_RUNNING, total=20, done=19)
             forever.wait()  # the job cannot move: the server never sends another update
 
-    monkeypatch.setattr(cli, "_client", lambda args: Client())
+    monkeypatch.setattr(cli, "gateway_client", lambda args: Client())
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("rc", cli.main(["resume", "J1", "--quiet"])),
                               daemon=True)

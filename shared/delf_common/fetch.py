@@ -41,7 +41,6 @@ from delf_common import config
 from delf_common.contract import (  # the error codes, importable from here
     DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE,
 )
-from delf_common.retry import retry_delay  # noqa: F401 - the extractor's fetch retries use fetch.retry_delay
 
 SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3

@@ -26,7 +26,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from delf_common import config
-from delf_common.contract import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED  # noqa: F401 - importable from here
+from delf_common.contract import INVALID_ARGUMENT, RESOURCE_EXHAUSTED
 
 # We enforce our own pixel limit before decoding; PIL's would raise a warning
 # (or its own error) with a less helpful message.

@@ -11,7 +11,8 @@ import errno
 import os
 
 from delf_common import fetch
-from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected
+from delf_common.contract import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
+from delf_common.images import ImageRejected
 from delf_extractor.settings import ExtractorSettings
 
 
