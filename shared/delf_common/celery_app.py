@@ -278,7 +278,9 @@ class Heartbeat:
                  checks: dict[str, Callable[[], None]] | None = None):
         self.services = services
         self.node = node
-        self.interval = float(interval or config.get("DELF_HEARTBEAT_S"))
+        self.interval = float(interval if interval is not None else config.get("DELF_HEARTBEAT_S"))
+        if self.interval <= 0:
+            raise ValueError(f"a heartbeat interval must be positive, got {self.interval:g} s")
         self.ttl = max(1, int(round(self.interval * HEARTBEAT_TTL_INTERVALS + 0.499)))
         self.checks = HEARTBEAT_CHECKS if checks is None else checks
         self._stop = threading.Event()

@@ -156,7 +156,7 @@ def _no_features_reason(width: int, height: int) -> str:
 def _with_thumbnail(reply: dict, rgb) -> dict:
     """The reply with the photo's ``thumbnail`` (JPEG bytes, DELF_THUMBNAIL_SIDE), unless
     thumbnails are off."""
-    thumbnail = thumbnail_jpeg(rgb)
+    thumbnail = thumbnail_jpeg(rgb, settings().thumbnail_side)
     if thumbnail:
         reply["thumbnail"] = thumbnail
     return reply
@@ -169,7 +169,7 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
     try:
         if image is None:
             raise ImageRejected(INVALID_ARGUMENT, "no image bytes given")
-        rgb = decode_image(bytes(image))
+        rgb = decode_image(bytes(image), settings().image_limits)
         reply = ok(features=_features_wire(rgb, urgent=True))
         return _with_thumbnail(reply, rgb) if (options or {}).get("thumbnail") else reply
     except ImageRejected as exc:
@@ -196,7 +196,7 @@ def ingest_extract(item: dict, job_id: str) -> dict:
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
             data = item_bytes(item, settings())
-            rgb = decode_image(data)
+            rgb = decode_image(data, settings().image_limits)
             features = _features_wire(rgb, slot=slot)
         except ImageRejected as exc:
             log.info("job %s: item %s refused: %s", job_id, image_id, exc.message)

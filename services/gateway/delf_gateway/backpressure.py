@@ -34,9 +34,9 @@ class WorkerCalls:
 
     def __init__(self, app=None, jobs: JobStore | None = None, settings: GatewaySettings | None = None):
         self.app = app or celery_app.app
-        self.jobs = jobs or JobStore()
         # The gateway's settings, read once: here when none are given (tests build a servicer).
         self.settings = settings or GatewaySettings.from_env()
+        self.jobs = jobs or JobStore(timings=self.settings.job_timings)
         self.default_timeout = self.settings.task_timeout_s
         self.max_queue = self.settings.max_queue
         self.max_searches = self.settings.max_searches

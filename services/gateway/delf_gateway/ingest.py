@@ -103,9 +103,9 @@ class IngestJobs(WorkerCalls):
             metadata = check_metadata(item.metadata)
             source = item.WhichOneof("source")
             if source == "image":
-                check_photo(item.image)
+                check_photo(item.image, self.settings.image_limits)
             elif source == "location":
-                check_location(item.location)
+                check_location(item.location, self.settings.fetch_policy)
             else:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the item has neither image bytes nor a location")
             if self.jobs.is_cancelled(job_id):

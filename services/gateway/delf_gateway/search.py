@@ -74,7 +74,7 @@ class SearchCalls(WorkerCalls):
         which = request.WhichOneof("query")
         exclude: list[str] = []
         if which == "image":
-            width, height = check_photo(request.image)
+            width, height = check_photo(request.image, self.settings.image_limits)
             self._admit("extract", "index", "verify")
             reply = self._call(contract.EXTRACT, request.image, {}, context=context, what="extractor")
             features = DelfFeatures.from_wire(reply["features"])

@@ -57,7 +57,7 @@ class Gateway(SearchCalls, IngestJobs, ListCalls, delf_pb2_grpc.ImageSearchServi
     def AddImage(self, request, context):
         image_id = check_image_id(request.image_id)
         metadata = check_metadata(request.metadata)
-        check_photo(request.image)
+        check_photo(request.image, self.settings.image_limits)
         self._admit("extract", "index")
         reply = self._call(contract.EXTRACT, request.image, {"thumbnail": True}, context=context, what="extractor")
         # Optional arguments only when there is something to send: an older indexer takes none.
