@@ -65,7 +65,7 @@ def extract_set(root: Path, cache: Path, model: str | None, variant: str = "", s
     with ``stored``, each photo keeps only its ``stored`` best-scored descriptors (as the
     indexer does with DELF_STORED_FEATURES below the cache's)."""
     from delf_common import config
-    from delf_common.images import decode_image
+    from delf_common.images import ImageLimits, decode_image
     from delf_tools.eval_local import LocalFeatures
     from delf_tools.eval_set import load_photos
 
@@ -80,7 +80,7 @@ def extract_set(root: Path, cache: Path, model: str | None, variant: str = "", s
         parts = {k: [] for k in "LDISCO"}
         t = time.monotonic()
         for k, p in enumerate(photos):
-            f = ex.extract(PHOTOMETRIC[variant](decode_image(p.path.read_bytes()))).best(keep)
+            f = ex.extract(PHOTOMETRIC[variant](decode_image(p.path.read_bytes(), ImageLimits.from_env()))).best(keep)
             parts["L"].append(f.locations), parts["D"].append(f.descriptors)
             parts["I"].append(np.full(len(f), k)), parts["S"].append(np.array([f.image_size]))
             parts["C"].append(f.scales), parts["O"].append(f.scores)

@@ -43,7 +43,7 @@ from torch import nn
 from delf_common import config
 from delf_tools.eval_local import ExactVoter, LocalFeatures, rerank
 from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_extractor import models
 from delf_extractor.extract import DelfExtractor
 from delf_tools.train_data import split_groups
@@ -203,7 +203,7 @@ def main(argv=None) -> int:
     queries = queries_and_positives(groups)
     held_q = {q: v for q, v in queries.items() if groups[q] in held_groups}
     train_q = {q: v for q, v in queries.items() if groups[q] in train_groups}
-    photos = [decode_image((manifest.parent / rel).read_bytes()) for rel, _ in rows]
+    photos = [decode_image((manifest.parent / rel).read_bytes(), ImageLimits.from_env()) for rel, _ in rows]
     torch.set_num_threads(torch.get_num_threads())
 
     configs = method_configs(heads)

@@ -44,13 +44,13 @@ def main() -> int:
         rows = [r for r in rows if (r[2], r[3]) == common]
     paths = [args.data / r[0] for r in rows][: args.photos]
 
-    from delf_common.images import decode_image
+    from delf_common.images import ImageLimits, decode_image
     from delf_extractor.extract import DelfExtractor
     from delf_extractor.tasks import Batcher
 
     ex = DelfExtractor(device=args.device)
-    sizes = {decode_image(p.read_bytes()).shape[:2] for p in paths}
-    ex.extract(decode_image(paths[0].read_bytes()))  # warm-up
+    sizes = {decode_image(p.read_bytes(), ImageLimits.from_env()).shape[:2] for p in paths}
+    ex.extract(decode_image(paths[0].read_bytes(), ImageLimits.from_env()))  # warm-up
 
     print(f"{len(paths)} photos from {args.data.name} ({len(sizes)} distinct sizes), model {ex.model_name}, "
           f"device {ex.device}, torch threads {__import__('torch').get_num_threads()}, "
@@ -65,7 +65,7 @@ def main() -> int:
 
             def one(path: Path, batcher=batcher):
                 with batcher.slot() as slot:
-                    rgb = decode_image(path.read_bytes())
+                    rgb = decode_image(path.read_bytes(), ImageLimits.from_env())
                     return len(batcher.submit(rgb, slot=slot))
 
             t = time.perf_counter()

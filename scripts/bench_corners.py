@@ -32,7 +32,7 @@ from photos import SAMPLE_PHOTOS, map_points, sample_photo, warped_query  # noqa
 
 from delf_tools.eval_local import ExactVoter, LocalFeatures  # noqa: E402 - after the sys.path / environment setup above
 from delf_tools.evaluation import read_manifest  # noqa: E402 - after the sys.path / environment setup above
-from delf_common.images import decode_image  # noqa: E402 - after the sys.path / environment setup above
+from delf_common.images import ImageLimits, decode_image  # noqa: E402 - after the sys.path / environment setup above
 from delf_extractor.extract import DelfExtractor  # noqa: E402 - after the sys.path / environment setup above
 from delf_verifier.ransac import box_corners, project, verify  # noqa: E402 - after the sys.path / environment setup above
 
@@ -63,7 +63,7 @@ def load_photos(args: argparse.Namespace) -> tuple[dict, dict]:
         rows = read_manifest(args.photos / "MANIFEST.tsv")
         for k, (rel, _) in enumerate(rows):
             if k % args.every == 0 or args.dense:
-                indexed[rel] = decode_image((args.photos / rel).read_bytes())
+                indexed[rel] = decode_image((args.photos / rel).read_bytes(), ImageLimits.from_env())
             if k % args.every == 0:
                 photos[rel] = indexed[rel]
     else:

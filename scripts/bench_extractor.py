@@ -27,7 +27,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_extractor.extract import DelfExtractor
 from delf_extractor.models import DELF_SCALES, get_config
 
@@ -96,7 +96,7 @@ def main(argv=None) -> int:
     paths, groups = load_manifest(folder)
     if args.limit:
         paths, groups = paths[:args.limit], groups[:args.limit]
-    photos = [decode_image(p.read_bytes()) for p in paths]
+    photos = [decode_image(p.read_bytes(), ImageLimits.from_env()) for p in paths]
     base = get_config(args.model)
     names = [n for n in SETTINGS if not args.settings or any(n.startswith(s) for s in args.settings)]
     print(f"{len(photos)} photos, {len(set(groups))} groups, torch threads {torch.get_num_threads()}, "

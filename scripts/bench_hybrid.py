@@ -39,7 +39,7 @@ from delf_tools.eval_local import ExactVoter, LocalFeatures
 from delf_tools.eval_methods import GemExtractor
 from delf_tools.eval_set import load_rgb
 from delf_tools.evaluation import average_precision, read_manifest
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_verifier.ransac import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -54,7 +54,7 @@ def features(root: Path, rows, cache: Path):
         ex, gem = DelfExtractor(), GemExtractor()
         loc, desc, score, owner, glob, size = [], [], [], [], [], []
         for k, (path, _) in enumerate(rows):
-            rgb = decode_image((root / path).read_bytes())
+            rgb = decode_image((root / path).read_bytes(), ImageLimits.from_env())
             f = ex.extract(rgb)
             loc.append(f.locations), desc.append(f.descriptors), score.append(f.scores)
             owner.append(np.full(len(f), k)), size.append(f.image_size)

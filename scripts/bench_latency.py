@@ -74,13 +74,13 @@ def real_features(photos: Path, cache: Path):
         scores = np.concatenate([np.linspace(1.0, 0.0, c, dtype=np.float32) for c in n])
         np.savez(path, L=z["L"], D=z["D"], I=z["I"], S=z["S"], C=np.ones(len(z["I"]), np.float32), O=scores)
     if not path.exists():
-        from delf_common.images import decode_image
+        from delf_common.images import ImageLimits, decode_image
         from delf_extractor.extract import DelfExtractor
 
         ex = DelfExtractor()
         parts = {k: [] for k in "LDISCO"}
         for k, (rel, _) in enumerate(rows):
-            f = ex.extract(decode_image((photos / rel).read_bytes()))
+            f = ex.extract(decode_image((photos / rel).read_bytes(), ImageLimits.from_env()))
             parts["L"].append(f.locations), parts["D"].append(f.descriptors)
             parts["I"].append(np.full(len(f), k)), parts["S"].append(np.array([f.image_size]))
             parts["C"].append(f.scales), parts["O"].append(f.scores)
@@ -326,14 +326,14 @@ def extractor_and_features(args: argparse.Namespace):
 
 def extract_queries(ex, args: argparse.Namespace, real: dict):
     """(--queries photos' features, the seconds each extraction took)."""
-    from delf_common.images import decode_image
+    from delf_common.images import ImageLimits, decode_image
 
     ids = sorted(real)
     queries, extract_s = [], []
     for qid in ids[:: max(1, len(ids) // args.queries)][: args.queries]:
         data = (args.photos / real[qid][1]).read_bytes()
         t = time.monotonic()
-        f = ex.extract(decode_image(data))
+        f = ex.extract(decode_image(data, ImageLimits.from_env()))
         extract_s.append(time.monotonic() - t)
         queries.append((qid, type(f)(f.locations, f.scales, f.scores, f.descriptors, f.image_size,
                                      model="bench", pca_id=PCA_ID)))

@@ -26,7 +26,7 @@ import numpy as np
 
 from delf_tools.eval_local import ExactVoter, LocalFeatures, rerank
 from delf_tools.evaluation import average_precision, read_manifest
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_extractor import models
 from delf_extractor import pca as pca_mod
 
@@ -41,7 +41,7 @@ def raw_features(root: Path, rows, cache: Path, model: str = "effnet-lite0") -> 
         ex = DelfExtractor(model, pca=None)
         out = []
         for path, _ in rows:
-            f = ex.extract(decode_image((root / path).read_bytes()))
+            f = ex.extract(decode_image((root / path).read_bytes(), ImageLimits.from_env()))
             out.append({"xy": f.locations, "desc": f.descriptors, "score": f.scores,
                         "scale": f.scales, "size": tuple(f.image_size)})
         cache.write_bytes(pickle.dumps(out))

@@ -20,7 +20,7 @@ import numpy as np
 
 from delf_tools.eval_local import ExactVoter, LocalFeatures
 from delf_tools.evaluation import average_precision, read_manifest
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_extractor import models
 from delf_extractor.extract import DelfExtractor
 from delf_verifier.ransac import verify
@@ -43,7 +43,7 @@ for name, c in variants.items():
     ex = DelfExtractor(config=c)
     out, ts = [], []
     for path, _ in rows:
-        img = decode_image((root / path).read_bytes())
+        img = decode_image((root / path).read_bytes(), ImageLimits.from_env())
         t = time.perf_counter()
         f = ex.extract(img)
         ts.append(time.perf_counter() - t)

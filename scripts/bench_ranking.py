@@ -26,7 +26,7 @@ import numpy as np
 
 from delf_tools.eval_local import ExactVoter, LocalFeatures
 from delf_tools.evaluation import average_precision, read_manifest
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_verifier.ransac import verify
 
 REPO = Path(__file__).resolve().parents[1]
@@ -43,7 +43,7 @@ def features(root: Path, rows, cache: Path):
         ex = DelfExtractor()
         loc, desc, owner, size = [], [], [], []
         for k, (path, _) in enumerate(rows):
-            f = ex.extract(decode_image((root / path).read_bytes()))
+            f = ex.extract(decode_image((root / path).read_bytes(), ImageLimits.from_env()))
             loc.append(f.locations), desc.append(f.descriptors), owner.append(np.full(len(f), k))
             size.append(f.image_size)
         np.savez(cache, L=np.concatenate(loc), D=np.concatenate(desc), I=np.concatenate(owner), S=np.array(size))

@@ -37,16 +37,16 @@ from photos import SAMPLE_PHOTOS, jpeg, landmarks_dir, sample_photo  # noqa: E40
 
 def load_photos() -> tuple[str, list[np.ndarray]]:
     """(where from, decoded RGB photos) as the extractor holds them."""
-    from delf_common.images import decode_image
+    from delf_common.images import ImageLimits, decode_image
 
     root = landmarks_dir()
     if root is not None:
         lines = (root / "MANIFEST.tsv").read_text().splitlines()[1:]
         paths = [root / line.split("\t")[0] for line in lines if line.strip()]
-        return f"landmarks-dev ({len(paths)} photos)", [decode_image(p.read_bytes()) for p in paths]
+        return f"landmarks-dev ({len(paths)} photos)", [decode_image(p.read_bytes(), ImageLimits.from_env()) for p in paths]
     photos = [sample_photo(n) for n in SAMPLE_PHOTOS]
     photos = [p if p.ndim == 3 else np.stack([p] * 3, -1) for p in photos]
-    return f"scikit-image samples ({len(photos)} photos)", [decode_image(jpeg(p[..., :3])) for p in photos]
+    return f"scikit-image samples ({len(photos)} photos)", [decode_image(jpeg(p[..., :3]), ImageLimits.from_env()) for p in photos]
 
 
 def making(photos: list[np.ndarray], sides: list[int]) -> list[dict]:

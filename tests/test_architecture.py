@@ -7,10 +7,17 @@
   functions count: they still tie the two modules together);
 * the shared library (shared/delf_common) imports no service package and no tool:
   arrows point from tools to services to shared, never up;
+* no re-export (issue 23): in services/, shared/ and tools/ a noqa for F401 (an import
+  the module itself does not use) marks only a side-effect import, a plain ``import a.b``
+  whose reason starts with "registers" (``import delf_x.tasks  # noqa: F401 - registers its
+  tasks on the shared app``); a name is imported from the module that defines it;
 * settings are read once (issue 23): in a service package (services/*/delf_*/) the
   environment's settings are read (``config.get(...)``, ``config.milvus_uri()``,
   ``config.data_dir()``) only in a module named ``settings.py``, where the service's frozen
-  settings objects are built; everything else is handed those objects;
+  settings objects are built; everything else is handed those objects. In the shared
+  library (shared/delf_common) they are read only in the functions of
+  ``SHARED_SETTINGS_READERS``, where a settings object or a long-lived object (an app, a
+  store, a client, a handler) is built: a new read elsewhere fails until it is passed in.
 * storage backends (issue 23): only ``delf_indexer/backends/`` names a backend or branches
   on its kind, and every registered backend class implements ``StorageBackend``.
 
@@ -18,8 +25,9 @@
 shared/, services/, tools/, scripts/ and tests/, except the generated gRPC stubs
 (`*_pb2.py`, `*_pb2_grpc.py`). Each failure lists every offender as file:line.
 
-The checkers are plain functions over a folder, so the self-tests at the end run them
-on deliberately bad snippets: the rules cannot pass because the checker saw nothing.
+The checkers are plain functions over a folder, so their self-tests
+(tests/test_architecture_checks.py) run them on deliberately bad snippets: the rules
+cannot pass because the checker saw nothing.
 """
 from __future__ import annotations
 
@@ -299,6 +307,54 @@ def backend_branches(root: Path, files: list[Path], kinds: set[str]) -> list[str
     return [f"{where}:{line}: {name}" for where, line, name in sorted(out)]
 
 
+# Where the shared library reads the environment's settings: module:function, each one
+# building a settings object or a long-lived object, once (a process, an app, a store).
+SHARED_SETTINGS_READERS = {
+    "celery_app:broker_transport_options": "make_app's",
+    "celery_app:make_app": "the Celery app",
+    "celery_app:Heartbeat.__init__": "a worker's heartbeat thread",
+    "celery_app:Heartbeat.start": "its Redis connection",
+    "client:DelfClient.__init__": "a client",
+    "fetch:FetchPolicy.from_env": "a service's settings",
+    "images:ImageLimits.from_env": "a service's settings",
+    "jobs:JobTimings.from_env.read": "a JobStore's",
+    "jobs:JobStore.__init__": "a JobStore",
+    "logs:formatter": "logs.setup's handler",
+    "logs:setup": "the process's logging",
+    "metrics:_multiprocess_setup": "at import, once per process",
+    "metrics:start_server": "the /metrics server",
+    "tracing:mode": "tracing.setup's",
+    # KNOWN per-call reads of DELF_QUEUE_PREFIX (queue and heartbeat key names), left for
+    # later: the prefix would have to travel from each service's settings with its app.
+    "contract:queue_name": "KNOWN per call",
+    "celery_app:heartbeat_registry": "KNOWN per call",
+    "celery_app:heartbeat_key": "KNOWN per call",
+}
+
+
+def shared_settings_reads(root: Path, files: list[Path]) -> list[str]:
+    """`module:function` (dotted for methods and nested functions, `<module>` at the top
+    level) of every settings read (``config.get(...)`` and the like) in shared/delf_common,
+    as `where: module:function`."""
+    out = []
+
+    def visit(node: ast.AST, scope: list[str], path: Path) -> None:
+        for child in ast.iter_child_nodes(node):
+            if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.ClassDef)):
+                visit(child, scope + [child.name], path)
+                continue
+            if (isinstance(child, ast.Call) and isinstance(child.func, ast.Attribute)
+                    and child.func.attr in SETTINGS_READS and isinstance(child.func.value, ast.Name)
+                    and child.func.value.id in ("config", "_config")):
+                out.append(f"{rel(path, root)}:{child.lineno}: {path.stem}:{'.'.join(scope) or '<module>'}")
+            visit(child, scope, path)
+
+    for path in files:
+        if rel(path, root).startswith("shared/delf_common/"):
+            visit(ast.parse(path.read_text(encoding="utf-8"), str(path)), [], path)
+    return out
+
+
 def report(title: str, offenders: list[str]) -> str:
     return f"{len(offenders)} {title}:\n  " + "\n  ".join(offenders)
 
@@ -350,10 +406,38 @@ def test_every_noqa_names_its_rule_and_says_why():
         pytest.fail(report("noqa comments without codes and a reason", offenders), pytrace=False)
 
 
-def test_self_check_noqa(tmp_path):
-    f = tmp_path / "m.py"
-    f.write_text("import os  # noqa: F401 - re-exported\nimport re  # noqa\nimport io  # noqa: F401\n")
-    assert [line.split(":")[1] for line in unjustified_noqas(tmp_path, [f])] == ["2", "3"]
+# The folders where a noqa for F401 is held to the side-effect rule: the project's packages.
+RE_EXPORT_FOLDERS = ("services", "shared", "tools")
+SIDE_EFFECT_REASON = re.compile(r"registers\b")
+
+
+def re_exports(root: Path, files: list[Path], skipped: tuple[str, ...] = (),
+               temporary: set[tuple[str, str]] = frozenset()) -> list[str]:
+    """noqa-for-F401 lines in services/, shared/ or tools/ that are not a side-effect import:
+    a plain `import a.b` (not `from`) whose reason starts with "registers"."""
+    out = []
+    for path in files:
+        name = rel(path, root)
+        if name.split("/")[0] not in RE_EXPORT_FOLDERS or name.startswith(skipped):
+            continue
+        text = path.read_text(encoding="utf-8")
+        statements = {node.lineno: node for node in ast.walk(ast.parse(text, str(path))) if isinstance(node, ast.stmt)}
+        for n, line in enumerate(text.splitlines(), 1):
+            m = NOQA.search(line)
+            codes, _, reason = (m.group("rest").partition(" - ") if m else ("", "", ""))
+            if "F401" not in codes or (name, reason.strip()) in temporary:
+                continue
+            if not (isinstance(statements.get(n), ast.Import) and SIDE_EFFECT_REASON.match(reason.strip())):
+                out.append(f"{name}:{n}: {line.strip()}")
+    return out
+
+
+def test_no_re_exports_only_side_effect_imports():
+    offenders = re_exports(ROOT, FILES)
+    if offenders:
+        pytest.fail(report("unused imports kept under `noqa: F401` (import the name from its home module; "
+                           "a side-effect import is `import a.b  # noqa: F401 - registers ...`)", offenders),
+                    pytrace=False)
 
 
 def test_no_import_cycle_among_the_project_modules():
@@ -373,9 +457,6 @@ def test_services_read_settings_only_where_settings_objects_are_built():
     if offenders:
         pytest.fail(report("settings read outside a service's settings.py (add a field to its settings "
                            "object and pass the object down)", offenders), pytrace=False)
-
-
-# --------------------------------------------------------------------------- self-tests
 
 
 def test_only_the_backends_name_a_backend():
@@ -406,89 +487,12 @@ def test_every_registered_backend_implements_the_protocol():
     assert backend_for("http://milvus:19530").kind == "server" and backend_for("/data/milvus.db").kind == "lite"
 
 
-def test_self_check_backend_branches(tmp_path):
-    files = [_write(tmp_path, INDEXER + "store.py", "if self.lite:\n    x = kind == 'server'\n"
-                    "from delf_indexer.backends.lite import LiteBackend\n"),
-             _write(tmp_path, INDEXER + "backends/lite.py", "if self.lite:\n    pass\n"),
-             _write(tmp_path, INDEXER + "tasks.py", "from delf_indexer.backends.base import Hits\n")]
-    assert backend_branches(tmp_path, files, {"lite", "server"}) == [
-        f"{INDEXER}store.py:1: lite", f"{INDEXER}store.py:2: kind", f"{INDEXER}store.py:2: server",
-        f"{INDEXER}store.py:3: LiteBackend", f"{INDEXER}store.py:3: delf_indexer.backends.lite"]
-
-
-def _write(root: Path, relpath: str, text: str) -> Path:
-    path = root / relpath
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(text)
-    return path
-
-
-def _function(name: str, lines: int, indent: str = "") -> str:
-    """A function of exactly `lines` lines, decorated (the decorator does not count)."""
-    body = "".join(f"{indent}    x{i} = {i}\n" for i in range(lines - 2))
-    return f"{indent}@staticmethod\n{indent}def {name}():\n{body}{indent}    return 0\n"
-
-
-def test_self_check_sizes(tmp_path):
-    ok = _write(tmp_path, "services/a/delf_indexer/ok.py",
-                _function("fits", 60) + "class C:\n" + _function("fits_too", 60, "    "))
-    bad = _write(tmp_path, "services/a/delf_indexer/bad.py",
-                 "class C:\n" + _function("too_long", 61, "    ") + _function("outer", 5))
-    big = _write(tmp_path, "shared/delf_common/big.py", "x = 1\n" * 501)
-    edge = _write(tmp_path, "shared/delf_common/edge.py", "x = 1\n" * 500)
-    assert long_functions(tmp_path, [ok]) == []
-    assert long_functions(tmp_path, [bad]) == ["services/a/delf_indexer/bad.py:3: C.too_long() is 61 lines"]
-    assert long_modules(tmp_path, [big, edge]) == ["shared/delf_common/big.py:1: 501 lines"]
-
-
-def test_self_check_cycles(tmp_path):
-    files = [
-        _write(tmp_path, "services/x/delf_extractor/__init__.py", ""),
-        _write(tmp_path, "services/x/delf_extractor/extract.py", "from delf_extractor import pca\n"),
-        # the cycle closes inside a function and through a relative import
-        _write(tmp_path, "services/x/delf_extractor/pca.py", "def f():\n    from .extract import g\n"),
-        _write(tmp_path, "services/x/delf_extractor/models.py",
-               "import delf_extractor.pca\nimport delf_extractor.typed\n"),
-        _write(tmp_path, "services/x/delf_extractor/typed.py",
-               "from typing import TYPE_CHECKING\nif TYPE_CHECKING:\n    from delf_extractor import models\n"),
-        _write(tmp_path, "shared/delf_common/config.py", "import os\n"),
-    ]
-    assert import_cycles(tmp_path, files) == [
-        "cycle delf_extractor.extract <-> delf_extractor.pca:\n"
-        "    services/x/delf_extractor/extract.py:1: delf_extractor.extract imports delf_extractor.pca\n"
-        "    services/x/delf_extractor/pca.py:2: delf_extractor.pca imports delf_extractor.extract"]
-    # models -> pca and the type-only typed -> models make no cycle
-    assert import_cycles(tmp_path, [f for f in files if f.name != "pca.py"]) == []
-
-
-def test_self_check_upward_imports(tmp_path):
-    files = [
-        _write(tmp_path, "shared/delf_common/__init__.py", ""),
-        _write(tmp_path, "shared/delf_common/cli.py",
-               "import os\nfrom . import config\n\ndef main():\n    from delf_indexer.store import S\n"),
-        _write(tmp_path, "shared/delf_common/config.py", "import delf_tools.manifest as m\n"),
-        _write(tmp_path, "services/g/delf_gateway/server.py", "from delf_common import config\n"),
-    ]
-    assert shared_imports_upward(tmp_path, files) == [
-        "shared/delf_common/cli.py:5: delf_common.cli imports delf_indexer.store.S",
-        "shared/delf_common/config.py:1: delf_common.config imports delf_tools.manifest"]
-
-
-def test_self_check_module_names():
-    assert module_name(Path("services/gateway/delf_gateway/server.py")) == "delf_gateway.server"
-    assert module_name(Path("shared/delf_common/__init__.py")) == "delf_common"
-    assert module_name(Path("tools/delf_tools/cli.py")) == "delf_tools.cli"
-    assert module_name(Path("tests/test_shared.py")) is None
-
-
-def test_self_check_settings_reads(tmp_path):
-    files = [
-        _write(tmp_path, "services/v/delf_verifier/settings.py", "x = config.get('DELF_RATIO')\n"),
-        _write(tmp_path, "services/v/delf_verifier/tasks.py",
-               "def f(options):\n    return options.get('k') or config.get('DELF_RATIO')\n"
-               "y = config.milvus_uri()\nz = config.read_pem('DELF_TLS_CERT', 'a.pem')\n"),
-        _write(tmp_path, "tools/delf_tools/cli.py", "x = config.get('DELF_GATEWAY')\n"),
-    ]
-    assert settings_reads_outside_settings(tmp_path, files) == [
-        "services/v/delf_verifier/tasks.py:2: config.get(...)",
-        "services/v/delf_verifier/tasks.py:3: config.milvus_uri(...)"]
+def test_the_shared_library_reads_settings_only_where_long_lived_objects_are_built():
+    reads = shared_settings_reads(ROOT, FILES)
+    offenders = [r for r in reads if r.split(": ", 1)[1] not in SHARED_SETTINGS_READERS]
+    if offenders:
+        pytest.fail(report("settings read in shared/delf_common outside SHARED_SETTINGS_READERS (take the "
+                           "value as a parameter, from the calling service's settings object)", offenders),
+                    pytrace=False)
+    stale = sorted(set(SHARED_SETTINGS_READERS) - {r.split(": ", 1)[1] for r in reads})
+    assert not stale, f"SHARED_SETTINGS_READERS names functions that no longer read settings: {stale}"

@@ -239,7 +239,8 @@ def cluster(tmp_path):
 
 def _index_features(cluster: Cluster, monkeypatch, image_ids):
     """Each image's features as stored by the indexer (delf.index.features)."""
-    from delf_common.celery_app import INDEX_FEATURES, make_app, queue_for_task
+    from delf_common.celery_app import make_app
+    from delf_common.contract import INDEX_FEATURES, queue_for_task
     from delf_common.features import DelfFeatures
 
     monkeypatch.setenv("DELF_REDIS_URL", cluster.redis_url)
@@ -256,7 +257,7 @@ def _index_features(cluster: Cluster, monkeypatch, image_ids):
 def test_ingest_job_is_extracted_in_batches(cluster, photos, extractor, monkeypatch):
     """A job's photos go through the network several at a time; each gets the features the
     single-photo path gives; a corrupt photo among them fails alone, with its reason."""
-    from delf_common.images import decode_image
+    from delf_common.images import ImageLimits, decode_image
     from delf_common.proto.delf.v1 import delf_pb2
 
     cluster.start_redis()
@@ -291,7 +292,7 @@ def test_ingest_job_is_extracted_in_batches(cluster, photos, extractor, monkeypa
     stored = _index_features(cluster, monkeypatch, [i for i, _ in photos])
     kept = config.get("DELF_STORED_FEATURES")  # the indexer keeps each photo's best-scored ones
     for image_id, data in photos:
-        single = extractor.extract(decode_image(data)).best(kept)
+        single = extractor.extract(decode_image(data, ImageLimits.from_env())).best(kept)
         assert_same_features(stored[image_id], single, image_id)
 
 

@@ -173,7 +173,7 @@ class _FakeClient:
 @pytest.mark.parametrize("interrupt_while", ["sending", "waiting"])
 def test_ctrl_c_during_ingest_says_the_job_goes_on_and_how_to_follow_it(interrupt_while, places, capsys,
                                                                        monkeypatch):
-    monkeypatch.setattr(cli, "_client", lambda args: _FakeClient(interrupt_while))
+    monkeypatch.setattr(cli, "gateway_client", lambda args: _FakeClient(interrupt_while))
     code, out, err = run_cli(["ingest", str(places["folder"]), "--quiet"], capsys)
     assert code == 130 and "Traceback" not in out + err, (code, err)
     assert f"delf ingest {places['folder']} --resume job1" in err, err

@@ -130,7 +130,7 @@ def test_workers_consume_their_queue_with_an_existing_celery_app(services, monke
             f"{name}: command should start a Celery worker (`celery -A ... worker ...`), got {argv}"
         prefix = environment(service).get("DELF_QUEUE_PREFIX", config.SETTINGS["DELF_QUEUE_PREFIX"].default)
         monkeypatch.setenv("DELF_QUEUE_PREFIX", prefix)
-        from delf_common.celery_app import queue_name
+        from delf_common.contract import queue_name
 
         expected = queue_name(celery_service)
         queues = option(argv, "-Q", "--queues")

@@ -35,11 +35,12 @@ def worker(extractor, monkeypatch):
 def read_location(location: str) -> bytes:
     """An ingest location read under the environment's settings, as a worker reads it."""
     settings = ExtractorSettings.from_env()
-    return tasks.read_location(location, settings.ingest_roots, settings.max_image_bytes)
+    return tasks.read_location(location, settings.ingest_roots, settings.image_limits.max_bytes)
 
 
 def test_tasks_are_registered_under_contract_names():
-    from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app
+    from delf_common.celery_app import app
+    from delf_common.contract import EXTRACT, INGEST_EXTRACT
 
     assert app.tasks[EXTRACT].run is tasks.extract.run
     assert app.tasks[INGEST_EXTRACT].run is tasks.ingest_extract.run

@@ -5,6 +5,7 @@ say whether a retry may help. URL items on a running system are in tests/test_in
 """
 from __future__ import annotations
 
+import dataclasses
 import sys
 from pathlib import Path
 
@@ -64,11 +65,11 @@ def test_fetch_checks_the_resolved_address_and_keeps_the_host_name(url_env, web)
     web.bodies["/f.jpg"] = b"photo bytes"
     url = web.url("/f.jpg", host="localhost")
     with pytest.raises(fetch.FetchError) as err:  # localhost resolves to loopback: refused by default
-        fetch.fetch_url(url)
+        fetch.fetch_url(url, fetch.FetchPolicy.from_env())
     assert err.value.code == "PERMISSION_DENIED" and "loopback" in err.value.message and not err.value.transient
     url_env.setenv("DELF_URL_ALLOW_PRIVATE", "1")
     before = len(web.requests)
-    assert fetch.fetch_url(url) == b"photo bytes"
+    assert fetch.fetch_url(url, fetch.FetchPolicy.from_env()) == b"photo bytes"
     assert web.requests[before:] == [("/f.jpg", f"localhost:{web.port}")]  # Host header kept
 
 
@@ -77,19 +78,20 @@ def test_fetch_off_by_default_schemes_hosts_and_limits(url_env, web):
     web.bodies["/big.jpg"] = b"x" * 5000
     url_env.setenv("DELF_URL_INGEST", "0")
     with pytest.raises(fetch.FetchError, match="URL ingest is off"):
-        fetch.fetch_url(web.url("/big.jpg"))
+        fetch.fetch_url(web.url("/big.jpg"), fetch.FetchPolicy.from_env())
     url_env.setenv("DELF_URL_INGEST", "1")
     for bad in ("file:///etc/passwd", "ftp://127.0.0.1/x", "gopher://127.0.0.1/x", "data:,hello"):
         with pytest.raises(fetch.FetchError, match="only http and https"):
-            fetch.fetch_url(bad)
+            fetch.fetch_url(bad, fetch.FetchPolicy.from_env())
     with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_url(web.url("/big.jpg"), max_bytes=4000)
+        fetch.fetch_url(web.url("/big.jpg"), dataclasses.replace(fetch.FetchPolicy.from_env(), max_bytes=4000))
     assert err.value.code == "RESOURCE_EXHAUSTED" and "DELF_MAX_IMAGE_BYTES" in err.value.message
     url_env.setenv("DELF_URL_ALLOWED_HOSTS", "example.com, photos.example.org")
     with pytest.raises(fetch.FetchError, match="not in DELF_URL_ALLOWED_HOSTS"):
-        fetch.fetch_url(web.url("/big.jpg"))
-    assert fetch.host_allowed("img.example.com") and fetch.host_allowed("EXAMPLE.com.")
-    assert not fetch.host_allowed("badexample.com") and not fetch.host_allowed("example.com.evil.net")
+        fetch.fetch_url(web.url("/big.jpg"), fetch.FetchPolicy.from_env())
+    allowed = fetch.FetchPolicy.from_env().allowed_hosts
+    assert fetch.host_allowed("img.example.com", allowed) and fetch.host_allowed("EXAMPLE.com.", allowed)
+    assert not fetch.host_allowed("badexample.com", allowed) and not fetch.host_allowed("example.com.evil.net", allowed)
 
 
 def test_fetch_errors_say_whether_to_retry(url_env, web):
@@ -97,17 +99,17 @@ def test_fetch_errors_say_whether_to_retry(url_env, web):
     web.bodies["/once.jpg"] = b"ok"
     web.fail_first["/once.jpg"] = 1
     with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_url(web.url("/once.jpg"))
+        fetch.fetch_url(web.url("/once.jpg"), fetch.FetchPolicy.from_env())
     assert err.value.transient and "503" in err.value.message and err.value.retry_after == 0
-    assert fetch.fetch_url(web.url("/once.jpg")) == b"ok"
+    assert fetch.fetch_url(web.url("/once.jpg"), fetch.FetchPolicy.from_env()) == b"ok"
     with pytest.raises(fetch.FetchError) as err:
-        fetch.fetch_url(web.url("/absent.jpg"))
+        fetch.fetch_url(web.url("/absent.jpg"), fetch.FetchPolicy.from_env())
     assert not err.value.transient and err.value.code == "NOT_FOUND"
     web.redirects["/loop"] = "/loop"
     with pytest.raises(fetch.FetchError, match="redirects"):
-        fetch.fetch_url(web.url("/loop"))
+        fetch.fetch_url(web.url("/loop"), fetch.FetchPolicy.from_env())
     from conftest import free_port
 
     with pytest.raises(fetch.FetchError) as err:  # nobody listens: a connection error, retried
-        fetch.fetch_url(f"http://127.0.0.1:{free_port()}/x.jpg")
+        fetch.fetch_url(f"http://127.0.0.1:{free_port()}/x.jpg", fetch.FetchPolicy.from_env())
     assert err.value.transient and err.value.code == "UNAVAILABLE"

@@ -31,7 +31,7 @@ from hypothesis import strategies as st
 from PIL import Image
 
 from delf_common import config
-from delf_common.images import ACCEPTED_FORMATS, ImageRejected, decode_image, probe_image
+from delf_common.images import ACCEPTED_FORMATS, ImageLimits, ImageRejected, decode_image, probe_image
 from delf_common.proto.delf.v1 import delf_pb2
 from photos import sample_photo
 
@@ -187,7 +187,7 @@ photo_bytes = st.one_of(st.binary(max_size=2048), truncated(), flipped(), claimi
 
 def check_probe(data: bytes) -> None:
     try:
-        width, height, fmt = probe_image(data)
+        width, height, fmt = probe_image(data, ImageLimits.from_env())
     except ImageRejected as exc:
         assert exc.code in REFUSALS and exc.message, (exc.code, exc.message)
         return
@@ -198,7 +198,7 @@ def check_probe(data: bytes) -> None:
 
 def check_decode(data: bytes) -> None:
     try:
-        rgb = decode_image(data)
+        rgb = decode_image(data, ImageLimits.from_env())
     except ImageRejected as exc:
         assert exc.code in REFUSALS and exc.message, (exc.code, exc.message)
         return
@@ -209,13 +209,13 @@ def check_decode(data: bytes) -> None:
 
 def test_the_real_photos_are_accepted():
     for fmt, data in REAL.items():
-        assert decode_image(data).shape == (*_PHOTO.shape[:2], 3), fmt
+        assert decode_image(data, ImageLimits.from_env()).shape == (*_PHOTO.shape[:2], 3), fmt
 
 
 @pytest.mark.parametrize("fmt", sorted(CLAIMING))
 def test_headers_claiming_too_many_pixels_are_refused_from_the_header(fmt):
     with pytest.raises(ImageRejected) as err:
-        probe_image(CLAIMING[fmt](60_000, 60_000))
+        probe_image(CLAIMING[fmt](60_000, 60_000), ImageLimits.from_env())
     assert err.value.code in REFUSALS
     if fmt in ("png", "jpeg", "bmp", "tiff", "webp"):
         assert err.value.code == "RESOURCE_EXHAUSTED" and "DELF_MAX_IMAGE_PIXELS" in err.value.message
@@ -227,7 +227,7 @@ def test_headers_claiming_too_many_pixels_are_refused_from_the_header(fmt):
 ], ids=["ppm", "eps"])
 def test_formats_outside_the_list_are_refused(data):
     with pytest.raises(ImageRejected) as err:
-        probe_image(data)
+        probe_image(data, ImageLimits.from_env())
     assert err.value.code == "INVALID_ARGUMENT" and "supported format" in err.value.message
 
 

@@ -15,6 +15,7 @@
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import os
 import re
@@ -55,6 +56,11 @@ def job_store(monkeypatch):
         store.redis.delete(key)
 
 
+def stalled_after(store, seconds: float, monkeypatch) -> None:
+    """The store's DELF_JOB_STALLED_AFTER_S from now on (read when a store is built)."""
+    monkeypatch.setattr(store, "timings", dataclasses.replace(store.timings, stalled_after_s=seconds))
+
+
 def _job_with(store, uploaded: int, located: int, done: int) -> str:
     job_id = store.create()
     for i in range(uploaded):
@@ -84,7 +90,7 @@ def test_item5_a_stalled_job_says_so_and_what_to_do(job_store, monkeypatch):
     assert not fresh.stalled and fresh.eta_s > 0, fresh  # progress just now: default 120 s
     assert "STALLED" not in _printed(fresh)
 
-    monkeypatch.setenv("DELF_JOB_STALLED_AFTER_S", "0.5")
+    stalled_after(job_store, 0.5, monkeypatch)
     time.sleep(0.6)
     job = job_proto(job_store.get(job_id, explain=True))
     assert job.stalled and job.idle_s >= 0.5 and job.eta_s == 0, job
@@ -112,7 +118,7 @@ def test_item5_watch_job_does_not_repeat_a_stalled_job_on_every_look(job_store, 
     """WatchJob sends a Job when it changes: the growing idle time alone is not a change."""
     from delf_gateway.ingest import IngestJobs
 
-    monkeypatch.setenv("DELF_JOB_STALLED_AFTER_S", "0.3")
+    stalled_after(job_store, 0.3, monkeypatch)
     job_id = _job_with(job_store, uploaded=2, located=0, done=1)
     gateway = IngestJobs.__new__(IngestJobs)
     gateway.jobs = job_store
@@ -147,7 +153,7 @@ def test_item6_delf_resume_does_not_wait_forever_for_photos_only_the_client_has(
             yield delf_pb2.Job(job_id=job_id, state=delf_pb2.JOB_STATE_RUNNING, total=20, done=19)
             forever.wait()  # the job cannot move: the server never sends another update
 
-    monkeypatch.setattr(cli, "_client", lambda args: Client())
+    monkeypatch.setattr(cli, "gateway_client", lambda args: Client())
     result = {}
     runner = threading.Thread(target=lambda: result.setdefault("rc", cli.main(["resume", "J1", "--quiet"])),
                               daemon=True)

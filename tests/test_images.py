@@ -122,7 +122,7 @@ def test_dockerfile_default_command_matches_compose(services, name, monkeypatch)
         return
     argv = json.loads(cmds[-1]) if cmds[-1].startswith("[") else shlex.split(cmds[-1])
     monkeypatch.delenv("DELF_QUEUE_PREFIX", raising=False)
-    from delf_common.celery_app import queue_name
+    from delf_common.contract import queue_name
 
     assert option(argv, "-Q", "--queues") == queue_name(WORKERS[name][0]), \
         f"services/{name}/Dockerfile: CMD should consume {queue_name(WORKERS[name][0])!r}, got {argv}"

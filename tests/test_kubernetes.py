@@ -6,7 +6,7 @@ errors); KEDA's ScaledObject (a CRD it has no schema for) against a small JSON s
 the fields used here. Then the cross-checks tests/test_deployment.py makes for compose:
 DELF_* variables are settings of delf_common.config and parse, images and commands are
 those of the compose services, worker queues and KEDA list names are built like
-delf_common.celery_app.queue_name builds them. The last tests break a manifest on
+delf_common.contract.queue_name builds them. The last tests break a manifest on
 purpose and expect each check to say so.
 """
 from __future__ import annotations
@@ -149,7 +149,7 @@ def queue_prefix(prefix: str):
 
 def queue_of(worker: str, docs: list[dict]) -> str:
     """The Celery queue of a worker Deployment, with the ConfigMap's DELF_QUEUE_PREFIX."""
-    from delf_common.celery_app import queue_name
+    from delf_common.contract import queue_name
 
     prefix = config_data(docs).get("DELF_QUEUE_PREFIX", config.SETTINGS["DELF_QUEUE_PREFIX"].default)
     with queue_prefix(prefix):

@@ -15,7 +15,7 @@ import pytest
 import numpy as np
 
 from delf_tools.evaluation import average_precision, queries_and_positives, read_manifest
-from delf_common.images import decode_image
+from delf_common.images import ImageLimits, decode_image
 from delf_common.proto.delf.v1 import delf_pb2
 from photos import jpeg, landmarks_dir, map_points, warped_query
 
@@ -78,7 +78,7 @@ def test_warped_landmark_photos_get_their_corners(client, ingested):
     rows, _ = ingested
     errors = []
     for path, _ in rows[::6]:
-        photo = decode_image((ROOT / path).read_bytes())
+        photo = decode_image((ROOT / path).read_bytes(), ImageLimits.from_env())
         query, H = warped_query(photo, seed=1)
         response = client.search(jpeg(query), top_k=3)
         # First a photo of the same place (another photo of it may outvote the source by a

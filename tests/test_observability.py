@@ -22,7 +22,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.request
 import uuid
 from pathlib import Path
@@ -37,6 +36,7 @@ sys.path.insert(0, str(Path(__file__).parent))
 
 from conftest import TEST_REDIS_URL, RunningSystem, free_port, redis_available, system_env
 from photos import jpeg, sample_photo
+from polling import wait_for
 
 from delf_common.proto.delf.v1 import delf_pb2
 
@@ -44,21 +44,6 @@ SERVING = health_pb2.HealthCheckResponse.SERVING
 NOT_SERVING = health_pb2.HealthCheckResponse.NOT_SERVING
 UNKNOWN = health_pb2.HealthCheckResponse.UNKNOWN
 DEPENDENCIES = ("redis", "extractor", "indexer", "verifier", "milvus")
-WAIT_S = 60  # bound on waiting for a log line or a health change (the machine is shared)
-
-
-def wait_for(predicate, what: str, timeout: float = WAIT_S, every: float = 0.25):
-    """Poll `predicate` until it returns something truthy; fail saying `what` otherwise."""
-    deadline = time.monotonic() + timeout
-    while True:
-        value = predicate()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            pytest.fail(f"not within {timeout:.0f} s: {what}")
-        time.sleep(every)
-
-
 def health(address: str, name: str = "") -> int:
     with grpc.insecure_channel(address) as channel:
         try:
@@ -340,12 +325,12 @@ class Pair:
                    **env)
 
     def celery(self):
-        from delf_common import celery_app
+        from delf_common import celery_app, contract
 
         saved = {k: os.environ.get(k) for k in ("DELF_REDIS_URL", "DELF_QUEUE_PREFIX")}
         os.environ.update(DELF_REDIS_URL=self.env["DELF_REDIS_URL"], DELF_QUEUE_PREFIX=self.env["DELF_QUEUE_PREFIX"])
         try:
-            return celery_app.make_app("obs-test"), celery_app.queue_name("verify")
+            return celery_app.make_app("obs-test"), contract.queue_name("verify")
         finally:
             for k, v in saved.items():
                 if v is None:

@@ -24,7 +24,7 @@ import pytest
 from PIL import Image
 
 from delf_common import images
-from delf_common.images import ImageRejected, decode_image, probe_image
+from delf_common.images import ImageLimits, ImageRejected, decode_image, probe_image
 from delf_common.proto.delf.v1 import delf_pb2
 from photos import jpeg, png, sample_photo
 
@@ -96,8 +96,8 @@ def _job_errors(client, items: dict[str, bytes]) -> dict[str, str]:
 def test_item1_exif_orientation_the_header_gives_the_displayed_size(orientation):
     upright = _upright()
     data = _with_orientation(upright, orientation)
-    assert probe_image(data)[:2] == (400, 600)
-    decoded = decode_image(data)
+    assert probe_image(data, ImageLimits.from_env())[:2] == (400, 600)
+    decoded = decode_image(data, ImageLimits.from_env())
     assert decoded.shape == upright.shape
     assert np.abs(decoded.astype(int) - upright).mean() < 4  # the same picture, JPEG aside
 
@@ -107,8 +107,8 @@ def test_item1_exif_orientation_the_header_gives_the_displayed_size(orientation)
 def test_item1_exif_orientation_other_formats(fmt, orientation):
     upright = _upright()
     data = _with_orientation(upright, orientation, fmt)
-    assert probe_image(data)[:2] == (400, 600)
-    assert np.abs(decode_image(data).astype(int) - upright).mean() < 4
+    assert probe_image(data, ImageLimits.from_env())[:2] == (400, 600)
+    assert np.abs(decode_image(data, ImageLimits.from_env()).astype(int) - upright).mean() < 4
 
 
 @pytest.mark.slow
@@ -143,7 +143,7 @@ def test_item1_exif_orientation_search_uses_the_displayed_frame(client):
 
 def test_item2_16bit_grey_png_decodes_to_the_right_values():
     grey8 = _grey(sample_photo("chelsea"))
-    rgb = decode_image(_grey16_png(grey8))
+    rgb = decode_image(_grey16_png(grey8), ImageLimits.from_env())
     assert rgb.dtype == np.uint8 and rgb.shape == (*grey8.shape, 3)
     assert np.array_equal(rgb[..., 0], grey8) and np.array_equal(rgb[..., 2], grey8)
 
@@ -179,7 +179,7 @@ def _mode_cases() -> dict[str, tuple[bytes, np.ndarray]]:
 @pytest.mark.parametrize("case", list(_mode_cases()))
 def test_item2_every_accepted_mode_decodes_to_the_right_8bit_picture(case):
     data, expected = _mode_cases()[case]
-    rgb = decode_image(data)
+    rgb = decode_image(data, ImageLimits.from_env())
     assert rgb.dtype == np.uint8 and rgb.shape == expected.shape, case
     assert np.abs(rgb.astype(int) - expected).mean() < 2.5, case
 
@@ -187,7 +187,7 @@ def test_item2_every_accepted_mode_decodes_to_the_right_8bit_picture(case):
 def test_item2_float_tiff_is_refused():
     grey = _grey(sample_photo("chelsea")).astype(np.float32)
     with pytest.raises(ImageRejected) as err:
-        decode_image(_encode(Image.fromarray(grey), "TIFF"))
+        decode_image(_encode(Image.fromarray(grey), "TIFF"), ImageLimits.from_env())
     assert err.value.code == "INVALID_ARGUMENT" and "floating-point" in err.value.message
 
 
@@ -216,7 +216,7 @@ FLAT = {"black": (0, 0, 0), "white": (255, 255, 255), "blue": (30, 90, 200)}
 
 def test_item3_flat_photos_measure_flat_and_real_ones_do_not():
     for colour in FLAT.values():
-        assert images.grey_range(decode_image(jpeg(np.full((480, 640, 3), colour, np.uint8)))) < 1
+        assert images.grey_range(decode_image(jpeg(np.full((480, 640, 3), colour, np.uint8)), ImageLimits.from_env())) < 1
     noisy = np.clip(128 + np.random.default_rng(0).normal(0, 2, (480, 640, 3)), 0, 255).astype(np.uint8)
     assert images.grey_range(noisy) < 4  # sensor noise on a blank wall is still flat
     for name in ("chelsea", "coffee", "rocket", "hubble"):

@@ -269,11 +269,13 @@ def test_url_ingest_is_off_by_default(no_delf_env):
 
 
 def test_url_ingest_refuses_other_schemes_and_private_ranges(no_delf_env):
-    gw = Gateway()
-    no_delf_env.setenv("DELF_URL_INGEST", "1")  # read per call by the in-process gateway
+    gw = Gateway(DELF_URL_INGEST="1")  # the gateway reads its settings once, when it is built
     try:
         job, reasons = _ingest_urls(gw, {k: u for k, (u, _) in REFUSED_URLS.items()})
-        no_delf_env.setenv("DELF_URL_ALLOWED_HOSTS", "photos.example.com")
+    finally:
+        gw.stop()
+    gw = Gateway(DELF_URL_INGEST="1", DELF_URL_ALLOWED_HOSTS="photos.example.com")
+    try:
         _, host_reasons = _ingest_urls(gw, {"other": "https://example.com/a.jpg",
                                             "suffix": "https://evilphotos.example.com.attacker.net/a.jpg"})
     finally:

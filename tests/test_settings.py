@@ -10,7 +10,9 @@ import dataclasses
 import numpy as np
 import pytest
 
-from delf_common import config
+from delf_common import config, fetch
+from delf_common.fetch import FetchPolicy
+from delf_common.images import ImageLimits, ImageRejected, probe_image, thumbnail_jpeg
 from delf_extractor.settings import ExtractorSettings
 from delf_gateway.settings import GatewaySettings, HealthcheckSettings
 from delf_indexer.settings import IndexerSettings
@@ -36,6 +38,15 @@ def test_the_defaults_are_the_registrys(cls, monkeypatch):
     for field, env in checked.items():
         if hasattr(settings, field):
             assert getattr(settings, field) == defaults[env], field
+    if hasattr(settings, "image_limits"):
+        assert settings.image_limits == ImageLimits(max_bytes=defaults["DELF_MAX_IMAGE_BYTES"],
+                                                    max_pixels=defaults["DELF_MAX_IMAGE_PIXELS"],
+                                                    min_side=defaults["DELF_MIN_IMAGE_SIDE"])
+    if hasattr(settings, "fetch_policy"):
+        assert settings.fetch_policy == FetchPolicy(
+            url_ingest=defaults["DELF_URL_INGEST"], allowed_hosts=defaults["DELF_URL_ALLOWED_HOSTS"],
+            allow_private=defaults["DELF_URL_ALLOW_PRIVATE"], max_bytes=defaults["DELF_MAX_IMAGE_BYTES"],
+            timeout_s=defaults["DELF_URL_TIMEOUT_S"])
 
 
 def test_a_settings_object_is_read_once_and_frozen(monkeypatch):
@@ -82,3 +93,54 @@ def test_a_verify_option_sent_as_0_wins_over_the_settings():
     assert verified({"verified_score": 0}) is True  # 0 is a value
     assert verified({"verified_score": 0.0, "ransac_px": 8.0}) is True
     assert verified({}) is False  # absent: the settings' 1.0
+
+
+def test_a_0_or_false_a_caller_passes_to_the_shared_library_wins_over_the_environment(monkeypatch):
+    """The shared library takes its limits from the calling service's settings: an explicit
+    0 or False is a value, never replaced by the environment's."""
+    import sys
+    from pathlib import Path
+
+    sys.path.insert(0, str(Path(__file__).parent))
+    from photos import png, sample_photo
+
+    monkeypatch.setenv("DELF_MIN_IMAGE_SIDE", "32")
+    monkeypatch.setenv("DELF_THUMBNAIL_SIDE", "320")
+    monkeypatch.setenv("DELF_URL_INGEST", "1")
+    monkeypatch.setenv("DELF_URL_ALLOW_PRIVATE", "1")
+    tiny = png(np.full((8, 8, 3), 128, np.uint8))
+    with pytest.raises(ImageRejected, match="at least 32"):
+        probe_image(tiny, ImageLimits.from_env())
+    assert probe_image(tiny, dataclasses.replace(ImageLimits.from_env(), min_side=0))[:2] == (8, 8)
+    assert thumbnail_jpeg(sample_photo("coffee"), 0) == b""  # 0: no thumbnail, whatever DELF_THUMBNAIL_SIDE
+
+    policy = FetchPolicy.from_env()
+    assert policy.url_ingest and policy.allow_private
+    assert fetch.check_url("http://127.0.0.1/a.jpg", policy)[1] == "127.0.0.1"
+    with pytest.raises(fetch.FetchError, match="loopback"):
+        fetch.check_url("http://127.0.0.1/a.jpg", dataclasses.replace(policy, allow_private=False))
+    with pytest.raises(fetch.FetchError, match="URL ingest is off"):
+        fetch.check_url("http://127.0.0.1/a.jpg", dataclasses.replace(policy, url_ingest=False))
+
+
+def test_an_explicit_heartbeat_interval_is_kept():
+    from delf_common.celery_app import Heartbeat
+
+    assert Heartbeat(["verify"], "n", interval=0.5).interval == 0.5
+    with pytest.raises(ValueError, match="positive"):  # 0 is refused, not replaced by DELF_HEARTBEAT_S
+        Heartbeat(["verify"], "n", interval=0)
+
+
+def test_a_job_store_reads_its_timings_once(monkeypatch):
+    from delf_common.jobs import JobStore, JobTimings
+
+    monkeypatch.setenv("DELF_JOB_STALLED_AFTER_S", "0.5")
+    monkeypatch.setenv("DELF_JOB_RESUME_AFTER_S", "0")
+    store = JobStore(client=object())
+    assert store.timings == JobTimings(stalled_after_s=0.5, resume_after_s=0.0,
+                                       visibility_timeout_s=config.SETTINGS["DELF_VISIBILITY_TIMEOUT_S"].default)
+    monkeypatch.setenv("DELF_JOB_STALLED_AFTER_S", "not a number")  # a worker's store never fails on it
+    assert JobStore(client=object()).timings.stalled_after_s == config.SETTINGS["DELF_JOB_STALLED_AFTER_S"].default
+    monkeypatch.setenv("DELF_JOB_STALLED_AFTER_S", "7")  # the gateway's store: the gateway's settings
+    assert GatewaySettings.from_env().job_timings.stalled_after_s == 7.0
+

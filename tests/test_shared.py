@@ -13,7 +13,7 @@ from PIL import Image
 
 from delf_common import config
 from delf_common.features import DelfFeatures, decode_array, encode_array
-from delf_common.images import ImageRejected, decode_image, probe_image
+from delf_common.images import ImageLimits, ImageRejected, decode_image, probe_image
 from delf_common.jobs import COMPLETED, RECEIVING, RUNNING, JobStore
 from conftest import redis_db_url
 from photos import jpeg, png, sample_photo
@@ -80,8 +80,8 @@ def test_photo_decodes_with_exif_orientation_applied():
     exif = Image.Exif()
     exif[0x0112] = 6  # "rotate 90 CW to display"
     Image.fromarray(rgb).save(buf, format="JPEG", exif=exif)
-    assert decode_image(buf.getvalue()).shape == (451, 300, 3)
-    assert probe_image(png(rgb))[:2] == (451, 300)
+    assert decode_image(buf.getvalue(), ImageLimits.from_env()).shape == (451, 300, 3)
+    assert probe_image(png(rgb), ImageLimits.from_env())[:2] == (451, 300)
 
 
 @pytest.mark.parametrize("data,code", [
@@ -93,18 +93,17 @@ def test_bad_photos_are_rejected_with_a_status(data, code):
     if data is None:
         data = jpeg(sample_photo("rocket"))[:4000]
     with pytest.raises(ImageRejected) as err:
-        decode_image(data)
+        decode_image(data, ImageLimits.from_env())
     assert err.value.code == code and err.value.message
 
 
-def test_pixel_and_byte_limits(monkeypatch):
-    monkeypatch.setenv("DELF_MAX_IMAGE_PIXELS", "1000")
+def test_pixel_and_byte_limits():
+    """The limits are the caller's (a service's settings), whatever the environment says."""
     with pytest.raises(ImageRejected, match="pixels") as err:
-        probe_image(png(np.zeros((64, 64, 3), np.uint8)))
+        probe_image(png(np.zeros((64, 64, 3), np.uint8)), ImageLimits(max_bytes=10**6, max_pixels=1000, min_side=32))
     assert err.value.code == "RESOURCE_EXHAUSTED"
-    monkeypatch.setenv("DELF_MAX_IMAGE_BYTES", "100")
     with pytest.raises(ImageRejected, match="bytes") as err:
-        probe_image(jpeg(sample_photo("chelsea")))
+        probe_image(jpeg(sample_photo("chelsea")), ImageLimits(max_bytes=100, max_pixels=10**8, min_side=32))
     assert err.value.code == "RESOURCE_EXHAUSTED"
 
 

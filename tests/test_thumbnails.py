@@ -37,8 +37,11 @@ def test_thumbnail_is_a_bounded_jpeg_of_the_photo():
 
 
 def test_thumbnail_side_setting(monkeypatch):
+    from delf_extractor.settings import ExtractorSettings
+
     monkeypatch.setenv("DELF_THUMBNAIL_SIDE", "200")
-    assert max(jpeg_size(thumbnail_jpeg(sample_photo("coffee")))) == 200
+    side = ExtractorSettings.from_env().thumbnail_side  # the extractor's, read once
+    assert side == 200 and max(jpeg_size(thumbnail_jpeg(sample_photo("coffee"), side))) == 200
     monkeypatch.setenv("DELF_THUMBNAIL_SIDE", "4000")
     with pytest.raises(config.ConfigError, match="DELF_THUMBNAIL_SIDE"):
         config.get("DELF_THUMBNAIL_SIDE")

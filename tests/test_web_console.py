@@ -5,11 +5,11 @@ outlined, with its correspondences; browse the collection; delete a photo."""
 from __future__ import annotations
 
 import shutil
-import time
 
 import pytest
 
 from photos import landmarks_dir
+from polling import wait_for
 from web_browser import launch
 from web_probe import Http, needs_listing
 
@@ -24,15 +24,8 @@ QUERY = f"{GROUP}/02.jpg"
 # this module's photos carry this metadata, and its searches filter on it.
 SUITE = "suite=web-console"
 WAIT_MS = 300_000
-
-
-def wait_until(condition, timeout: float = 60) -> None:
-    """Polls from Python: the console's CSP (script-src 'self') refuses the string
-    evaluation that Playwright's wait_for_function uses while it polls."""
-    deadline = time.monotonic() + timeout
-    while not condition():
-        assert time.monotonic() < deadline, "the page never got there"
-        time.sleep(0.2)
+# The page is polled from Python (polling.wait_for): the console's CSP (script-src 'self')
+# refuses the string evaluation that Playwright's wait_for_function uses while it polls.
 
 
 @pytest.fixture(scope="module")
@@ -116,7 +109,7 @@ def test_a_region_drawn_on_the_photo_is_searched(page, ingested):
     page.locator("#search-filter").fill(SUITE)
     shown = page.locator("#query-img")
     shown.wait_for()
-    wait_until(lambda: shown.evaluate("img => img.naturalWidth") > 0)
+    wait_for(lambda: shown.evaluate("img => img.naturalWidth") > 0, "the query photo shown")
     box = shown.bounding_box()
     page.mouse.move(box["x"] + box["width"] * 0.2, box["y"] + box["height"] * 0.2)
     page.mouse.down()
@@ -157,7 +150,7 @@ def test_the_collection_page_shows_thumbnails_ids_and_pages(page, ingested):
     page.locator("#collection-form button[type=submit]").click()
     page.locator("#page-next").click(timeout=60_000)
     status = page.locator("#collection-status")
-    wait_until(lambda: " after " in status.inner_text())
+    wait_for(lambda: " after " in status.inner_text(), "the second page of the collection")
     first = status.inner_text().split(" after ", 1)[1]
     assert first.startswith("web-") and page.locator("#collection li").count() == 1
     assert page.locator("#collection li").first.get_attribute("data-image-id") > first

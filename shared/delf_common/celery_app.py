@@ -23,13 +23,9 @@ from celery import Celery, signals
 from kombu import Queue
 
 from delf_common import config, logs, tracing
-# The task names and their queues are the contract between the gateway and the workers
-# (delf_common.contract); importable from here as before.
-from delf_common.contract import (  # noqa: F401 - re-exported
-    EXTRACT, INDEX_ADD, INDEX_DELETE, INDEX_FEATURES, INDEX_GET, INDEX_KNOWN, INDEX_LIST, INDEX_SEARCH,
-    INDEX_STATS,
-    INGEST_EXTRACT,
-    INGEST_INDEX, ROUTES, SERVICES, VERIFY, failure, queue_for_task, queue_name,
+from delf_common.contract import (
+    INDEX_ADD, INDEX_DELETE, INDEX_FEATURES, INDEX_GET, INGEST_EXTRACT, INGEST_INDEX, ROUTES, SERVICES, failure,
+    queue_for_task, queue_name,
 )
 
 
@@ -276,7 +272,9 @@ class Heartbeat:
                  checks: dict[str, Callable[[], None]] | None = None):
         self.services = services
         self.node = node
-        self.interval = float(interval or config.get("DELF_HEARTBEAT_S"))
+        self.interval = float(interval if interval is not None else config.get("DELF_HEARTBEAT_S"))
+        if self.interval <= 0:
+            raise ValueError(f"a heartbeat interval must be positive, got {self.interval:g} s")
         self.ttl = max(1, int(round(self.interval * HEARTBEAT_TTL_INTERVALS + 0.499)))
         self.checks = HEARTBEAT_CHECKS if checks is None else checks
         self._stop = threading.Event()

@@ -29,6 +29,7 @@ retry with backoff; refusals and other 4xx are final).
 """
 from __future__ import annotations
 
+import dataclasses
 import http.client
 import ipaddress
 import re
@@ -38,10 +39,9 @@ import time
 import urllib.parse
 
 from delf_common import config
-from delf_common.contract import (  # the error codes, importable from here
+from delf_common.contract import (
     DEADLINE_EXCEEDED, INVALID_ARGUMENT, NOT_FOUND, PERMISSION_DENIED, RESOURCE_EXHAUSTED, UNAVAILABLE,
 )
-from delf_common.retry import retry_delay  # noqa: F401 - the extractor's fetch retries use fetch.retry_delay
 
 SCHEMES = ("http", "https")
 MAX_REDIRECTS = 3
@@ -53,6 +53,28 @@ _BARE_SCHEMES = {"data", "file", "ftp", "ftps", "gopher", "http", "https", "java
                  "ldap", "dict", "sftp", "smb", "ws", "wss", "jar", "netdoc"}
 _SCHEME = re.compile(r"^([A-Za-z][A-Za-z0-9+.\-]*):")
 
+
+
+@dataclasses.dataclass(frozen=True)
+class FetchPolicy:
+    """The settings of URL ingest, read once by a service (its settings object) and passed
+    to every check and fetch: ``url_ingest`` (DELF_URL_INGEST), ``allowed_hosts``
+    (DELF_URL_ALLOWED_HOSTS, empty: any), ``allow_private`` (DELF_URL_ALLOW_PRIVATE),
+    ``max_bytes`` (DELF_MAX_IMAGE_BYTES) and ``timeout_s`` (DELF_URL_TIMEOUT_S)."""
+
+    url_ingest: bool
+    allowed_hosts: tuple[str, ...]
+    allow_private: bool
+    max_bytes: int
+    timeout_s: float
+
+    @classmethod
+    def from_env(cls) -> "FetchPolicy":
+        return cls(url_ingest=bool(config.get("DELF_URL_INGEST")),
+                   allowed_hosts=tuple(config.get("DELF_URL_ALLOWED_HOSTS")),
+                   allow_private=bool(config.get("DELF_URL_ALLOW_PRIVATE")),
+                   max_bytes=int(config.get("DELF_MAX_IMAGE_BYTES")),
+                   timeout_s=float(config.get("DELF_URL_TIMEOUT_S")))
 
 
 class FetchError(Exception):
@@ -105,15 +127,13 @@ _PRIVATE_V4 = [ipaddress.IPv4Network(n) for n in ("10.0.0.0/8", "172.16.0.0/12",
 _PRIVATE_V6 = [ipaddress.IPv6Network(n) for n in ("fc00::/7", "::1/128")]
 
 
-def address_refusal(address: str | ipaddress._BaseAddress, allow_private: bool | None = None) -> str | None:
+def address_refusal(address: str | ipaddress._BaseAddress, allow_private: bool) -> str | None:
     """Why `address` may not be fetched from (None when it may).
 
     Public (globally routable) addresses are allowed. Loopback and private ones only
-    with `allow_private` (default DELF_URL_ALLOW_PRIVATE); link-local, multicast,
-    unspecified and reserved ones never.
+    with `allow_private` (DELF_URL_ALLOW_PRIVATE); link-local, multicast, unspecified
+    and reserved ones never.
     """
-    if allow_private is None:
-        allow_private = config.get("DELF_URL_ALLOW_PRIVATE")
     try:
         ip = ipaddress.ip_address(address) if not isinstance(address, ipaddress._BaseAddress) else address
     except ValueError:
@@ -144,10 +164,9 @@ def address_refusal(address: str | ipaddress._BaseAddress, allow_private: bool |
 # --------------------------------------------------------------------------- URL checks
 
 
-def host_allowed(host: str, allowed: tuple[str, ...] | None = None) -> bool:
-    """True when `host` is one of `allowed` (default DELF_URL_ALLOWED_HOSTS) or a subdomain
-    of one; an empty list allows every host."""
-    allowed = config.get("DELF_URL_ALLOWED_HOSTS") if allowed is None else allowed
+def host_allowed(host: str, allowed: tuple[str, ...]) -> bool:
+    """True when `host` is one of `allowed` (DELF_URL_ALLOWED_HOSTS) or a subdomain of one;
+    an empty list allows every host."""
     if not allowed:
         return True
     host = host.lower().rstrip(".")
@@ -158,10 +177,10 @@ def host_allowed(host: str, allowed: tuple[str, ...] | None = None) -> bool:
     return False
 
 
-def check_url(url: str) -> tuple[urllib.parse.SplitResult, str, int]:
+def check_url(url: str, policy: FetchPolicy) -> tuple[urllib.parse.SplitResult, str, int]:
     """Checks that need no network: URL ingest on, scheme, credentials, host allowed, and a
     literal IP host's range. Returns (parts, host, port); raises FetchError (never transient)."""
-    if not config.get("DELF_URL_INGEST"):
+    if not policy.url_ingest:
         raise FetchError(PERMISSION_DENIED, f"URL {_short(url)}: URL ingest is off on this server "
                                             f"(DELF_URL_INGEST=0); send the photo's bytes instead")
     if not isinstance(url, str) or any(ord(c) < 33 or ord(c) == 127 for c in url):
@@ -180,12 +199,12 @@ def check_url(url: str) -> tuple[urllib.parse.SplitResult, str, int]:
         raise FetchError(INVALID_ARGUMENT, f"URL {_short(url)}: no host")
     if parts.username is not None or parts.password is not None:
         raise FetchError(INVALID_ARGUMENT, f"URL {_short(url)}: credentials in URLs are not accepted")
-    if not host_allowed(host):
+    if not host_allowed(host, policy.allowed_hosts):
         raise FetchError(PERMISSION_DENIED, f"URL {_short(url)}: host {host!r} is not in "
                                             f"DELF_URL_ALLOWED_HOSTS")
     literal = _literal_ip(host)
     if literal is not None:
-        why = address_refusal(literal)
+        why = address_refusal(literal, policy.allow_private)
         if why:
             raise FetchError(PERMISSION_DENIED, f"URL {_short(url)}: {why}")
     return parts, host, port
@@ -205,7 +224,7 @@ def _literal_ip(host: str):
     return None
 
 
-def resolve(host: str, port: int, url: str) -> list[str]:
+def resolve(host: str, port: int, url: str, allow_private: bool) -> list[str]:
     """Every address `host` resolves to, all of them checked; FetchError when any is refused."""
     literal = _literal_ip(host)
     if literal is not None:
@@ -222,7 +241,7 @@ def resolve(host: str, port: int, url: str) -> list[str]:
     if not addresses:
         raise FetchError(NOT_FOUND, f"URL {_short(url)}: {host!r} has no address")
     for address in addresses:
-        why = address_refusal(address)
+        why = address_refusal(address, allow_private)
         if why:
             raise FetchError(PERMISSION_DENIED, f"URL {_short(url)}: {host!r} resolves to {why}")
     return addresses
@@ -250,16 +269,15 @@ def _short(url) -> str:
     return text if len(text) <= 200 else text[:197] + "...'"
 
 
-def fetch_url(url: str, max_bytes: int | None = None, timeout: float | None = None) -> bytes:
-    """The body of `url` (a photo), under every rule of this module's docstring."""
-    max_bytes = config.get("DELF_MAX_IMAGE_BYTES") if max_bytes is None else max_bytes
-    timeout = config.get("DELF_URL_TIMEOUT_S") if timeout is None else timeout
-    deadline = time.monotonic() + timeout
+def fetch_url(url: str, policy: FetchPolicy) -> bytes:
+    """The body of `url` (a photo), under every rule of this module's docstring, with the
+    settings of `policy`."""
+    deadline = time.monotonic() + policy.timeout_s
     current = url
     for _hop in range(MAX_REDIRECTS + 1):
-        parts, host, port = check_url(current)
-        addresses = resolve(host, port, current)
-        status, headers, body = _get(parts, host, port, addresses, current, max_bytes, deadline)
+        parts, host, port = check_url(current, policy)
+        addresses = resolve(host, port, current, policy.allow_private)
+        status, headers, body = _get(parts, host, port, addresses, current, policy.max_bytes, deadline)
         if status in REDIRECT_CODES:
             target = headers.get("location")
             if not target:

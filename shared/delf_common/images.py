@@ -19,6 +19,7 @@ and out-of-range 32-bit integer images are refused.
 """
 from __future__ import annotations
 
+import dataclasses
 import io
 import warnings
 
@@ -26,7 +27,7 @@ import numpy as np
 from PIL import Image, UnidentifiedImageError
 
 from delf_common import config
-from delf_common.contract import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED  # noqa: F401 - importable from here
+from delf_common.contract import INVALID_ARGUMENT, RESOURCE_EXHAUSTED
 
 # We enforce our own pixel limit before decoding; PIL's would raise a warning
 # (or its own error) with a less helpful message.
@@ -50,8 +51,25 @@ class ImageRejected(ValueError):
         return {"code": self.code, "message": self.message}
 
 
-def check_size(data: bytes, max_bytes: int | None = None) -> None:
-    max_bytes = config.get("DELF_MAX_IMAGE_BYTES") if max_bytes is None else max_bytes
+@dataclasses.dataclass(frozen=True)
+class ImageLimits:
+    """What a submitted photo is held to: at most ``max_bytes`` (DELF_MAX_IMAGE_BYTES) and
+    ``max_pixels`` (DELF_MAX_IMAGE_PIXELS), both sides at least ``min_side`` px
+    (DELF_MIN_IMAGE_SIDE). A service reads them once, into its settings object, and
+    passes them to every check; nothing here reads the environment per photo."""
+
+    max_bytes: int
+    max_pixels: int
+    min_side: int
+
+    @classmethod
+    def from_env(cls) -> "ImageLimits":
+        return cls(max_bytes=int(config.get("DELF_MAX_IMAGE_BYTES")),
+                   max_pixels=int(config.get("DELF_MAX_IMAGE_PIXELS")),
+                   min_side=int(config.get("DELF_MIN_IMAGE_SIDE")))
+
+
+def check_size(data: bytes, max_bytes: int) -> None:
     if not data:
         raise ImageRejected(INVALID_ARGUMENT, "the image is empty (0 bytes)")
     if len(data) > max_bytes:
@@ -108,13 +126,13 @@ def _upright(im: Image.Image, header_orientation: int) -> Image.Image:
     return im.transpose(turn) if turn is not None else im
 
 
-def probe_image(data: bytes) -> tuple[int, int, str]:
+def probe_image(data: bytes, limits: ImageLimits) -> tuple[int, int, str]:
     """(width, height, format) from the header alone, after the byte and pixel limits;
     the size is the displayed one (`displayed_size`)."""
-    check_size(data)
+    check_size(data, limits.max_bytes)
     try:
         with Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS) as im:
-            _check_dimensions(*im.size)  # before anything else is read (turning keeps both limits)
+            _check_dimensions(*im.size, limits)  # before anything else is read (turning keeps both limits)
             (width, height), fmt = displayed_size(im), im.format or "?"
     except ImageRejected:
         raise
@@ -128,9 +146,8 @@ def probe_image(data: bytes) -> tuple[int, int, str]:
     return width, height, fmt
 
 
-def _check_dimensions(width: int, height: int) -> None:
-    max_pixels = config.get("DELF_MAX_IMAGE_PIXELS")
-    min_side = config.get("DELF_MIN_IMAGE_SIDE")
+def _check_dimensions(width: int, height: int, limits: ImageLimits) -> None:
+    max_pixels, min_side = limits.max_pixels, limits.min_side
     if width * height > max_pixels:
         raise ImageRejected(
             RESOURCE_EXHAUSTED,
@@ -144,10 +161,10 @@ def _check_dimensions(width: int, height: int) -> None:
         )
 
 
-def decode_image(data: bytes) -> np.ndarray:
+def decode_image(data: bytes, limits: ImageLimits) -> np.ndarray:
     """RGB uint8 array (H, W, 3) of the photo turned upright by its `orientation`: its size
     is the `displayed_size` the gateway's `probe_image` reported."""
-    width, height, _ = probe_image(data)
+    width, height, _ = probe_image(data, limits)
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
@@ -162,7 +179,7 @@ def decode_image(data: bytes) -> np.ndarray:
     if (rgb.shape[1], rgb.shape[0]) != (width, height):  # one frame on both sides, or none
         raise ImageRejected(INVALID_ARGUMENT, f"the image's EXIF orientation could not be applied "
                                               f"({rgb.shape[1]}x{rgb.shape[0]}, expected {width}x{height})")
-    _check_dimensions(rgb.shape[1], rgb.shape[0])
+    _check_dimensions(rgb.shape[1], rgb.shape[0], limits)
     return rgb
 
 
@@ -225,12 +242,12 @@ THUMBNAIL_MAX_BYTES = 48_000
 _THUMBNAIL_QUALITIES = (85, 70, 55, 40)
 
 
-def thumbnail_jpeg(rgb: np.ndarray, side: int | None = None) -> bytes:
+def thumbnail_jpeg(rgb: np.ndarray, side: int) -> bytes:
     """A JPEG of the photo (RGB uint8, as `decode_image` gives it) whose longer side is at
-    most ``side`` px (default DELF_THUMBNAIL_SIDE; never enlarged) and whose size is at most
-    THUMBNAIL_MAX_BYTES (lower quality, then a smaller side, when needed). b"" when
+    most ``side`` px (a service's DELF_THUMBNAIL_SIDE; never enlarged) and whose size is at
+    most THUMBNAIL_MAX_BYTES (lower quality, then a smaller side, when needed). b"" when
     ``side`` is 0 (no thumbnails)."""
-    side = config.get("DELF_THUMBNAIL_SIDE") if side is None else int(side)
+    side = int(side)
     if side <= 0:
         return b""
     im = Image.fromarray(np.ascontiguousarray(rgb[..., :3]), "RGB")

@@ -80,8 +80,33 @@ class JobStatus:
         return max(self.total - self.finished, 0) / self.rate
 
 
+@dataclasses.dataclass(frozen=True)
+class JobTimings:
+    """When a job counts as stalled (``stalled_after_s``, DELF_JOB_STALLED_AFTER_S), and what a
+    stalled job's hint says about redelivery (``visibility_timeout_s``,
+    DELF_VISIBILITY_TIMEOUT_S) and the gateway's own resume (``resume_after_s``,
+    DELF_JOB_RESUME_AFTER_S; 0: never). Read once, when a `JobStore` is built."""
+
+    stalled_after_s: float
+    resume_after_s: float
+    visibility_timeout_s: float
+
+    @classmethod
+    def from_env(cls) -> "JobTimings":
+        """From the environment; a bad value counts as its default here (the gateway refuses
+        it when it starts; a worker marking an item never fails on it)."""
+        def read(name: str) -> float:
+            try:
+                return float(config.get(name))
+            except config.ConfigError:
+                return float(config.SETTINGS[name].default)
+
+        return cls(stalled_after_s=read("DELF_JOB_STALLED_AFTER_S"), resume_after_s=read("DELF_JOB_RESUME_AFTER_S"),
+                   visibility_timeout_s=read("DELF_VISIBILITY_TIMEOUT_S"))
+
+
 class JobStore:
-    def __init__(self, client: redis.Redis | None = None):
+    def __init__(self, client: redis.Redis | None = None, timings: JobTimings | None = None):
         # Timeouts: a Redis host that vanishes without closing connections must turn
         # into an error (UNAVAILABLE at the gateway), not a hung call.
         self.redis = client or redis.Redis.from_url(
@@ -89,6 +114,7 @@ class JobStore:
             health_check_interval=30,
         )
         self.prefix = f"{config.get('DELF_QUEUE_PREFIX')}:job:"
+        self.timings = timings if timings is not None else JobTimings.from_env()
 
     def _keys(self, job_id: str) -> tuple[str, str, str]:
         base = self.prefix + job_id
@@ -374,7 +400,7 @@ class JobStore:
             unchanged=int(n_same), duplicates=int(n_dups), duplicates_skipped=int(n_skipped),
             duplicate_of={k.decode(): v.decode() for k, v in dup_of.items()},
         )
-        _mark_stalled(status, float(f.get("received_at") or f["created_at"]))
+        _mark_stalled(status, float(f.get("received_at") or f["created_at"]), self.timings.stalled_after_s)
         if explain and status.stalled:
             status.hint = self.stall_hint(status)
         return status
@@ -382,7 +408,7 @@ class JobStore:
     def stall_hint(self, status: JobStatus) -> str:
         """What a stalled job waits for, and the one command that finishes it."""
         # The threshold, not the idle time: a hint that changes on every look is news to no one.
-        job_id, idle = status.job_id, f"over {config.get('DELF_JOB_STALLED_AFTER_S'):.0f} s"
+        job_id, idle = status.job_id, f"over {self.timings.stalled_after_s:.0f} s"
         if status.state == RECEIVING:
             return (f"its client has sent no photo for {idle}: the upload stopped. To finish the job, "
                     f"send the rest: `delf ingest PATH --resume {job_id}` (PATH: the folder or manifest "
@@ -400,7 +426,7 @@ class JobStore:
         if located + uploaded:
             waits.append(f"the tasks of {_photos(located + uploaded)} lost or held by a worker that died "
                          f"(handed out again after DELF_VISIBILITY_TIMEOUT_S="
-                         f"{config.get('DELF_VISIBILITY_TIMEOUT_S'):.0f} s; `delf up` restarts dead "
+                         f"{self.timings.visibility_timeout_s:.0f} s; `delf up` restarts dead "
                          f"workers and hands their tasks out at once)")
         lead = (f"no photo finished for {idle}; {_photos(len(unfinished))} not finished"
                 + "".join(": " + w for w in waits[:1]) + "".join("; " + w for w in waits[1:])
@@ -412,7 +438,7 @@ class JobStore:
         what = " and ".join(w for w in (f"the {located} photos the server reads itself" if located else "",
                                         f"the index tasks of the {extracted} extracted" if extracted else "") if w)
         what = what or "them"
-        auto = config.get("DELF_JOB_RESUME_AFTER_S")
+        auto = self.timings.resume_after_s
         by_itself = f"; the gateway does so by itself after {auto:.0f} s without progress" if auto > 0 else ""
         return lead + f"To finish it now: `delf resume {job_id}` (resends {what}){by_itself}"
 
@@ -421,14 +447,11 @@ def _photos(n: int) -> str:
     return f"{n} photo{'s' if n != 1 else ''}"
 
 
-def _mark_stalled(status: JobStatus, received_at: float) -> None:
-    """Sets `idle_s` and `stalled` (DELF_JOB_STALLED_AFTER_S) from the job's timestamps."""
+def _mark_stalled(status: JobStatus, received_at: float, after: float) -> None:
+    """Sets `idle_s` and `stalled` (no progress for `after` seconds, DELF_JOB_STALLED_AFTER_S)
+    from the job's timestamps."""
     if status.state not in (RUNNING, RECEIVING):
         return
     last = status.updated_at if status.state == RUNNING else max(received_at, status.updated_at)
     status.idle_s = max(time.time() - last, 0.0)
-    try:
-        after = config.get("DELF_JOB_STALLED_AFTER_S")
-    except config.ConfigError:  # reported where it is checked (gateway start); never fail a worker's mark
-        after = config.SETTINGS["DELF_JOB_STALLED_AFTER_S"].default
     status.stalled = status.idle_s >= after

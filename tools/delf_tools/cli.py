@@ -38,7 +38,7 @@ from delf_common import config, contract
 from delf_common.addresses import AddressError, gateway_target
 from delf_tools.duplicates import add_command as add_duplicates_command, job_outcomes
 from delf_tools.cli_contract import INTERRUPTED_EXIT, UsageError, interrupted, run_command, run_tool
-from delf_tools.cli_index import ID_COLUMN_MAX, _client, _count, index_commands  # noqa: F401 - cli's names
+from delf_tools.cli_index import count_argument, gateway_client, index_commands
 from delf_tools.cli_json import print_json
 
 GLOBAL_DEFAULTS = {"gateway": None, "timeout": 300.0, "token": None, "tls_ca": None}
@@ -109,7 +109,7 @@ def cmd_ingest(args) -> int:
     from tqdm import tqdm
 
     folder, manifest, n = _ingest_source(args)
-    client = _client(args)
+    client = gateway_client(args)
     named: list[str] = []
     with tqdm(total=n, desc="upload", unit="photo", disable=args.quiet) as bar:
         sent = lambda i, total: bar.update(1)  # noqa: E731 - a one-line helper
@@ -171,7 +171,7 @@ def _watch(client, job, args, resume: str) -> int:
 def cmd_resume(args) -> int:
     """Resumes only what needs it: a finished job is finished, a moving one is left alone
     (its photos are queued or in progress), a stalled or interrupted one is resumed."""
-    client = _client(args)
+    client = gateway_client(args)
     job = client.get_job(args.job_id)
     verdict = resume_verdict(job)
     if verdict is not None:
@@ -216,7 +216,7 @@ def resume_verdict(job) -> str | None:
 
 
 def cmd_job(args) -> int:
-    client = _client(args)
+    client = gateway_client(args)
     job = client.get_job(args.job_id)
     if args.watch:
         args.wait = True
@@ -229,7 +229,7 @@ def cmd_job(args) -> int:
 
 
 def cmd_cancel(args) -> int:
-    job = _client(args).cancel_job(args.job_id)
+    job = gateway_client(args).cancel_job(args.job_id)
     if args.json:
         print_json(job)
     else:
@@ -241,7 +241,7 @@ def cmd_jobs(args) -> int:
     """The newest jobs (--limit, 0: all), a page at a time."""
     import datetime
 
-    client, jobs, token = _client(args), [], args.after or ""
+    client, jobs, token = gateway_client(args), [], args.after or ""
     while True:
         want = contract.JOBS_PAGE_MAX if not args.limit else min(args.limit - len(jobs), contract.JOBS_PAGE_MAX)
         page = client.list_jobs(want, token)
@@ -336,7 +336,7 @@ def _job_commands(sub) -> None:
     s.set_defaults(func=cmd_job)
 
     s = sub.add_parser("jobs", help="the newest jobs (id, state, counts, when created)")
-    s.add_argument("--limit", type=_count, default=JOBS_DEFAULT, metavar="N",
+    s.add_argument("--limit", type=count_argument, default=JOBS_DEFAULT, metavar="N",
                    help="at most N jobs (default: %(default)s; 0: all the gateway keeps)")
     s.add_argument("--after", default=None, metavar="JOB_ID", help="start after this job (older ones)")
     s.set_defaults(func=cmd_jobs)

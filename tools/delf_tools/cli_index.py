@@ -18,7 +18,7 @@ ID_COLUMN_MAX = 48
 IMAGES_DEFAULT = 100  # what `delf images` prints without --limit
 
 
-def _client(args):
+def gateway_client(args):
     from delf_common.client import DelfClient
 
     return DelfClient(args.gateway, timeout=args.timeout, token=args.token, tls_ca=args.tls_ca)
@@ -34,7 +34,7 @@ def _top_k(text: str) -> int:
     return value
 
 
-def _count(text: str) -> int:
+def count_argument(text: str) -> int:
     try:
         value = int(text)
     except ValueError:
@@ -86,7 +86,7 @@ def cmd_search(args) -> int:
         if not os.access(folder, os.W_OK):
             raise UsageError(f"--show {args.show}: cannot write in the folder {folder}")
     photo = None if args.photo is None else _photo_file(args.photo, "search")
-    client = _client(args)
+    client = gateway_client(args)
     response = client.search(photo, image_id=args.id, top_k=args.top_k, box=args.box,
                              filter=dict(args.filter), correspondences=args.show is not None)
     if args.json:
@@ -156,7 +156,7 @@ def _fit(text: str, limit: int | None) -> str:
 
 def cmd_add(args) -> int:
     meta = dict(args.meta)
-    info = _client(args).add_image(args.image_id, _photo_file(args.photo, "add"), meta)
+    info = gateway_client(args).add_image(args.image_id, _photo_file(args.photo, "add"), meta)
     if args.json:
         print_json(info)
         return 0
@@ -165,7 +165,7 @@ def cmd_add(args) -> int:
 
 
 def cmd_get(args) -> int:
-    info = _client(args).get_image(args.image_id)
+    info = gateway_client(args).get_image(args.image_id)
     if args.json:
         print_json(info)
         return 0
@@ -177,7 +177,7 @@ def cmd_get(args) -> int:
 
 
 def cmd_delete(args) -> int:
-    reply = _client(args).delete_image(args.image_id)
+    reply = gateway_client(args).delete_image(args.image_id)
     if args.json:
         print_json(reply)
         return 0
@@ -186,7 +186,7 @@ def cmd_delete(args) -> int:
 
 
 def cmd_stats(args) -> int:
-    s = _client(args).stats()
+    s = gateway_client(args).stats()
     if args.json:
         print_json(s)
         return 0
@@ -198,7 +198,7 @@ def cmd_stats(args) -> int:
 
 def cmd_images(args) -> int:
     """Up to --limit images (0: all) after --after, in id order, a page at a time."""
-    client = _client(args)
+    client = gateway_client(args)
     images, token = [], args.after or ""
     while True:
         want = contract.IMAGES_PAGE_MAX if not args.limit else min(args.limit - len(images), contract.IMAGES_PAGE_MAX)
@@ -257,7 +257,7 @@ def index_commands(sub) -> None:
     s = sub.add_parser("images", help="the indexed images in id order (id, size, features, metadata)")
     s.add_argument("--filter", type=_pair, action="append", default=[], metavar="KEY=VALUE",
                    help="only photos whose metadata has KEY=VALUE (repeat: all must hold)")
-    s.add_argument("--limit", type=_count, default=IMAGES_DEFAULT, metavar="N",
+    s.add_argument("--limit", type=count_argument, default=IMAGES_DEFAULT, metavar="N",
                    help="at most N images (default: %(default)s; 0: all)")
     s.add_argument("--after", default=None, metavar="ID", help="start after this id (where the last listing stopped)")
     s.set_defaults(func=cmd_images)

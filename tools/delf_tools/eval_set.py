@@ -83,9 +83,9 @@ def load_rgb(path: Path, max_side: int = MAX_SIDE) -> np.ndarray:
     """RGB uint8 of a photo as the system decodes it (EXIF orientation applied), long side capped."""
     import cv2
 
-    from delf_common.images import decode_image
+    from delf_common.images import ImageLimits, decode_image
 
-    rgb = decode_image(path.read_bytes())
+    rgb = decode_image(path.read_bytes(), ImageLimits.from_env())
     h, w = rgb.shape[:2]
     if max(h, w) > max_side:
         f = max_side / max(h, w)

@@ -201,7 +201,7 @@ class Launcher:
     # services --------------------------------------------------------------
 
     def _service_specs(self) -> list[ChildSpec]:
-        from delf_common.celery_app import queue_name
+        from delf_common.contract import queue_name
 
         host = socket.gethostname()
         py = sys.executable

@@ -281,9 +281,9 @@ def query_photo(client, photo: Path | None, image_id: str | None) -> Photo:
     """The query's pixels: the local photo as the server saw it (upright by its EXIF
     orientation), or an indexed query's thumbnail."""
     if photo is not None:
-        from delf_common.images import decode_image
+        from delf_common.images import ImageLimits, decode_image
 
-        rgb = decode_image(Path(photo).read_bytes())
+        rgb = decode_image(Path(photo).read_bytes(), ImageLimits.from_env())
         return Photo(rgb, (rgb.shape[1], rgb.shape[0]))
     info = client.get_image(image_id, thumbnail=True)
     return Photo(decode_rgb(info.thumbnail), (info.width, info.height))

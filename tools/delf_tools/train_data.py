@@ -53,7 +53,7 @@ def load_manifest_photos(manifest: str | Path, split: str = "train", limit: int 
     """Decoded photos of a manifest: ``split`` "train" (training groups), "heldout" or "all"
     (non-distractor groups). TrainError on a missing or malformed manifest."""
     from delf_tools.evaluation import read_manifest
-    from delf_common.images import ImageRejected, decode_image
+    from delf_common.images import ImageLimits, ImageRejected, decode_image
 
     manifest = Path(manifest)
     if not manifest.is_file():
@@ -69,7 +69,7 @@ def load_manifest_photos(manifest: str | Path, split: str = "train", limit: int 
     keep = {"train": set(train), "heldout": set(held), "all": set(train) | set(held)}.get(split)
     if keep is None:
         raise TrainError(f"unknown split {split!r} (train, heldout, all)")
-    photos = []
+    photos, limits = [], ImageLimits.from_env()
     for rel, group in rows:
         if group not in keep:
             continue
@@ -77,7 +77,7 @@ def load_manifest_photos(manifest: str | Path, split: str = "train", limit: int 
         if not path.is_file():
             raise TrainError(f"{manifest}: photo {rel} not found below {manifest.parent}")
         try:
-            photos.append(Photo(rel, group, decode_image(path.read_bytes())))
+            photos.append(Photo(rel, group, decode_image(path.read_bytes(), limits)))
         except ImageRejected as exc:
             raise TrainError(f"{path}: {exc.message}") from None
         if limit and len(photos) >= limit:

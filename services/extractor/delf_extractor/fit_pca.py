@@ -71,12 +71,14 @@ def sample_views(rgb: np.ndarray, rng: np.random.Generator, count: int) -> list[
 
 def folder_photos(folder: Path) -> list[tuple[str, np.ndarray]]:
     from delf_common.images import ImageRejected, decode_image
+    from delf_extractor.settings import ExtractorSettings
 
+    limits = ExtractorSettings.from_env().image_limits
     out = []
     for p in sorted(folder.rglob("*")):
         if p.suffix.lower() in IMAGE_SUFFIXES and p.is_file():
             try:
-                out.append((str(p.relative_to(folder)), decode_image(p.read_bytes())))
+                out.append((str(p.relative_to(folder)), decode_image(p.read_bytes(), limits)))
             except ImageRejected as exc:
                 print(f"skipping {p}: {exc.message}", file=sys.stderr)
     return out

@@ -11,6 +11,8 @@ from __future__ import annotations
 import dataclasses
 
 from delf_common import config
+from delf_common.fetch import FetchPolicy
+from delf_common.images import ImageLimits
 
 
 @dataclasses.dataclass(frozen=True)
@@ -24,7 +26,9 @@ class ExtractorSettings:
     query_max_scale: float  # 0: every pyramid level
     malloc_tune: bool
     ingest_roots: tuple[str, ...]
-    max_image_bytes: int
+    image_limits: ImageLimits  # every photo decoded (DELF_MAX_IMAGE_BYTES, _PIXELS, DELF_MIN_IMAGE_SIDE)
+    fetch_policy: FetchPolicy  # URL items (DELF_URL_*)
+    thumbnail_side: int  # DELF_THUMBNAIL_SIDE; 0: no thumbnails
 
     @classmethod
     def from_env(cls) -> "ExtractorSettings":
@@ -38,5 +42,7 @@ class ExtractorSettings:
             query_max_scale=float(config.get("DELF_QUERY_MAX_SCALE")),
             malloc_tune=bool(config.get("DELF_MALLOC_TUNE")),
             ingest_roots=tuple(config.get("DELF_INGEST_ROOTS")),
-            max_image_bytes=int(config.get("DELF_MAX_IMAGE_BYTES")),
+            image_limits=ImageLimits.from_env(),
+            fetch_policy=FetchPolicy.from_env(),
+            thumbnail_side=int(config.get("DELF_THUMBNAIL_SIDE")),
         )

@@ -11,7 +11,8 @@ import errno
 import os
 
 from delf_common import fetch
-from delf_common.images import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED, ImageRejected
+from delf_common.contract import INVALID_ARGUMENT, NOT_FOUND, RESOURCE_EXHAUSTED
+from delf_common.images import ImageRejected
 from delf_extractor.settings import ExtractorSettings
 
 
@@ -80,11 +81,12 @@ def read_location(location: str, roots: tuple[str, ...], max_bytes: int) -> byte
     return data
 
 
-def read_url(url: str) -> bytes:
-    """The bytes of an http(s) URL item, under delf_common.fetch's rules (DELF_URL_INGEST,
-    DELF_URL_ALLOWED_HOSTS, no private addresses, DELF_MAX_IMAGE_BYTES, DELF_URL_TIMEOUT_S).
-    Raises FetchError: ``transient`` ones are retried by the task."""
-    return fetch.fetch_url(url)
+def read_url(url: str, policy: fetch.FetchPolicy) -> bytes:
+    """The bytes of an http(s) URL item, under delf_common.fetch's rules and the settings'
+    `policy` (DELF_URL_INGEST, DELF_URL_ALLOWED_HOSTS, no private addresses,
+    DELF_MAX_IMAGE_BYTES, DELF_URL_TIMEOUT_S). Raises FetchError: ``transient`` ones are
+    retried by the task."""
+    return fetch.fetch_url(url, policy)
 
 
 def item_bytes(item: dict, settings: ExtractorSettings) -> bytes:
@@ -95,8 +97,8 @@ def item_bytes(item: dict, settings: ExtractorSettings) -> bytes:
         raise _refuse(INVALID_ARGUMENT, "give either the image bytes or a location, not both")
     if location:
         if isinstance(location, str) and fetch.is_url(location):
-            return read_url(location)
-        return read_location(location, settings.ingest_roots, settings.max_image_bytes)
+            return read_url(location, settings.fetch_policy)
+        return read_location(location, settings.ingest_roots, settings.image_limits.max_bytes)
     if image is None:
         raise _refuse(INVALID_ARGUMENT, "the item has neither image bytes nor a location")
     if not isinstance(image, (bytes, bytearray)):

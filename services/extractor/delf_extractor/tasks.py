@@ -27,11 +27,12 @@ import time
 from celery.signals import celeryd_after_setup, worker_process_init
 
 from delf_common import fetch, parked
-from delf_common.celery_app import EXTRACT, INGEST_EXTRACT, app, configure_worker
-from delf_common.contract import CANCELLED, INVALID_ARGUMENT, error, ok
+from delf_common.celery_app import app, configure_worker
+from delf_common.contract import CANCELLED, EXTRACT, INGEST_EXTRACT, INVALID_ARGUMENT, error, ok
 from delf_common.images import ImageRejected, check_not_flat, decode_image, thumbnail_jpeg
 from delf_common.jobs import JobStore
 from delf_common.metrics import install_worker_hooks
+from delf_common.retry import retry_delay
 from delf_extractor import batcher
 from delf_extractor.batcher import Batcher, worker_threads
 from delf_extractor.memory import tune_malloc
@@ -155,7 +156,7 @@ def _no_features_reason(width: int, height: int) -> str:
 def _with_thumbnail(reply: dict, rgb) -> dict:
     """The reply with the photo's ``thumbnail`` (JPEG bytes, DELF_THUMBNAIL_SIDE), unless
     thumbnails are off."""
-    thumbnail = thumbnail_jpeg(rgb)
+    thumbnail = thumbnail_jpeg(rgb, settings().thumbnail_side)
     if thumbnail:
         reply["thumbnail"] = thumbnail
     return reply
@@ -168,7 +169,7 @@ def extract(image: bytes | None, options: dict | None = None) -> dict:
     try:
         if image is None:
             raise ImageRejected(INVALID_ARGUMENT, "no image bytes given")
-        rgb = decode_image(bytes(image))
+        rgb = decode_image(bytes(image), settings().image_limits)
         reply = ok(features=_features_wire(rgb, urgent=True))
         return _with_thumbnail(reply, rgb) if (options or {}).get("thumbnail") else reply
     except ImageRejected as exc:
@@ -195,7 +196,7 @@ def ingest_extract(item: dict, job_id: str) -> dict:
     with get_batcher().slot() as slot:  # a partial batch may wait for this photo
         try:
             data = item_bytes(item, settings())
-            rgb = decode_image(data)
+            rgb = decode_image(data, settings().image_limits)
             features = _features_wire(rgb, slot=slot)
         except ImageRejected as exc:
             log.info("job %s: item %s refused: %s", job_id, image_id, exc.message)
@@ -212,7 +213,7 @@ def _fetch_failed(exc: fetch.FetchError, image_id, job_id: str) -> dict:
     request = ingest_extract.request  # this delivery's context (no id when called directly)
     retries = request.retries or 0
     if exc.transient and request.id and retries < FETCH_MAX_RETRIES:
-        delay = fetch.retry_delay(retries, exc.retry_after)
+        delay = retry_delay(retries, exc.retry_after)
         log.warning("job %s: item %s: %s; retry %d in %.1f s", job_id, image_id, exc.message,
                     retries + 1, delay)
         raise ingest_extract.retry(countdown=delay, max_retries=FETCH_MAX_RETRIES) from None

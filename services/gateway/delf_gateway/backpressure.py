@@ -16,7 +16,7 @@ import grpc
 import redis
 from celery.exceptions import TimeoutError as CeleryTimeout
 
-from delf_common import celery_app as tasks
+from delf_common import celery_app
 from delf_common import contract
 from delf_common import metrics
 from delf_common.jobs import JobStore
@@ -33,10 +33,10 @@ class WorkerCalls:
     """Task sending, waiting and admission shared by the search and ingest RPCs."""
 
     def __init__(self, app=None, jobs: JobStore | None = None, settings: GatewaySettings | None = None):
-        self.app = app or tasks.app
-        self.jobs = jobs or JobStore()
+        self.app = app or celery_app.app
         # The gateway's settings, read once: here when none are given (tests build a servicer).
         self.settings = settings or GatewaySettings.from_env()
+        self.jobs = jobs or JobStore(timings=self.settings.job_timings)
         self.default_timeout = self.settings.task_timeout_s
         self.max_queue = self.settings.max_queue
         self.max_searches = self.settings.max_searches
@@ -54,7 +54,7 @@ class WorkerCalls:
         # A task whose caller has given up is dropped by the worker unrun (Celery's
         # `expires`): under overload, workers spend no time on answers nobody awaits.
         expires = self._budget(context) + DEADLINE_MARGIN_S if context is not None else None
-        return self.app.send_task(name, args=list(args), queue=tasks.queue_for_task(name), expires=expires)
+        return self.app.send_task(name, args=list(args), queue=contract.queue_for_task(name), expires=expires)
 
     def _wait(self, result, context, what: str) -> dict:
         try:
@@ -78,7 +78,7 @@ class WorkerCalls:
     def _queue_depths(self) -> dict[str, int]:
         client = self.jobs.redis
         try:
-            return {s: int(client.llen(tasks.queue_name(s))) for s in tasks.SERVICES}
+            return {s: int(client.llen(contract.queue_name(s))) for s in contract.SERVICES}
         except redis.RedisError:
             return {}
 
@@ -88,7 +88,7 @@ class WorkerCalls:
             return None
         client = self.jobs.redis
         for service in services:
-            depth = int(client.llen(tasks.queue_name(service)))
+            depth = int(client.llen(contract.queue_name(service)))
             metrics.QUEUE_DEPTH.labels(service).set(depth)
             if depth >= self.max_queue:
                 return service, depth

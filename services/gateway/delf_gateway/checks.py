@@ -10,7 +10,7 @@ import grpc
 import numpy as np
 
 from delf_common import contract, fetch
-from delf_common.images import ImageRejected, probe_image
+from delf_common.images import ImageLimits, ImageRejected, probe_image
 
 # The limits are the contract's (the indexer applies the same functions).
 MAX_ID_LENGTH = contract.MAX_ID_BYTES  # UTF-8 bytes
@@ -53,25 +53,27 @@ def check_job_id(job_id: str) -> str:
     return _checked(contract.check_job_id, job_id)
 
 
-def check_location(location: str) -> None:
+def check_location(location: str, policy: fetch.FetchPolicy) -> None:
     """URL locations: the checks that need no network (URL ingest on, http/https, host
-    allowed, no literal private address); the extractor resolves and checks again before
-    it connects. Paths are checked by the extractor (DELF_INGEST_ROOTS)."""
+    allowed, no literal private address; the gateway settings' `policy`); the extractor
+    resolves and checks again before it connects. Paths are checked by the extractor
+    (DELF_INGEST_ROOTS)."""
     if not location:
         raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the location is empty")
     if fetch.is_url(location):
         try:
-            fetch.check_url(location)
+            fetch.check_url(location, policy)
         except fetch.FetchError as exc:
             raise RequestError(status_code(exc.code), exc.message) from None
 
 
-def check_photo(data: bytes) -> tuple[int, int]:
-    """Header-level checks (bytes, pixels, format); the extractor decodes fully.
+def check_photo(data: bytes, limits: ImageLimits) -> tuple[int, int]:
+    """Header-level checks (bytes, pixels, format: the gateway settings' `limits`); the
+    extractor decodes fully.
     Returns the photo's displayed (width, height): EXIF orientation applied, the frame the
     extractor's features, a search `box` and the region corners all use."""
     try:
-        width, height, _ = probe_image(data)
+        width, height, _ = probe_image(data, limits)
     except ImageRejected as exc:
         raise RequestError(status_code(exc.code), exc.message) from None
     return width, height

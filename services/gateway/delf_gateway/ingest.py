@@ -21,7 +21,7 @@ import time
 
 import grpc
 
-from delf_common import celery_app as tasks
+from delf_common import celery_app
 from delf_common import contract, inflight, parked, tracing
 from delf_common.jobs import JobStatus
 from delf_common.proto.delf.v1 import delf_pb2
@@ -103,9 +103,9 @@ class IngestJobs(WorkerCalls):
             metadata = check_metadata(item.metadata)
             source = item.WhichOneof("source")
             if source == "image":
-                check_photo(item.image)
+                check_photo(item.image, self.settings.image_limits)
             elif source == "location":
-                check_location(item.location)
+                check_location(item.location, self.settings.fetch_policy)
             else:
                 raise RequestError(grpc.StatusCode.INVALID_ARGUMENT, "the item has neither image bytes nor a location")
             if self.jobs.is_cancelled(job_id):
@@ -146,9 +146,9 @@ class IngestJobs(WorkerCalls):
         if job_id in unanswered or not self._indexer_free():
             return None
         try:
-            result = self.app.send_task(tasks.INDEX_KNOWN, args=[[{"image_id": image_id, "sha256": sha256,
+            result = self.app.send_task(contract.INDEX_KNOWN, args=[[{"image_id": image_id, "sha256": sha256,
                                                                     "metadata": metadata}]],
-                                        queue=tasks.queue_for_task(tasks.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
+                                        queue=contract.queue_for_task(contract.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
             reply = result.get(timeout=KNOWN_TIMEOUT_S, disable_sync_subtasks=False)
         except Exception:  # no answer (indexer busy or away): extracted as usual
             if len(unanswered) >= KNOWN_SKIPPED_JOBS_MAX:
@@ -167,8 +167,8 @@ class IngestJobs(WorkerCalls):
         answer worth waiting for (otherwise the photo goes to the workers as usual)."""
         client = self.jobs.redis
         try:
-            return bool(tasks.read_heartbeats(client).get("indexer")) and \
-                not client.llen(tasks.queue_for_task(tasks.INDEX_KNOWN))
+            return bool(celery_app.read_heartbeats(client).get("indexer")) and \
+                not client.llen(contract.queue_for_task(contract.INDEX_KNOWN))
         except Exception:  # noqa: BLE001 - Redis hiccups: the send that follows reports them
             return False
 
@@ -179,10 +179,10 @@ class IngestJobs(WorkerCalls):
         self._wait_for_room(context, "extract")
         payload = {"image_id": image_id, "metadata": metadata, "image": image, "location": location}
         extract = self.app.signature(
-            tasks.INGEST_EXTRACT, args=(payload, job_id), queue=tasks.queue_for_task(tasks.INGEST_EXTRACT)
+            contract.INGEST_EXTRACT, args=(payload, job_id), queue=contract.queue_for_task(contract.INGEST_EXTRACT)
         )
         index = self.app.signature(
-            tasks.INGEST_INDEX, args=(job_id,), queue=tasks.queue_for_task(tasks.INGEST_INDEX)
+            contract.INGEST_INDEX, args=(job_id,), queue=contract.queue_for_task(contract.INGEST_INDEX)
         )
         with tracing.new_trace("ingest item", job_id=job_id, image_id=image_id):  # one trace per item
             (extract | index).apply_async()
@@ -270,7 +270,7 @@ class IngestJobs(WorkerCalls):
         indexing = set(parked.resend_parked(self.app, self.jobs, job_id, exclude=exclude))
         resent, awaiting = len(indexing), 0
         unfinished = {i: r for i, r in self.jobs.unfinished(job_id).items() if i not in exclude and i not in indexing}
-        waiting = inflight.waiting_items(self.jobs.redis, tasks.queue_for_task(tasks.INGEST_EXTRACT), job_id) \
+        waiting = inflight.waiting_items(self.jobs.redis, contract.queue_for_task(contract.INGEST_EXTRACT), job_id) \
             if unfinished else set()
         for image_id, record in sorted(unfinished.items()):
             if image_id in (waiting or ()):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import grpc
 
-from delf_common import celery_app as tasks
 from delf_common import contract
 from delf_common.proto.delf.v1 import delf_pb2
 from delf_gateway.backpressure import WorkerCalls
@@ -22,7 +21,7 @@ class ListCalls(WorkerCalls):
                                                            contract.IMAGES_PAGE_MAX, "images"), request.page_size)
         after = _checked(contract.check_image_page_token, request.page_token)
         options = {"after": after, "limit": size, "filter": check_filter(request.filter)}
-        reply = self._call(tasks.INDEX_LIST, options, context=context, what="indexer")
+        reply = self._call(contract.INDEX_LIST, options, context=context, what="indexer")
         return delf_pb2.ListImagesResponse(images=[image_info_proto(i) for i in reply["images"]],
                                            next_page_token=reply.get("next") or "")
 

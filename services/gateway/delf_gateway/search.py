@@ -12,7 +12,7 @@ import time
 import grpc
 import numpy as np
 
-from delf_common import celery_app as tasks
+from delf_common import contract
 from delf_common.features import DelfFeatures
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.proto.delf.v1 import delf_pb2
@@ -55,7 +55,7 @@ class SearchCalls(WorkerCalls):
         options = {"shortlist": shortlist, "exclude": exclude}
         if filter:
             options["filter"] = filter
-        reply = self._call(tasks.INDEX_SEARCH, features.to_wire(), options, context=context, what="indexer")
+        reply = self._call(contract.INDEX_SEARCH, features.to_wire(), options, context=context, what="indexer")
         candidates = reply["candidates"]  # passed on to the verifiers as received
         by_id = {c.image_id: c for c in map(SearchCandidate.from_wire, candidates)}
         matches = self._verify(features, (width, height), box, candidates, context, request.correspondences)
@@ -74,14 +74,14 @@ class SearchCalls(WorkerCalls):
         which = request.WhichOneof("query")
         exclude: list[str] = []
         if which == "image":
-            width, height = check_photo(request.image)
+            width, height = check_photo(request.image, self.settings.image_limits)
             self._admit("extract", "index", "verify")
-            reply = self._call(tasks.EXTRACT, request.image, {}, context=context, what="extractor")
+            reply = self._call(contract.EXTRACT, request.image, {}, context=context, what="extractor")
             features = DelfFeatures.from_wire(reply["features"])
         elif which == "image_id":
             image_id = check_image_id(request.image_id)
             self._admit("index", "verify")
-            reply = self._call(tasks.INDEX_FEATURES, image_id, context=context, what="indexer")
+            reply = self._call(contract.INDEX_FEATURES, image_id, context=context, what="indexer")
             features = DelfFeatures.from_wire(reply["features"])
             width, height = features.image_size
             exclude.append(image_id)
@@ -103,7 +103,7 @@ class SearchCalls(WorkerCalls):
         if inliers:
             options["inlier_idx"] = True
         pending = [
-            self._send(tasks.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options, context=context)
+            self._send(contract.VERIFY, query, candidates[i:i + VERIFY_CHUNK], options, context=context)
             for i in range(0, len(candidates), VERIFY_CHUNK)
         ]
         matches: list[dict] = []

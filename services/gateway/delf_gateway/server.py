@@ -25,20 +25,15 @@ import redis
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from delf_common import celery_app as tasks
+from delf_common import celery_app
 from delf_common.addresses import address_in_use, address_taken_message
-from delf_common import config
+from delf_common import config, contract
 from delf_common import logs
 from delf_common import metrics
 from delf_common import tracing
 from delf_common.proto.delf.v1 import delf_pb2, delf_pb2_grpc
-from delf_gateway.checks import (  # noqa: F401 - re-exported: their former home
-    MAX_ID_LENGTH, MAX_METADATA_BYTES, RequestError, check_image_id, check_location, check_metadata,
-    check_photo,
-)
-from delf_gateway.ingest import (  # noqa: F401 - re-exported: their former home
-    JOB_ID_METADATA_KEY, RESUME_METADATA_KEY, IngestJobs, job_proto,
-)
+from delf_gateway.checks import check_image_id, check_metadata, check_photo
+from delf_gateway.ingest import IngestJobs
 from delf_gateway.interceptors import AuthInterceptor, ErrorInterceptor, ObserveInterceptor
 from delf_gateway.listing import ListCalls, image_info_proto
 from delf_gateway.malformed import MalformedBodyInterceptor
@@ -62,28 +57,28 @@ class Gateway(SearchCalls, IngestJobs, ListCalls, delf_pb2_grpc.ImageSearchServi
     def AddImage(self, request, context):
         image_id = check_image_id(request.image_id)
         metadata = check_metadata(request.metadata)
-        check_photo(request.image)
+        check_photo(request.image, self.settings.image_limits)
         self._admit("extract", "index")
-        reply = self._call(tasks.EXTRACT, request.image, {"thumbnail": True}, context=context, what="extractor")
+        reply = self._call(contract.EXTRACT, request.image, {"thumbnail": True}, context=context, what="extractor")
         # Optional arguments only when there is something to send: an older indexer takes none.
         sha256 = hashlib.sha256(request.image).hexdigest()  # duplicates (delf_indexer.duplicates)
-        reply = self._call(tasks.INDEX_ADD, image_id, reply["features"], metadata, reply.get("thumbnail") or b"",
+        reply = self._call(contract.INDEX_ADD, image_id, reply["features"], metadata, reply.get("thumbnail") or b"",
                            sha256, context=context, what="indexer")
         return image_info_proto(reply["image"])
 
     def GetImage(self, request, context):
         options = ({"thumbnail": True},) if request.thumbnail else ()
-        reply = self._call(tasks.INDEX_GET, check_image_id(request.image_id), *options, context=context,
+        reply = self._call(contract.INDEX_GET, check_image_id(request.image_id), *options, context=context,
                            what="indexer")
         return image_info_proto(reply["image"], reply.get("thumbnail") or b"")
 
     def DeleteImage(self, request, context):
         image_id = check_image_id(request.image_id)
-        reply = self._call(tasks.INDEX_DELETE, image_id, context=context, what="indexer")
+        reply = self._call(contract.INDEX_DELETE, image_id, context=context, what="indexer")
         return delf_pb2.DeleteImageResponse(image_id=image_id, descriptors_removed=reply["descriptors_removed"])
 
     def GetStats(self, request, context):
-        reply = self._call(tasks.INDEX_STATS, context=context, what="indexer")
+        reply = self._call(contract.INDEX_STATS, context=context, what="indexer")
         return delf_pb2.GetStatsResponse(
             images=reply["images"],
             descriptors=reply["descriptors"],
@@ -120,7 +115,7 @@ def dependency_status(client: redis.Redis) -> tuple[dict[str, int], dict[str, st
     it reachable (UNKNOWN while no indexer reports)."""
     try:
         client.ping()
-        beats = tasks.read_heartbeats(client)
+        beats = celery_app.read_heartbeats(client)
     except redis.RedisError as exc:
         reason = f"Redis unreachable: {exc}"
         return ({name: _NOT_SERVING if name == "redis" else _UNKNOWN for name in DEPENDENCIES},
@@ -156,8 +151,8 @@ def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Re
         try:
             status, reasons = dependency_status(client)
             if status["redis"] == _SERVING:
-                for service in tasks.SERVICES:
-                    metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(tasks.queue_name(service))))
+                for service in contract.SERVICES:
+                    metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(contract.queue_name(service))))
         except Exception as exc:  # noqa: BLE001 - the watcher must keep watching
             status = {name: _UNKNOWN for name in DEPENDENCIES}
             status["redis"] = _NOT_SERVING

@@ -11,6 +11,9 @@ from __future__ import annotations
 import dataclasses
 
 from delf_common import config
+from delf_common.fetch import FetchPolicy
+from delf_common.images import ImageLimits
+from delf_common.jobs import JobTimings
 
 
 @dataclasses.dataclass(frozen=True)
@@ -29,10 +32,19 @@ class GatewaySettings:
     ransac_px: float  # sent to the verifiers
     job_stalled_after_s: float
     job_resume_after_s: float
+    visibility_timeout_s: float  # quoted by a stalled job's hint
     health_interval_s: float
     health_require: tuple[str, ...]
     metrics_port: int
+    image_limits: ImageLimits  # a photo's header checks (check_photo)
+    fetch_policy: FetchPolicy  # a URL item's checks (check_location)
     skip_duplicates: bool = False  # DELF_DUPLICATES=skip
+
+    @property
+    def job_timings(self) -> JobTimings:
+        """The job store's: when a job is stalled, and what its hint quotes."""
+        return JobTimings(stalled_after_s=self.job_stalled_after_s, resume_after_s=self.job_resume_after_s,
+                          visibility_timeout_s=self.visibility_timeout_s)
 
     @classmethod
     def from_env(cls) -> "GatewaySettings":
@@ -51,9 +63,12 @@ class GatewaySettings:
             ransac_px=config.get("DELF_RANSAC_PX"),
             job_stalled_after_s=config.get("DELF_JOB_STALLED_AFTER_S"),
             job_resume_after_s=config.get("DELF_JOB_RESUME_AFTER_S"),
+            visibility_timeout_s=config.get("DELF_VISIBILITY_TIMEOUT_S"),
             health_interval_s=config.get("DELF_HEALTH_INTERVAL_S"),
             health_require=tuple(config.get("DELF_HEALTH_REQUIRE")),
             metrics_port=config.get("DELF_METRICS_PORT"),
+            image_limits=ImageLimits.from_env(),
+            fetch_policy=FetchPolicy.from_env(),
             skip_duplicates=config.get("DELF_DUPLICATES") == "skip",
         )
 

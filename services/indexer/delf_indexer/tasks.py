@@ -17,7 +17,7 @@ import threading
 import redis
 from celery.signals import celeryd_after_setup, worker_shutdown
 
-from delf_common import celery_app as names
+from delf_common import celery_app, contract
 from delf_common import parked
 from delf_common.celery_app import app, configure_worker
 from delf_common.contract import (FAILED_PRECONDITION, INVALID_ARGUMENT, NOT_FOUND, ContractError, check_filter,
@@ -88,7 +88,7 @@ def _count_stored(stats: dict | None = None) -> None:
         STORED.labels(what).set(int(stats.get(what, 0)))
 
 
-names.HEARTBEAT_CHECKS["milvus"] = milvus_reachable
+celery_app.HEARTBEAT_CHECKS["milvus"] = milvus_reachable
 
 
 @celeryd_after_setup.connect
@@ -176,14 +176,14 @@ def _add(image_id, wire, metadata, thumbnail=None, sha256=None) -> dict:
     return ok(image={**info, "duplicate_of": same, "skipped": False})
 
 
-@app.task(name=names.INDEX_ADD)
+@app.task(name=contract.INDEX_ADD)
 def index_add(image_id, features, metadata=None, thumbnail=None, sha256=None) -> dict:
     """``thumbnail``: the photo's JPEG thumbnail (the extractor's), stored with it;
     ``sha256``: of the photo's bytes as submitted (duplicates)."""
     return _add(image_id, features, metadata, thumbnail or None, sha256)
 
 
-@app.task(name=names.INDEX_KNOWN)
+@app.task(name=contract.INDEX_KNOWN)
 def index_known(items) -> dict:
     """For each ``{image_id, sha256, metadata}``: whether that id already holds these bytes
     and metadata (``unchanged``) and which other ids hold these bytes (``duplicate_of``)."""
@@ -216,7 +216,7 @@ def _remove_orphans(image_id: str) -> None:
 
 # Ingest results are never read (the job store records progress): not stored in
 # the result backend, where each would hold a photo's features for an hour.
-@app.task(name=names.INGEST_INDEX, bind=True, ignore_result=True)
+@app.task(name=contract.INGEST_INDEX, bind=True, ignore_result=True)
 def ingest_index(self, extracted, job_id) -> dict:
     image_id = (extracted or {}).get("image_id") or ""
     try:
@@ -271,7 +271,7 @@ def _ingest_index(task, extracted, job_id, image_id) -> dict:
     return result
 
 
-@app.task(name=names.INDEX_SEARCH)
+@app.task(name=contract.INDEX_SEARCH)
 def index_search(features, options=None) -> dict:
     options = options or {}
     try:
@@ -292,7 +292,7 @@ def index_search(features, options=None) -> dict:
     return ok(candidates=candidates)
 
 
-@app.task(name=names.INDEX_GET)
+@app.task(name=contract.INDEX_GET)
 def index_get(image_id, options=None) -> dict:
     """``options`` ``{"thumbnail": True}``: also ``thumbnail`` (JPEG bytes, b"" when none)."""
     if (err := _bad_id(image_id)) is not None:
@@ -305,7 +305,7 @@ def index_get(image_id, options=None) -> dict:
     return ok(image=info, thumbnail=info.pop("thumbnail")) if want else ok(image=info)
 
 
-@app.task(name=names.INDEX_FEATURES)
+@app.task(name=contract.INDEX_FEATURES)
 def index_features(image_id) -> dict:
     if (err := _bad_id(image_id)) is not None:
         return err
@@ -316,7 +316,7 @@ def index_features(image_id) -> dict:
     return ok(image=info, features=feats.to_wire())
 
 
-@app.task(name=names.INDEX_DELETE)
+@app.task(name=contract.INDEX_DELETE)
 def index_delete(image_id) -> dict:
     if (err := _bad_id(image_id)) is not None:
         return err
@@ -326,14 +326,14 @@ def index_delete(image_id) -> dict:
         return _not_found(image_id)
 
 
-@app.task(name=names.INDEX_STATS)
+@app.task(name=contract.INDEX_STATS)
 def index_stats() -> dict:
     stats = get_store().stats()
     _count_stored(stats)
     return ok(**stats)
 
 
-@app.task(name=names.INDEX_LIST)
+@app.task(name=contract.INDEX_LIST)
 def index_list(options=None) -> dict:
     """One page of the indexed images in id order: ``options`` ``{after: id or "", limit: n,
     filter: {key: value}}`` -> ``images`` (infos), ``next`` (the id the next page starts after, "": none)."""

@@ -13,8 +13,8 @@ import time
 import numpy as np
 from celery.signals import celeryd_after_setup
 
-from delf_common.celery_app import VERIFY, app
-from delf_common.contract import INVALID_ARGUMENT, error, ok
+from delf_common.celery_app import app
+from delf_common.contract import INVALID_ARGUMENT, VERIFY, error, ok
 from delf_common.messages import SearchCandidate, VerifiedMatch, VerifyQuery
 from delf_common.metrics import install_worker_hooks
 

@@ -19,7 +19,7 @@ Metadata = Annotated[str, Form(description='a JSON object of strings, e.g. {"pla
 
 def _add(ctx: Ctx, image_id: str, photo: UploadFile, metadata: str) -> dict:
     request = delf_pb2.AddImageRequest(image_id=inputs.image_id(image_id), metadata=inputs.metadata(metadata))
-    request.image = inputs.photo(photo.file.read())
+    request.image = inputs.photo(photo.file.read(), ctx.settings.max_image_bytes)
     return convert.image(ctx.call("AddImage", request))
 
 

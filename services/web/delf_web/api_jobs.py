@@ -28,13 +28,13 @@ _streams = {"open": 0}
 _streams_lock = threading.Lock()
 
 
-def _photo_items(photos: list[UploadFile], metadata: dict[str, str]) -> list[delf_pb2.IngestItem]:
+def _photo_items(photos: list[UploadFile], metadata: dict[str, str], max_bytes: int) -> list[delf_pb2.IngestItem]:
     items = []
     for upload in photos:
         name = PurePosixPath(upload.filename or "").name
         image_id = inputs.image_id(PurePosixPath(name).stem or name)
         items.append(delf_pb2.IngestItem(image_id=image_id, metadata={"path": name, **metadata},
-                                         image=inputs.photo(upload.file.read())))
+                                         image=inputs.photo(upload.file.read(), max_bytes)))
     return items
 
 
@@ -76,7 +76,7 @@ def start_job(ctx: Annotated[Ctx, Depends(context)],
               urls: Annotated[str, Form(description="one per line: URL, or ID URL")] = "",
               metadata: Annotated[str, Form(description="a JSON object of strings added to every photo")] = "") -> dict:
     extra = inputs.metadata(metadata)
-    items = _photo_items(photos, extra) + _url_items(urls, extra)
+    items = _photo_items(photos, extra, ctx.settings.max_image_bytes) + _url_items(urls, extra)
     if manifest is not None:
         items += _manifest_items(manifest)
     if not items:

@@ -54,7 +54,7 @@ def search_upload(ctx: Annotated[Ctx, Depends(context)],
                   correspondences: Annotated[bool, Form()] = False) -> dict:
     """The indexed photos that show what the uploaded photo shows, best first."""
     request = _request(top_k, box, filter, correspondences)
-    request.image = inputs.photo(photo.file.read())
+    request.image = inputs.photo(photo.file.read(), ctx.settings.max_image_bytes)
     return _search(ctx, request)
 
 
@@ -69,8 +69,8 @@ def search_by_id(body: SearchById, ctx: Annotated[Ctx, Depends(context)]) -> dic
 def search_by_url(body: SearchByUrl, ctx: Annotated[Ctx, Depends(context)]) -> dict:
     request = _request(body.top_k, body.box, body.filter, body.correspondences)
     try:
-        data = fetch_url(body.url)
+        data = fetch_url(body.url, ctx.settings.fetch_policy)
     except FetchError as exc:
         raise ApiError(exc.code, exc.message) from None
-    request.image = inputs.photo(data)
+    request.image = inputs.photo(data, ctx.settings.max_image_bytes)
     return _search(ctx, request)

@@ -105,6 +105,7 @@ def create_app(gateway: Gateway | None = None, settings: WebSettings | None = No
                               "`Authorization: Bearer <token>`. Errors: `{\"error\": {\"code\", \"message\"}}`.",
                   docs_url=None, redoc_url=None)
     app.state.gateway = gateway or Gateway(settings.gateway)
+    app.state.settings = settings
     app.state.tokens = auth.accepted_tokens(settings.auth_tokens)
     _install_handlers(app)
     _install_request_log(app)

@@ -94,11 +94,12 @@ def job_id(value: str) -> str:
         raise bad_request(str(exc)) from None
 
 
-def photo(data: bytes | None) -> bytes:
-    """The bytes of an uploaded photo: not empty and within DELF_MAX_IMAGE_BYTES (else 413),
-    with the gateway's messages (delf_common.images.check_size); the gateway checks the rest."""
+def photo(data: bytes | None, max_bytes: int) -> bytes:
+    """The bytes of an uploaded photo: not empty and within `max_bytes` (the settings'
+    DELF_MAX_IMAGE_BYTES; else 413), with the gateway's messages
+    (delf_common.images.check_size); the gateway checks the rest."""
     try:
-        check_size(data or b"")
+        check_size(data or b"", max_bytes)
     except ImageRejected as exc:
         raise ApiError(exc.code, exc.message, status=413 if exc.code == "RESOURCE_EXHAUSTED" else None) from None
     return data
