@@ -405,3 +405,49 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
         with pytest.raises(config.ConfigError, match=bad_env):
             index_for(server)
         monkeypatch.delenv(bad_env)
+
+
+def test_segment_probes_scan_about_as_many_rows_as_a_full_segment():
+    from delf_indexer.backends.lite_fast import ROWS_PER_PROBE, segment_probes
+
+    assert segment_probes(6, 1024, 300_000) == 6  # a full bulk segment: the setting as it is
+    assert segment_probes(6, 1024, 25_000) * 25_000 / 1024 >= 6 * ROWS_PER_PROBE  # a small one scans as many rows
+    assert segment_probes(6, 1024, 25_000) == 63
+    assert segment_probes(6, 1024, 2_000_000) == 6  # never fewer than asked
+    assert segment_probes(6, 64, 21_000) == 6 and segment_probes(600, 64, 21_000) == 64  # never more than nlist
+
+
+def test_a_mid_size_segment_finds_the_true_neighbours(tmp_path, monkeypatch):
+    """A segment of ~29k rows in 1024 IVF lists (a small collection's compacted tail, ~28 rows
+    a list): the direct search returns nearly the exact neighbours, as a full segment's
+    nprobe does (about 95% here), not the ~80% that 6 of its 1024 small lists hold."""
+    from delf_indexer.backends import lite_fast
+
+    monkeypatch.setenv("DELF_LITE_NLIST", "1024")
+    rng = np.random.default_rng(7)
+    centres = rng.standard_normal((2000, DIM)).astype(np.float32)  # descriptors cluster, as real ones do
+
+    def photo(seed):
+        r = np.random.default_rng(seed)
+        d = centres[r.integers(0, len(centres), 300)] + 0.8 * r.standard_normal((300, DIM)).astype(np.float32)
+        f = feats(300, seed)
+        return DelfFeatures(f.locations, f.scales, f.scores, d / np.linalg.norm(d, axis=1, keepdims=True),
+                            f.image_size, f.model, f.pca_id)
+
+    with DescriptorStore(str(tmp_path / "mid.db"), collection="mid") as store:
+        store.add_many([(f"p{i}", photo(i), {}) for i in range(96)])
+        store.settle()
+        q = np.ascontiguousarray(photo(1000).descriptors[:200])  # a new photo of the same kind
+
+        def found(exact_rows, per_probe):
+            monkeypatch.setattr(lite_fast, "EXACT_SEGMENT_ROWS", exact_rows)
+            monkeypatch.setattr(lite_fast, "ROWS_PER_PROBE", per_probe)
+            hits = store.backend.direct_knn(q, 11, deny=set(), allow=None)
+            return [set(zip(h[1], h[2], h[3])) for h in hits]
+
+
+        ivf_from = lite_fast.EXACT_SEGMENT_ROWS
+        exact = found(10**9, 256)
+        recall = lambda got: np.mean([len(g & e) / len(e) for g, e in zip(got, exact)])  # noqa: E731 - a one-line helper
+        kept, before = recall(found(ivf_from, 256)), recall(found(ivf_from, 0))
+        assert kept >= 0.93 and before < 0.85, (kept, before)  # before: 6 of 1024 small lists

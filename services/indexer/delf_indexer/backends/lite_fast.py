@@ -31,6 +31,23 @@ log = logging.getLogger(__name__)
 # would miss most of them; an exact scan of 20k rows costs ~1 GFLOP per 1000 queries.
 EXACT_SEGMENT_ROWS = 20_000
 
+# Larger indexed segments are searched through their IVF lists. DELF_LITE_NPROBE counts
+# lists of a full segment (one bulk flush, ~300k rows in 1024 lists, ~290 rows a list); a
+# smaller segment of the same 1024 lists (a compacted tail of small ingests, 20k-100k rows)
+# has far fewer rows per list, so it probes more lists until it scans about as many rows:
+# at least ``nprobe * ROWS_PER_PROBE``. Without it such a segment was searched on well under
+# 1% of its rows and the ranking of a small collection depended on how its rows happened to
+# be cut into segments (BENCHMARKS.md, "Approximate search in a small collection").
+ROWS_PER_PROBE = 256
+
+
+def segment_probes(nprobe: int, nlist: int, rows: int) -> int:
+    """Lists to probe in one IVF segment of ``rows`` rows in ``nlist`` lists: ``nprobe``, or
+    more where the lists are small, so that about ``nprobe * ROWS_PER_PROBE`` rows are
+    scanned; never more than ``nlist``."""
+    scan = -(-nprobe * ROWS_PER_PROBE * nlist // max(rows, 1))  # ceil
+    return max(1, min(nlist, max(nprobe, scan)))
+
 # What a Lite internal that is not as expected raises (the fast path then declines).
 _INTERNALS_DIFFER = (AttributeError, KeyError, TypeError)
 
@@ -187,7 +204,8 @@ class LiteFastPath:
         (not squared) L2 - what ``schema.api_knn`` answers. Rows deleted by a
         later tombstone or of denied / non-allowed images are left out through a faiss
         IDSelectorBitmap. Segments over ``EXACT_SEGMENT_ROWS`` rows with an IVF index are
-        searched through it (``nprobe`` lists); smaller ones (or not yet indexed) exactly.
+        searched through it (``segment_probes`` lists); smaller ones (or not yet indexed)
+        exactly.
         """
         try:
             snapshot = self.snapshot()
@@ -286,7 +304,7 @@ def _search_segment(seg, q: np.ndarray, k: int, nprobe: int, valid: np.ndarray):
     if (fi is not None and isinstance(fi, faiss.IndexIVF) and fi.ntotal == seg.num_rows
             and seg.num_rows > EXACT_SEGMENT_ROWS):
         params = faiss.SearchParametersIVF()
-        params.nprobe = min(nprobe, fi.nlist)
+        params.nprobe = segment_probes(nprobe, fi.nlist, seg.num_rows)
         if n_valid < seg.num_rows:
             bits = np.packbits(valid, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(seg.num_rows, faiss.swig_ptr(bits))
