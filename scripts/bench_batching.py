@@ -1,7 +1,7 @@
 """Ingest throughput of the extractor's batching path: photos/s for several DELF_WORKER_BATCH values.
 
 Runs what an extractor worker runs for delf.ingest.extract, in this process: 2 x batch
-threads each read a photo file, decode it and hand it to a `delf_extractor.tasks.Batcher`,
+threads each read a photo file, decode it and hand it to a `delf_extractor.batcher.Batcher`,
 which runs `DelfExtractor.extract_batch` on up to `batch` photos at a time (photos of
 equal size share each forward pass). No Celery or Redis: this measures the extraction
 side only. Prints a markdown table.
@@ -46,7 +46,7 @@ def main() -> int:
 
     from delf_common.images import ImageLimits, decode_image
     from delf_extractor.extract import DelfExtractor
-    from delf_extractor.tasks import Batcher
+    from delf_extractor.batcher import Batcher
 
     ex = DelfExtractor(device=args.device)
     sizes = {decode_image(p.read_bytes(), ImageLimits.from_env()).shape[:2] for p in paths}

@@ -1,6 +1,6 @@
 """Batched extraction in the extractor worker (DELF_WORKER_BATCH, DELF_WORKER_BATCH_WAIT_MS).
 
-In-process: `delf_extractor.tasks.Batcher` with the real extractor: photos handed in by
+In-process: `delf_extractor.batcher.Batcher` with the real extractor: photos handed in by
 several threads go through the network together and get the same features as one by
 one; a photo that breaks its batch fails alone; a lone photo is not kept waiting;
 search photos go first.
@@ -93,7 +93,7 @@ def _run_threads(batcher, images, urgent=False):
 
 
 def test_batched_features_match_one_by_one(extractor):
-    from delf_extractor.tasks import Batcher
+    from delf_extractor.batcher import Batcher
 
     images = [_photo(i) for i in range(2 * BATCH)]
     batcher = Batcher(extractor.extract_batch, BATCH, wait_s=3600)
@@ -107,7 +107,7 @@ def test_batched_features_match_one_by_one(extractor):
 def test_searches_run_with_the_query_runner(extractor):
     """Urgent photos (searches) go through run_urgent (the worker's: DELF_QUERY_MAX_SCALE
     levels), ingest photos through run (every level)."""
-    from delf_extractor.tasks import Batcher
+    from delf_extractor.batcher import Batcher
 
     calls = []
 
@@ -128,7 +128,7 @@ def test_searches_run_with_the_query_runner(extractor):
 
 
 def test_a_photo_that_breaks_its_batch_fails_alone(extractor):
-    from delf_extractor.tasks import Batcher
+    from delf_extractor.batcher import Batcher
 
     images = [_photo(i) for i in range(BATCH)]
     images[1] = images[1].astype(np.float32)  # extract_batch refuses it, and with it the batch
@@ -152,7 +152,7 @@ def test_a_photo_that_breaks_its_batch_fails_alone(extractor):
 
 
 def test_a_lone_photo_is_not_kept_waiting_and_searches_go_first(extractor):
-    from delf_extractor.tasks import Batcher
+    from delf_extractor.batcher import Batcher
 
     batcher = Batcher(extractor.extract_batch, BATCH, wait_s=3600)
     # Nothing else is being read: it runs at once, not after wait_s (else: timeout).

@@ -10,7 +10,8 @@ import pytest
 from skimage import data
 
 from delf_common.features import DelfFeatures
-from delf_extractor import tasks
+from delf_common.images import ImageRejected
+from delf_extractor import sources, tasks
 from delf_extractor.extract import DelfExtractor
 from delf_extractor.settings import ExtractorSettings
 
@@ -35,7 +36,7 @@ def worker(extractor, monkeypatch):
 def read_location(location: str) -> bytes:
     """An ingest location read under the environment's settings, as a worker reads it."""
     settings = ExtractorSettings.from_env()
-    return tasks.read_location(location, settings.ingest_roots, settings.image_limits.max_bytes)
+    return sources.read_location(location, settings.ingest_roots, settings.image_limits.max_bytes)
 
 
 def test_tasks_are_registered_under_contract_names():
@@ -118,7 +119,7 @@ def test_location_inside_root_is_read(ingest_root):
     (".", "INVALID_ARGUMENT", "not a regular file"),
 ])
 def test_location_confinement(ingest_root, location, code, words):
-    with pytest.raises(tasks.ImageRejected) as err:
+    with pytest.raises(ImageRejected) as err:
         read_location(location)
     assert err.value.code == code and words in err.value.message
 
@@ -131,9 +132,9 @@ def test_location_absolute_outside_root_via_task(worker, ingest_root, tmp_path):
 
 def test_location_byte_limit_and_empty_roots(ingest_root, monkeypatch):
     monkeypatch.setenv("DELF_MAX_IMAGE_BYTES", "3")
-    with pytest.raises(tasks.ImageRejected) as err:
+    with pytest.raises(ImageRejected) as err:
         read_location("ok.png")
     assert err.value.code == "RESOURCE_EXHAUSTED" and "DELF_MAX_IMAGE_BYTES" in err.value.message
     monkeypatch.setenv("DELF_INGEST_ROOTS", "")
-    with pytest.raises(tasks.ImageRejected, match="DELF_INGEST_ROOTS is empty"):
+    with pytest.raises(ImageRejected, match="DELF_INGEST_ROOTS is empty"):
         read_location("ok.png")

@@ -37,11 +37,7 @@ from delf_extractor import batcher
 from delf_extractor.batcher import Batcher, worker_threads
 from delf_extractor.memory import tune_malloc
 from delf_extractor.settings import ExtractorSettings
-from delf_extractor.sources import item_bytes, read_location, read_url, resolve_location
-
-# Importable from here as before (tests, scripts/bench_batching.py).
-__all__ = ["extract", "ingest_extract", "get_extractor", "get_batcher", "Batcher", "ImageRejected",
-           "read_location", "read_url", "resolve_location", "FETCH_MAX_RETRIES", "settings"]
+from delf_extractor.sources import item_bytes
 
 log = logging.getLogger(__name__)
 
