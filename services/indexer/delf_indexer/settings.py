@@ -59,8 +59,8 @@ class IndexSettings:
     # Milvus servers and Milvus Lite 3.x report squared L2 distances (Lite 2.x reported
     # the plain distance); the ratio test is defined on plain Euclidean distances.
     squared_l2: bool = True
-    # IVF lists probed in a full Lite segment by the indexer's direct search (smaller
-    # segments probe more: lite_fast.segment_probes; small ones are scanned exactly).
+    # IVF lists probed per Lite segment by the indexer's direct search (segments larger
+    # than lite_fast.EXACT_SEGMENT_ROWS; smaller ones are scanned exactly); see BENCHMARKS.md.
     direct_nprobe: int = config.SETTINGS["DELF_LITE_NPROBE"].default
 
     def build_params_for(self, dim: int) -> dict:

@@ -26,8 +26,8 @@ from typing import Callable
 log = logging.getLogger(__name__)
 
 IDLE_FLUSH_S = 5.0  # seconds without a write before the background flush
-# New rows that are flushed at once (50 photos at 500 stored descriptors): such a segment
-# is scanned exactly (lite_fast.searched_exactly) until compaction merges it into a larger one.
+# New rows that are flushed at once: a segment above lite_fast.EXACT_SEGMENT_ROWS (20k) is searched
+# through its IVF index once built, one below it exactly (50 photos at 500 stored descriptors).
 FLUSH_ROWS = 25_000
 
 

@@ -30,20 +30,10 @@ log = logging.getLogger(__name__)
 # freshly flushed segment of a few photos has few vectors per IVF list, so a small nprobe
 # would miss most of them; an exact scan of 20k rows costs ~1 GFLOP per 1000 queries.
 EXACT_SEGMENT_ROWS = 20_000
-# So is a segment whose IVF lists were trained on fewer rows each than faiss asks for (39 a
-# list; Lite's 1024 lists: up to ~40k rows): its lists are too small to probe reliably, and
-# a small collection (every segment below it) is searched exactly, so its answers do not
-# depend on how its rows were cut into segments.
-MIN_ROWS_PER_LIST = 39
-
-
-def searched_exactly(rows: int, nlist: int) -> bool:
-    """Whether a segment of ``rows`` rows in ``nlist`` IVF lists is scanned exactly."""
-    return rows <= max(EXACT_SEGMENT_ROWS, MIN_ROWS_PER_LIST * nlist)
 
 # Larger indexed segments are searched through their IVF lists. DELF_LITE_NPROBE counts
 # lists of a full segment (one bulk flush, ~300k rows in 1024 lists, ~290 rows a list); a
-# smaller segment of the same 1024 lists (compacted small ingests, 40k-100k rows)
+# smaller segment of the same 1024 lists (a compacted tail of small ingests, 20k-100k rows)
 # has far fewer rows per list, so it probes more lists until it scans about as many rows:
 # at least ``nprobe * ROWS_PER_PROBE``. Without it such a segment was searched on well under
 # 1% of its rows and the ranking of a small collection depended on how its rows happened to
@@ -57,7 +47,6 @@ def segment_probes(nprobe: int, nlist: int, rows: int) -> int:
     scanned; never more than ``nlist``."""
     scan = -(-nprobe * ROWS_PER_PROBE * nlist // max(rows, 1))  # ceil
     return max(1, min(nlist, max(nprobe, scan)))
-
 
 # What a Lite internal that is not as expected raises (the fast path then declines).
 _INTERNALS_DIFFER = (AttributeError, KeyError, TypeError)
@@ -214,7 +203,7 @@ class LiteFastPath:
         Per query row: (distances, image ids, x, y, scale) lists, nearest first, plain
         (not squared) L2 - what ``schema.api_knn`` answers. Rows deleted by a
         later tombstone or of denied / non-allowed images are left out through a faiss
-        IDSelectorBitmap. Segments with a well-trained IVF index (``searched_exactly``) are
+        IDSelectorBitmap. Segments over ``EXACT_SEGMENT_ROWS`` rows with an IVF index are
         searched through it (``segment_probes`` lists); smaller ones (or not yet indexed)
         exactly.
         """
@@ -313,7 +302,7 @@ def _search_segment(seg, q: np.ndarray, k: int, nprobe: int, valid: np.ndarray):
     index = seg.indexes.get("desc")
     fi = getattr(index, "_index", None)
     if (fi is not None and isinstance(fi, faiss.IndexIVF) and fi.ntotal == seg.num_rows
-            and not searched_exactly(seg.num_rows, fi.nlist)):
+            and seg.num_rows > EXACT_SEGMENT_ROWS):
         params = faiss.SearchParametersIVF()
         params.nprobe = segment_probes(nprobe, fi.nlist, seg.num_rows)
         if n_valid < seg.num_rows:
