@@ -28,7 +28,7 @@ verified ranking. Lite files are cached under ``--cache`` (reused when their row
 matches); delete the folder to rebuild.
 
     .venv/bin/python scripts/bench_latency.py [--sizes 10000,100000,1000000] [--queries 20]
-        [--map-queries 0] [--variants direct,api:32] [--server] [--cache /tmp/delf-bench-latency]
+        [--map-queries 0] [--variants direct,api:32,direct:6/0] [--server] [--cache /tmp/delf-bench-latency]
     .venv/bin/python scripts/bench_latency.py --system [--sizes ...]   # end to end, same indexes
 """
 from __future__ import annotations
@@ -240,10 +240,15 @@ def run_size(kind, size, args, real, distractors, queries, extract_s, log, serve
         info = filler(store, size, real, distractors, log)
         log(f"{kind} {size}: {info}")
     out = []
+    from delf_indexer.backends import lite_fast
+
+    shipped_rows_per_probe = lite_fast.ROWS_PER_PROBE
     try:
         indexed = {i for i in real if store._image_rows([i])}
         for variant in args.variants.split(","):
             path, _, nprobe = variant.partition(":")
+            nprobe, _, per_probe = nprobe.partition("/")  # direct:6/0: 6 lists in every segment (before 2026-12-05)
+            lite_fast.ROWS_PER_PROBE = int(per_probe) if per_probe else shipped_rows_per_probe
             if kind == "server" and path == "direct":
                 path = "api"  # a server has one search path
             os.environ["DELF_LITE_DIRECT_SEARCH"] = "1" if path == "direct" else "0"
@@ -251,12 +256,14 @@ def run_size(kind, size, args, real, distractors, queries, extract_s, log, serve
                 store.index = dataclasses.replace(store.index, direct_nprobe=int(nprobe))
             elif nprobe and "nprobe" in store.index.search_params:
                 store.index = dataclasses.replace(store.index, search_params={"nprobe": int(nprobe)})
-            params = ({"nprobe": store.index.direct_nprobe} if path == "direct" else store.index.search_params)
+            params = ({"nprobe": store.index.direct_nprobe, "rows per probe": lite_fast.ROWS_PER_PROBE}
+                      if path == "direct" else store.index.search_params)
             log(f"{kind} {size}: {path} {params}")
             out.append({**info, "kind": kind, "size": size, "path": path,
                         "params": ", ".join(f"{k} {v}" for k, v in params.items()),
                         **measure(store, indexed, real, queries, extract_s, args.map_queries)})
     finally:
+        lite_fast.ROWS_PER_PROBE = shipped_rows_per_probe
         store.close()
     return out
 
@@ -310,7 +317,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--variants", default="direct",
                    help="search paths to measure on each index, comma-separated, each `direct` (the "
                         "indexer's read of Lite's faiss segments, the default) or `api` (Lite's search "
-                        "API), optionally `:NPROBE`")
+                        "API), optionally `:NPROBE`; `direct:NPROBE/ROWS`: the direct path scanning at "
+                        "least NPROBE x ROWS rows per segment (`/0`: NPROBE lists in every segment, "
+                        "the rule before 2026-12-05)")
     return p.parse_args()
 
 
