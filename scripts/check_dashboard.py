@@ -131,7 +131,7 @@ class System:
         names = [n for n in ready["children"] if n != "redis" and n.split("-")[0] in SERVICE_OF]
         return [(n, SERVICE_OF[n.split("-")[0]], self.metrics_base + i) for i, n in enumerate(names)]
 
-    def start_prometheus(self, targets: list[tuple[str, str, int]], timeout: float = 60) -> None:
+    def start_prometheus(self, targets: list[tuple[str, str, int]], timeout: float = 180) -> None:
         prom_dir = self.data_dir / "prometheus"
         prom_dir.mkdir(parents=True, exist_ok=True)
         config = {"global": {"scrape_interval": f"{SCRAPE_S}s", "evaluation_interval": f"{SCRAPE_S}s"},
@@ -145,10 +145,16 @@ class System:
                  f"--storage.tsdb.path={prom_dir / 'data'}", f"--web.listen-address={self.prom_addr}",
                  "--log.level=warn"], stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
                 start_new_session=True)
-        deadline = time.monotonic() + timeout
+        deadline, up = time.monotonic() + timeout, None
         while True:
-            if self.prometheus.poll() is not None or time.monotonic() > deadline:
-                raise CheckError("Prometheus did not start:\n" + tail(prom_dir / "prometheus.log"))
+            if self.prometheus.poll() is not None:
+                raise CheckError("Prometheus exited:\n" + tail(prom_dir / "prometheus.log"))
+            if time.monotonic() > deadline:
+                seen = "it never answered" if up is None else (
+                    f"{len(up)} of {len(targets)} targets up (missing: "
+                    f"{sorted({n for n, _, _ in targets} - {u['metric'].get('process') for u in up})})")
+                raise CheckError(f"Prometheus not ready after {timeout:.0f} s: {seen}\n"
+                                 + tail(prom_dir / "prometheus.log"))
             try:
                 up = self.query('up{job="delf"} == 1')
                 if len(up) == len(targets):
