@@ -40,6 +40,7 @@ MILVUS_CHECK_TIMEOUT_S = 5.0
 STORED_EVERY_S = 30.0  # how often the heartbeat recounts what the index holds (delf_index_stored)
 
 _store: DescriptorStore | None = None
+_jobs: JobStore | None = None  # one Redis pool per process, not one per ingested photo
 _store_lock = threading.Lock()
 
 
@@ -52,10 +53,20 @@ def get_store() -> DescriptorStore:
         return _store
 
 
-def reset_store() -> None:
-    """Close the process's store (tests; worker shutdown)."""
-    global _store
+def job_store() -> JobStore:
+    """The process's JobStore, created on first use."""
+    global _jobs
     with _store_lock:
+        if _jobs is None:
+            _jobs = JobStore()
+        return _jobs
+
+
+def reset_store() -> None:
+    """Close the process's store and forget its job store (tests; worker shutdown)."""
+    global _store, _jobs
+    with _store_lock:
+        _jobs = None
         if _store is not None:
             _store.close()
             _store = None
@@ -226,7 +237,7 @@ def ingest_index(self, extracted, job_id) -> dict:
         if retries >= MAX_RETRIES:
             log.error("job %s: item %s failed after %d retries: %s", job_id, image_id, retries, exc)
             try:
-                JobStore().mark_failed(job_id, image_id, f"indexer unavailable: {type(exc).__name__}: {exc}")
+                job_store().mark_failed(job_id, image_id, f"indexer unavailable: {type(exc).__name__}: {exc}")
             except redis.RedisError:
                 pass  # still down: the task fails; the job cannot record it
             raise
@@ -237,7 +248,7 @@ def ingest_index(self, extracted, job_id) -> dict:
 
 
 def _ingest_index(task, extracted, job_id, image_id) -> dict:
-    jobs = JobStore()
+    jobs = job_store()
     claim = parked.is_reference(extracted)  # the features wait in the job (delf_common.parked)
     resent = claim and bool(extracted.get("resent"))
     if jobs.is_cancelled(job_id):
