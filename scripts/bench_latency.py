@@ -314,6 +314,7 @@ def parse_args() -> argparse.Namespace:
                    help="instead: time Search end to end through the running system on each cached "
                         "Lite index (run without --system first)")
     p.add_argument("--cache", type=Path, default=Path("/tmp/delf-bench-latency"))
+    p.add_argument("--json", type=Path, help="write the rows (one object per index and search path)")
     p.add_argument("--variants", default="direct",
                    help="search paths to measure on each index, comma-separated, each `direct` (the "
                         "indexer's read of Lite's faiss segments, the default) or `api` (Lite's search "
@@ -391,6 +392,10 @@ def main() -> int:
         print_table(results)
     if args.server or args.server_only:
         run_server_sizes(args, sizes, real, distractors, queries, extract_s, log, results)
+    if args.json:
+        import json
+
+        args.json.write_text(json.dumps(results, indent=1, default=float))
     return 0
 
 
