@@ -411,10 +411,11 @@ def test_segment_probes_scan_about_as_many_rows_as_a_full_segment():
     from delf_indexer.backends.lite_fast import ROWS_PER_PROBE, segment_probes
 
     assert segment_probes(6, 1024, 300_000) == 6  # a full bulk segment: the setting as it is
+    assert segment_probes(6, 1024, 100_000) == 6  # a compacted one: trained lists (98 rows each), as set
+    assert segment_probes(6, 1024, 39 * 1024 - 1) > 6  # undertrained lists: probed by rows
     assert segment_probes(6, 1024, 25_000) * 25_000 / 1024 >= 6 * ROWS_PER_PROBE  # a small one scans as many rows
     assert segment_probes(6, 1024, 25_000) == 63
-    assert segment_probes(6, 1024, 2_000_000) == 6  # never fewer than asked
-    assert segment_probes(6, 64, 21_000) == 6 and segment_probes(600, 64, 21_000) == 64  # never more than nlist
+    assert segment_probes(600, 1024, 25_000) == 1024 and segment_probes(600, 64, 21_000) == 64  # at most nlist
 
 
 def test_a_mid_size_segment_finds_the_true_neighbours(tmp_path, monkeypatch):

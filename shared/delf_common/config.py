@@ -206,10 +206,10 @@ SETTINGS: dict[str, Setting] = {
                 "and `duplicate_of`. `index` by default: the id is the caller's key, and a photo "
                 "sent under an id is never dropped unasked.", "gateway, indexer"),
         Setting("DELF_LITE_NPROBE", 6, _positive_int,
-                "IVF lists the indexer's direct Milvus Lite search probes in a full segment (one "
-                "bulk flush); a smaller segment probes more of its smaller lists, to scan about "
-                "as many rows (at most all of them): fewer is faster, more finds more true "
-                "neighbours.",
+                "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
+                "(at most all of them); a small segment, whose lists hold fewer than 39 rows each, "
+                "probes more of them, to scan about as many rows as a full segment's: fewer is "
+                "faster, more finds more true neighbours.",
                 "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
                 "Vector index of the descriptor collection, set when it is created; an existing "

@@ -31,20 +31,25 @@ log = logging.getLogger(__name__)
 # would miss most of them; an exact scan of 20k rows costs ~1 GFLOP per 1000 queries.
 EXACT_SEGMENT_ROWS = 20_000
 
-# Larger indexed segments are searched through their IVF lists. DELF_LITE_NPROBE counts
-# lists of a full segment (one bulk flush, ~300k rows in 1024 lists, ~290 rows a list); a
-# smaller segment of the same 1024 lists (a compacted tail of small ingests, 20k-100k rows)
-# has far fewer rows per list, so it probes more lists until it scans about as many rows:
-# at least ``nprobe * ROWS_PER_PROBE``. Without it such a segment was searched on well under
-# 1% of its rows and the ranking of a small collection depended on how its rows happened to
-# be cut into segments (BENCHMARKS.md, "Approximate search in a small collection").
+# Larger indexed segments are searched through their IVF lists, ``DELF_LITE_NPROBE`` of
+# them. A segment whose lists were trained on fewer rows each than faiss asks for
+# (MIN_ROWS_PER_LIST; Lite's 1024 lists: up to ~40k rows, a small collection's or a fresh
+# flush's segment) has lists too small for that: it probes more of them, until it scans at
+# least ``nprobe * ROWS_PER_PROBE`` rows (about what nprobe lists of a full ~300k segment
+# hold). Without it such a segment was searched on well under 1% of its rows and a small
+# collection's ranking depended on how its rows had been cut into segments; segments of
+# trained lists (compacted ~100k ones, bulk ~300k ones) probe ``nprobe`` as before
+# (BENCHMARKS.md, "Approximate search in a small collection").
+MIN_ROWS_PER_LIST = 39
 ROWS_PER_PROBE = 256
 
 
 def segment_probes(nprobe: int, nlist: int, rows: int) -> int:
     """Lists to probe in one IVF segment of ``rows`` rows in ``nlist`` lists: ``nprobe``, or
-    more where the lists are small, so that about ``nprobe * ROWS_PER_PROBE`` rows are
-    scanned; never more than ``nlist``."""
+    more where the lists are undertrained (fewer than MIN_ROWS_PER_LIST rows each), so that
+    about ``nprobe * ROWS_PER_PROBE`` rows are scanned; never more than ``nlist``."""
+    if rows >= MIN_ROWS_PER_LIST * nlist:
+        return max(1, min(nlist, nprobe))
     scan = -(-nprobe * ROWS_PER_PROBE * nlist // max(rows, 1))  # ceil
     return max(1, min(nlist, max(nprobe, scan)))
 
