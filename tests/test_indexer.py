@@ -407,21 +407,20 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
         monkeypatch.delenv(bad_env)
 
 
-def test_segment_probes_scan_about_as_many_rows_as_a_full_segment():
+def test_segment_probes_a_small_collection_scans_as_many_rows_as_a_full_segment():
     from delf_indexer.backends.lite_fast import ROWS_PER_PROBE, segment_probes
 
-    assert segment_probes(6, 1024, 300_000) == 6  # a full bulk segment: the setting as it is
-    assert segment_probes(6, 1024, 100_000) == 6  # a compacted one: trained lists (98 rows each), as set
-    assert segment_probes(6, 1024, 39 * 1024 - 1) > 6  # undertrained lists: probed by rows
-    assert segment_probes(6, 1024, 25_000) * 25_000 / 1024 >= 6 * ROWS_PER_PROBE  # a small one scans as many rows
-    assert segment_probes(6, 1024, 25_000) == 63
+    assert segment_probes(6, 1024, 300_000) == 6  # one full bulk segment: the setting as it is
+    assert segment_probes(6, 1024, 1_000_000) == 6  # larger collections too, whatever their segments
+    assert segment_probes(6, 1024, 57_500) == 28  # landmarks-dev (115 photos): 28 lists of every segment
+    assert segment_probes(6, 1024, 25_000) * 25_000 / 1024 >= 6 * ROWS_PER_PROBE  # rows scanned in all
     assert segment_probes(600, 1024, 25_000) == 1024 and segment_probes(600, 64, 21_000) == 64  # at most nlist
 
 
 def test_a_mid_size_segment_finds_the_true_neighbours(tmp_path, monkeypatch):
-    """A segment of ~29k rows in 1024 IVF lists (a small collection's compacted tail, ~28 rows
-    a list): the direct search returns nearly the exact neighbours, as a full segment's
-    nprobe does (about 95% here), not the ~80% that 6 of its 1024 small lists hold."""
+    """A collection of one ~29k-row segment in 1024 IVF lists (~28 rows a list): the direct
+    search probes enough lists to scan about as many rows as a full segment's nprobe and
+    finds about 95% of the exact neighbours, not the ~80% that 6 of its lists hold."""
     from delf_indexer.backends import lite_fast
 
     monkeypatch.setenv("DELF_LITE_NLIST", "1024")

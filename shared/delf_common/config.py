@@ -207,9 +207,9 @@ SETTINGS: dict[str, Setting] = {
                 "sent under an id is never dropped unasked.", "gateway, indexer"),
         Setting("DELF_LITE_NPROBE", 6, _positive_int,
                 "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
-                "(at most all of them); a small segment, whose lists hold fewer than 39 rows each, "
-                "probes more of them, to scan about as many rows as a full segment's: fewer is "
-                "faster, more finds more true neighbours.",
+                "(at most all of them); a collection under ~260k descriptors probes more, to scan "
+                "about as many rows as this many lists of one full segment: fewer is faster, more "
+                "finds more true neighbours.",
                 "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
                 "Vector index of the descriptor collection, set when it is created; an existing "

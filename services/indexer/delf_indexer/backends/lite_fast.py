@@ -31,27 +31,24 @@ log = logging.getLogger(__name__)
 # would miss most of them; an exact scan of 20k rows costs ~1 GFLOP per 1000 queries.
 EXACT_SEGMENT_ROWS = 20_000
 
-# Larger indexed segments are searched through their IVF lists, ``DELF_LITE_NPROBE`` of
-# them. A segment whose lists were trained on fewer rows each than faiss asks for
-# (MIN_ROWS_PER_LIST; Lite's 1024 lists: up to ~40k rows, a small collection's or a fresh
-# flush's segment) has lists too small for that: it probes more of them, until it scans at
-# least ``nprobe * ROWS_PER_PROBE`` rows (about what nprobe lists of a full ~300k segment
-# hold). Without it such a segment was searched on well under 1% of its rows and a small
-# collection's ranking depended on how its rows had been cut into segments; segments of
-# trained lists (compacted ~100k ones, bulk ~300k ones) probe ``nprobe`` as before
+# Larger indexed segments are searched through their IVF lists: ``DELF_LITE_NPROBE`` of
+# each segment's 1024, about 0.6% of a collection of any size. A small collection (a few
+# segments of ~25k rows, ~25 rows a list) then scans only a few hundred rows per query
+# descriptor, and which neighbours it finds, so its ranking, depends on how its rows were
+# cut into segments. So every segment probes at least enough lists for the collection to
+# scan about ``nprobe * ROWS_PER_PROBE`` rows per query (what nprobe lists of one full ~300k
+# segment hold): more lists below ~260k rows (~500 photos), the setting as it is above
 # (BENCHMARKS.md, "Approximate search in a small collection").
-MIN_ROWS_PER_LIST = 39
 ROWS_PER_PROBE = 256
 
 
-def segment_probes(nprobe: int, nlist: int, rows: int) -> int:
-    """Lists to probe in one IVF segment of ``rows`` rows in ``nlist`` lists: ``nprobe``, or
-    more where the lists are undertrained (fewer than MIN_ROWS_PER_LIST rows each), so that
-    about ``nprobe * ROWS_PER_PROBE`` rows are scanned; never more than ``nlist``."""
-    if rows >= MIN_ROWS_PER_LIST * nlist:
-        return max(1, min(nlist, nprobe))
-    scan = -(-nprobe * ROWS_PER_PROBE * nlist // max(rows, 1))  # ceil
+def segment_probes(nprobe: int, nlist: int, collection_rows: int) -> int:
+    """Lists to probe in one IVF segment of ``nlist`` lists, in a collection of
+    ``collection_rows`` rows: ``nprobe``, or more in a small collection, so that it scans
+    about ``nprobe * ROWS_PER_PROBE`` rows in all; never more than ``nlist``."""
+    scan = -(-nprobe * ROWS_PER_PROBE * nlist // max(collection_rows, 1))  # ceil
     return max(1, min(nlist, max(nprobe, scan)))
+
 
 # What a Lite internal that is not as expected raises (the fast path then declines).
 _INTERNALS_DIFFER = (AttributeError, KeyError, TypeError)
@@ -221,6 +218,7 @@ class LiteFastPath:
             for key in [key for key in self._seg_cols if key not in live]:
                 del self._seg_cols[key]
             parts_d, parts_i, tables = [], [], []
+            rows = sum(seg.num_rows for seg in segments)  # the collection's, for segment_probes
             for seg in segments:
                 if seg.num_rows == 0:
                     continue
@@ -232,7 +230,7 @@ class LiteFastPath:
                     valid &= ok[cols["code"]]
                 if not valid.any():
                     continue
-                d, i = _search_segment(seg, q, k, nprobe, valid)
+                d, i = _search_segment(seg, q, k, nprobe, valid, rows)
                 parts_d.append(d)
                 parts_i.append(np.where(i >= 0, i + (len(tables) << 32), -1))
                 tables.append(cols)
@@ -297,7 +295,7 @@ def _deleted(cols: dict, tomb) -> np.ndarray:
     return (t_pk[pos] == cols["pk"]) & (t_seq[pos] > cols["seq"])
 
 
-def _search_segment(seg, q: np.ndarray, k: int, nprobe: int, valid: np.ndarray):
+def _search_segment(seg, q: np.ndarray, k: int, nprobe: int, valid: np.ndarray, collection_rows: int):
     """(squared distances (nq, k'), segment rows (nq, k')) of the k nearest valid rows of
     one segment; missing hits have row -1 and distance inf."""
     import faiss
@@ -309,7 +307,7 @@ def _search_segment(seg, q: np.ndarray, k: int, nprobe: int, valid: np.ndarray):
     if (fi is not None and isinstance(fi, faiss.IndexIVF) and fi.ntotal == seg.num_rows
             and seg.num_rows > EXACT_SEGMENT_ROWS):
         params = faiss.SearchParametersIVF()
-        params.nprobe = segment_probes(nprobe, fi.nlist, seg.num_rows)
+        params.nprobe = segment_probes(nprobe, fi.nlist, collection_rows)
         if n_valid < seg.num_rows:
             bits = np.packbits(valid, bitorder="little")
             params.sel = faiss.IDSelectorBitmap(seg.num_rows, faiss.swig_ptr(bits))
