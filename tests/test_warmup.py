@@ -46,7 +46,9 @@ def test_item8_first_search_after_ready_is_not_much_slower_than_the_second(tmp_p
                 best.append(bool(reply.matches))
         print(f"\nfirst search after ready {times[0]:.2f} s, second {times[1]:.2f} s")
         assert all(best), "both queries find their place"
-        assert times[0] < 3 * times[1] + 1.0, (times, up.report())
+        # the stall this guards against was 49x / 22x the warm search (5.8 s against 0.12 s); the
+        # margin is for a loaded machine, where a cold first search took 5.2 s against 1.2 s
+        assert times[0] < 5 * times[1] + 2.0, (times, up.report())
     finally:
         up.stop()
 
