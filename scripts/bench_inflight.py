@@ -34,10 +34,11 @@ def main(argv: list[str] | None = None) -> int:
         import redis
 
         from delf_common import contract
-        from delf_common.celery_app import make_app
+        from delf_common.celery_app import make_app, queue_prefix
         from delf_common.inflight import waiting_items
 
-        app, queue, job = make_app(), contract.queue_for_task(contract.INGEST_EXTRACT), contract.new_job_id()
+        app, job = make_app(), contract.new_job_id()
+        queue = contract.queue_for_task(contract.INGEST_EXTRACT, queue_prefix(app))
         photo = os.urandom(args.photo_kb * 1000)
         for k in range(args.tasks):
             item = {"image_id": f"photo-{k}", "metadata": {}, "image": photo, "location": None}

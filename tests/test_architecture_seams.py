@@ -91,11 +91,6 @@ SHARED_SETTINGS_READERS = {
     "metrics:_multiprocess_setup": "at import, once per process",
     "metrics:start_server": "the /metrics server",
     "tracing:mode": "tracing.setup's",
-    # KNOWN per-call reads of DELF_QUEUE_PREFIX (queue and heartbeat key names), left for
-    # later: the prefix would have to travel from each service's settings with its app.
-    "contract:queue_name": "KNOWN per call",
-    "celery_app:heartbeat_registry": "KNOWN per call",
-    "celery_app:heartbeat_key": "KNOWN per call",
 }
 
 

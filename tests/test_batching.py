@@ -248,7 +248,8 @@ def _index_features(cluster: Cluster, monkeypatch, image_ids):
     app = make_app()
     out = {}
     for image_id in image_ids:
-        r = app.send_task(INDEX_FEATURES, args=(image_id,), queue=queue_for_task(INDEX_FEATURES)).get(timeout=60)
+        r = app.send_task(INDEX_FEATURES, args=(image_id,),
+                          queue=queue_for_task(INDEX_FEATURES, cluster.prefix)).get(timeout=60)
         assert r["ok"], r
         out[image_id] = DelfFeatures.from_wire(r["features"])
     return out

@@ -203,16 +203,18 @@ def test_envelope_is_one_pair_and_a_reader():
 
 
 def test_task_names_and_routes_live_in_the_contract():
-    from delf_common import celery_app, contract
+    from delf_common import celery_app, config, contract
 
     for name in ("EXTRACT", "INGEST_EXTRACT", "INDEX_ADD", "INGEST_INDEX", "INDEX_SEARCH", "INDEX_GET",
                  "INDEX_FEATURES", "INDEX_DELETE", "INDEX_STATS", "VERIFY"):
         assert getattr(contract, name) in contract.ROUTES
     assert set(contract.ROUTES.values()) == set(contract.SERVICES)
     # the Celery app routes every task of the contract to the contract's queue
-    conf = celery_app.make_app("contract-test").conf
-    assert conf.task_routes == {task: {"queue": contract.queue_for_task(task)} for task in contract.ROUTES}
-    assert {q.name for q in conf.task_queues} == {contract.queue_name(s) for s in contract.SERVICES}
+    app = celery_app.make_app("contract-test")
+    conf, prefix = app.conf, celery_app.queue_prefix(app)
+    assert prefix == config.get("DELF_QUEUE_PREFIX")  # read when the app was built
+    assert conf.task_routes == {task: {"queue": contract.queue_for_task(task, prefix)} for task in contract.ROUTES}
+    assert {q.name for q in conf.task_queues} == {contract.queue_name(s, prefix) for s in contract.SERVICES}
 
 
 # --------------------------------------------------------------------------- messages: the wire

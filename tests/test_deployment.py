@@ -121,7 +121,7 @@ def test_services_reading_a_setting_get_the_same_value(services):
 
 
 @pytest.mark.parametrize("name", sorted(WORKERS))
-def test_workers_consume_their_queue_with_an_existing_celery_app(services, monkeypatch, name):
+def test_workers_consume_their_queue_with_an_existing_celery_app(services, name):
     celery_service, package = WORKERS[name]
     if True:
         service = services[name]
@@ -129,10 +129,9 @@ def test_workers_consume_their_queue_with_an_existing_celery_app(services, monke
         assert argv[:1] == ["celery"] and "worker" in argv, \
             f"{name}: command should start a Celery worker (`celery -A ... worker ...`), got {argv}"
         prefix = environment(service).get("DELF_QUEUE_PREFIX", config.SETTINGS["DELF_QUEUE_PREFIX"].default)
-        monkeypatch.setenv("DELF_QUEUE_PREFIX", prefix)
         from delf_common.contract import queue_name
 
-        expected = queue_name(celery_service)
+        expected = queue_name(celery_service, prefix)
         queues = option(argv, "-Q", "--queues")
         assert queues is not None, f"{name}: the worker command has no -Q; it must consume {expected!r}"
         assert queues.split(",") == [expected], \

@@ -113,7 +113,7 @@ def test_build_points_at_a_dockerfile_whose_copy_sources_exist(services, name):
 
 
 @pytest.mark.parametrize("name", sorted(WORKERS))
-def test_dockerfile_default_command_matches_compose(services, name, monkeypatch):
+def test_dockerfile_default_command_matches_compose(services, name):
     """`docker run` of the bare image starts the same worker as compose."""
     import json
 
@@ -121,11 +121,12 @@ def test_dockerfile_default_command_matches_compose(services, name, monkeypatch)
     if not cmds:
         return
     argv = json.loads(cmds[-1]) if cmds[-1].startswith("[") else shlex.split(cmds[-1])
-    monkeypatch.delenv("DELF_QUEUE_PREFIX", raising=False)
+    from delf_common import config
     from delf_common.contract import queue_name
 
-    assert option(argv, "-Q", "--queues") == queue_name(WORKERS[name][0]), \
-        f"services/{name}/Dockerfile: CMD should consume {queue_name(WORKERS[name][0])!r}, got {argv}"
+    default = config.SETTINGS["DELF_QUEUE_PREFIX"].default
+    assert option(argv, "-Q", "--queues") == queue_name(WORKERS[name][0], default), \
+        f"services/{name}/Dockerfile: CMD should consume {queue_name(WORKERS[name][0], default)!r}, got {argv}"
     assert option(argv, "-A", "--app") == option(command_argv(services[name]), "-A", "--app"), \
         f"services/{name}/Dockerfile: CMD and docker-compose.yml run different Celery apps"
     assert option(argv, "-P", "--pool") == option(command_argv(services[name]), "-P", "--pool"), \

@@ -18,10 +18,10 @@ ODD_ID = 'caf\u00e9 "quoted" \\ back'  # escaped in the message's JSON headers
 def test_queued_and_taken_tasks_are_found_by_their_job_and_image_ids(monkeypatch):
     monkeypatch.setenv("DELF_REDIS_URL", redis_db_url())
     monkeypatch.setenv("DELF_QUEUE_PREFIX", f"delftest-inflight-{uuid.uuid4().hex[:8]}")
-    from delf_common.celery_app import make_app
+    from delf_common.celery_app import make_app, queue_prefix
 
     app = make_app()
-    queue = contract.queue_for_task(contract.INGEST_EXTRACT)
+    queue = contract.queue_for_task(contract.INGEST_EXTRACT, queue_prefix(app))
     job, other = contract.new_job_id(), contract.new_job_id()
     photo = bytes(range(256)) * 400  # a body of 100 KB before the headers
     for job_id, image_id in ((job, "a"), (job, ODD_ID), (job, "b"), (other, "c")):

@@ -11,9 +11,7 @@ purpose and expect each check to say so.
 """
 from __future__ import annotations
 
-import contextlib
 import copy
-import os
 import re
 from pathlib import Path
 
@@ -134,26 +132,12 @@ def container_env(container: dict, docs: list[dict]) -> dict[str, str | None]:
     return env
 
 
-@contextlib.contextmanager
-def queue_prefix(prefix: str):
-    old = os.environ.get("DELF_QUEUE_PREFIX")
-    os.environ["DELF_QUEUE_PREFIX"] = prefix
-    try:
-        yield
-    finally:
-        if old is None:
-            del os.environ["DELF_QUEUE_PREFIX"]
-        else:
-            os.environ["DELF_QUEUE_PREFIX"] = old
-
-
 def queue_of(worker: str, docs: list[dict]) -> str:
     """The Celery queue of a worker Deployment, with the ConfigMap's DELF_QUEUE_PREFIX."""
     from delf_common.contract import queue_name
 
     prefix = config_data(docs).get("DELF_QUEUE_PREFIX", config.SETTINGS["DELF_QUEUE_PREFIX"].default)
-    with queue_prefix(prefix):
-        return queue_name(WORKERS[worker][0])
+    return queue_name(WORKERS[worker][0], prefix)
 
 
 # --------------------------------------------------------------------------- checks

@@ -330,7 +330,7 @@ class Pair:
         saved = {k: os.environ.get(k) for k in ("DELF_REDIS_URL", "DELF_QUEUE_PREFIX")}
         os.environ.update(DELF_REDIS_URL=self.env["DELF_REDIS_URL"], DELF_QUEUE_PREFIX=self.env["DELF_QUEUE_PREFIX"])
         try:
-            return celery_app.make_app("obs-test"), contract.queue_name("verify")
+            return celery_app.make_app("obs-test"), contract.queue_name("verify", self.env["DELF_QUEUE_PREFIX"])
         finally:
             for k, v in saved.items():
                 if v is None:

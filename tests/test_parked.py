@@ -73,14 +73,14 @@ def _until(what, check, timeout: float = WAIT_S):
 
 def test_a_lost_index_message_is_sent_again_and_the_job_completes(cluster):
     from delf_common import parked
-    from delf_common.celery_app import make_app
+    from delf_common.celery_app import make_app, queue_prefix
     from delf_common.contract import INGEST_INDEX, queue_for_task
     from delf_common.jobs import JobStore
 
     app, jobs, r = make_app(), JobStore(), cluster.redis()
     sizes = {"p0": 40, "p1": 30, "p2": 20, "p3": 10}
     job_id, refs = _job(jobs, sizes)
-    queue = queue_for_task(INGEST_INDEX)
+    queue = queue_for_task(INGEST_INDEX, queue_prefix(app))
     for ref in refs.values():  # what the chain sends once the extract step returned
         app.send_task(INGEST_INDEX, args=(ref, job_id), queue=queue)
     lost = r.rpop(queue)  # the oldest, as a BRPOP hands it to the worker that then dies
@@ -183,7 +183,7 @@ def test_recovery_resends_once_per_stall_and_resume_takes_parked_bytes_items(clu
     ResumeJob re-sends them too, so an extracted bytes item no longer waits for its client;
     the stall hint says which photos wait for an indexer."""
     from delf_common import parked
-    from delf_common.celery_app import make_app
+    from delf_common.celery_app import make_app, queue_prefix
     from delf_common.contract import INGEST_INDEX, queue_for_task
     from delf_common.jobs import JobStore
     from delf_common.proto.delf.v1 import delf_pb2
@@ -191,7 +191,7 @@ def test_recovery_resends_once_per_stall_and_resume_takes_parked_bytes_items(clu
 
     monkeypatch.setenv("DELF_JOB_STALLED_AFTER_S", "0.3")
     app, jobs, r = make_app(), JobStore(), cluster.redis()
-    queue = queue_for_task(INGEST_INDEX)
+    queue = queue_for_task(INGEST_INDEX, queue_prefix(app))
     job_id, _ = _job(jobs, {"x": 10, "y": 10})
     jobs.record_item(job_id, "z", {})  # a bytes item never extracted (its extract message lost)
     jobs.finish_receiving(job_id)

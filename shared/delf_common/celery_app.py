@@ -65,16 +65,20 @@ def configure_worker(app: Celery) -> None:
 
 
 def make_app(name: str = "delf") -> Celery:
+    """The app, its queue names from DELF_QUEUE_PREFIX read now; ``queue_prefix(app)`` gives
+    that prefix to code holding the app."""
     url = config.get("DELF_REDIS_URL")
+    prefix = config.get("DELF_QUEUE_PREFIX")
     app = Celery(name, broker=url, backend=url)
     app.conf.update(
         task_serializer="msgpack",
         result_serializer="msgpack",
         accept_content=["msgpack", "json"],
         result_accept_content=["msgpack", "json"],
-        task_routes={task: {"queue": queue_for_task(task)} for task in ROUTES},
-        task_queues=[Queue(queue_name(s)) for s in SERVICES],
-        task_default_queue=queue_name("extract"),
+        task_routes={task: {"queue": queue_for_task(task, prefix)} for task in ROUTES},
+        task_queues=[Queue(queue_name(s, prefix)) for s in SERVICES],
+        task_default_queue=queue_name("extract", prefix),
+        delf_queue_prefix=prefix,
         # One task at a time per worker process; a task is acknowledged only when
         # done, so a worker that dies hands its task to another.
         worker_prefetch_multiplier=1,
@@ -91,6 +95,11 @@ def make_app(name: str = "delf") -> Celery:
         worker_send_task_events=False,
     )
     return app
+
+
+def queue_prefix(celery_app: Celery) -> str:
+    """The DELF_QUEUE_PREFIX an app of ``make_app`` was built with."""
+    return celery_app.conf.delf_queue_prefix
 
 
 app = make_app()
@@ -254,13 +263,14 @@ HEARTBEAT_TTL_INTERVALS = 3  # a heartbeat expires after this many intervals
 heartbeat_log = logging.getLogger("delf.heartbeat")
 
 
-def heartbeat_registry() -> str:
-    """The Redis set that names every heartbeat key of this deployment."""
-    return f"{config.get('DELF_QUEUE_PREFIX')}:heartbeats"
+def heartbeat_registry(prefix: str) -> str:
+    """The Redis set that names every heartbeat key of this deployment (`prefix`: its
+    DELF_QUEUE_PREFIX)."""
+    return f"{prefix}:heartbeats"
 
 
-def heartbeat_key(service: str, node: str) -> str:
-    return f"{config.get('DELF_QUEUE_PREFIX')}:heartbeat:{service}:{node}"
+def heartbeat_key(service: str, node: str, prefix: str) -> str:
+    return f"{prefix}:heartbeat:{service}:{node}"
 
 
 class Heartbeat:
@@ -269,9 +279,10 @@ class Heartbeat:
     The gateway reads them (grpc.health.v1): no live key, no worker of that service."""
 
     def __init__(self, services: list[str], node: str, interval: float | None = None,
-                 checks: dict[str, Callable[[], None]] | None = None):
+                 checks: dict[str, Callable[[], None]] | None = None, prefix: str | None = None):
         self.services = services
         self.node = node
+        self.prefix = prefix if prefix is not None else config.get("DELF_QUEUE_PREFIX")
         self.interval = float(interval if interval is not None else config.get("DELF_HEARTBEAT_S"))
         if self.interval <= 0:
             raise ValueError(f"a heartbeat interval must be positive, got {self.interval:g} s")
@@ -313,12 +324,12 @@ class Heartbeat:
     def beat(self) -> None:
         checks = self._run_checks() if not self._stop.is_set() else dict(self._last)
         for service in self.services:
-            key = heartbeat_key(service, self.node)
+            key = heartbeat_key(service, self.node, self.prefix)
             payload = json.dumps({"service": service, "node": self.node, "host": socket.gethostname(),
                                   "pid": os.getpid(), "ts": time.time(), "checks": checks})
             pipe = self._redis.pipeline(transaction=False)
             pipe.set(key, payload, ex=self.ttl)
-            pipe.sadd(heartbeat_registry(), key)
+            pipe.sadd(heartbeat_registry(self.prefix), key)
             pipe.execute()
         for name, result in checks.items():
             previous = getattr(self, "_reported", {}).get(name)
@@ -352,18 +363,19 @@ class Heartbeat:
         self._executor.shutdown(wait=True, cancel_futures=True)
         if self._redis is not None:
             try:
-                keys = [heartbeat_key(s, self.node) for s in self.services]
+                keys = [heartbeat_key(s, self.node, self.prefix) for s in self.services]
                 self._redis.delete(*keys)
-                self._redis.srem(heartbeat_registry(), *keys)
+                self._redis.srem(heartbeat_registry(self.prefix), *keys)
             except Exception:  # noqa: BLE001 - Redis away: the keys expire anyway
                 pass
             self._redis.close()
 
 
-def read_heartbeats(client) -> dict[str, list[dict]]:
-    """The live heartbeats of this deployment's workers, by service (extractor, indexer,
-    verifier); forgets the keys that expired. `client`: a redis.Redis (errors propagate)."""
-    registry = heartbeat_registry()
+def read_heartbeats(client, prefix: str) -> dict[str, list[dict]]:
+    """The live heartbeats of the deployment of DELF_QUEUE_PREFIX `prefix`'s workers, by
+    service (extractor, indexer, verifier); forgets the keys that expired. `client`: a
+    redis.Redis (errors propagate)."""
+    registry = heartbeat_registry(prefix)
     keys = sorted(client.smembers(registry))
     if not keys:
         return {}
@@ -390,7 +402,8 @@ _heartbeat: Heartbeat | None = None
 
 def worker_services(consumer) -> list[str]:
     """The services whose queues a worker consumes (extractor, indexer, verifier)."""
-    names = {queue_name(s): s for s in SERVICES}
+    prefix = queue_prefix(consumer.app)
+    names = {queue_name(s, prefix): s for s in SERVICES}
     try:
         consumed = list(consumer.app.amqp.queues.consume_from or consumer.app.amqp.queues)
     except AttributeError:
@@ -410,7 +423,7 @@ def _start_heartbeat(sender=None, **_kwargs) -> None:
     if not services:
         return
     node = getattr(sender, "hostname", None) or f"{socket.gethostname()}-{os.getpid()}"
-    _heartbeat = Heartbeat(services, str(node)).start()
+    _heartbeat = Heartbeat(services, str(node), prefix=queue_prefix(sender.app)).start()
     heartbeat_log.info("heartbeat every %.1f s for %s as %s", _heartbeat.interval, ", ".join(services), node)
 
 

@@ -18,8 +18,6 @@ import re
 import uuid
 from typing import Mapping
 
-from delf_common import config
-
 # --------------------------------------------------------------------------- task names
 
 EXTRACT = "delf.extract"                  # (image: bytes|None, options: dict) -> features wire
@@ -54,15 +52,17 @@ ROUTES = {
 }
 
 
-def queue_name(service: str) -> str:
-    """The Redis list a service's workers consume, e.g. ``delf.extract``."""
+def queue_name(service: str, prefix: str) -> str:
+    """The Redis list a service's workers consume, e.g. ``delf.extract``; `prefix` is the
+    deployment's DELF_QUEUE_PREFIX, read once with the settings of whoever asks (the app:
+    ``celery_app.queue_prefix``, the gateway's ``GatewaySettings.queue_prefix``)."""
     if service not in SERVICES:
         raise ValueError(f"unknown service {service!r}; expected one of {SERVICES}")
-    return f"{config.get('DELF_QUEUE_PREFIX')}.{service}"
+    return f"{prefix}.{service}"
 
 
-def queue_for_task(task_name: str) -> str:
-    return queue_name(ROUTES[task_name])
+def queue_for_task(task_name: str, prefix: str) -> str:
+    return queue_name(ROUTES[task_name], prefix)
 
 
 # --------------------------------------------------------------------------- error codes

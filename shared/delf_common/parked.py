@@ -29,6 +29,7 @@ import time
 
 import redis
 
+from delf_common.celery_app import queue_prefix
 from delf_common.contract import INGEST_INDEX, ok, queue_for_task
 from delf_common.jobs import RECEIVING, RUNNING, JobStore
 
@@ -69,21 +70,24 @@ def park(jobs: JobStore, job_id: str, image_id: str, extracted: dict,
             delay = min(delay + 0.5, 3.0)
 
 
-def resend_parked(app, jobs: JobStore, job_id: str, exclude=frozenset()) -> list[str]:
+def resend_parked(app, jobs: JobStore, job_id: str, exclude=frozenset(), prefix: str | None = None) -> list[str]:
     """Sends an index reference again for every parked item of the job that is neither done
-    nor failed (and not in `exclude`); returns their ids."""
+    nor failed (and not in `exclude`), to the index queue of DELF_QUEUE_PREFIX `prefix`
+    (default: the one `app` was built with); returns their ids."""
+    queue = queue_for_task(INGEST_INDEX, queue_prefix(app) if prefix is None else prefix)
     ids = [i for i in jobs.parked_unfinished(job_id) if i not in exclude]
     for image_id in ids:
-        app.send_task(INGEST_INDEX, args=(reference(image_id, resent=True), job_id),
-                      queue=queue_for_task(INGEST_INDEX))
+        app.send_task(INGEST_INDEX, args=(reference(image_id, resent=True), job_id), queue=queue)
     return ids
 
 
-def resend_parked_of_jobs(app, jobs: JobStore | None = None, stalled_only: bool = False) -> dict[str, int]:
+def resend_parked_of_jobs(app, jobs: JobStore | None = None, stalled_only: bool = False,
+                          prefix: str | None = None) -> dict[str, int]:
     """`resend_parked` for every unfinished job (RECEIVING or RUNNING); `stalled_only`: only
     stalled ones (DELF_JOB_STALLED_AFTER_S), each once until it moves again. Returns job id
     -> items re-sent (jobs with none left out)."""
     jobs = jobs or JobStore()
+    prefix = queue_prefix(app) if prefix is None else prefix
     out: dict[str, int] = {}
     for job_id in list(jobs.job_ids()):
         status = jobs.get(job_id)
@@ -91,7 +95,7 @@ def resend_parked_of_jobs(app, jobs: JobStore | None = None, stalled_only: bool 
             continue
         if stalled_only and not (status.stalled and jobs.first_resend(job_id, repr(status.updated_at))):
             continue
-        if n := len(resend_parked(app, jobs, job_id)):
+        if n := len(resend_parked(app, jobs, job_id, prefix=prefix)):
             out[job_id] = n
             log.warning("job %s: re-sent the index tasks of %d extracted photo%s not finished", job_id, n,
                         "s" if n != 1 else "")

@@ -203,6 +203,7 @@ class Launcher:
     def _service_specs(self) -> list[ChildSpec]:
         from delf_common.contract import queue_name
 
+        prefix = config.get("DELF_QUEUE_PREFIX")
         host = socket.gethostname()
         py = sys.executable
         common = ["--without-gossip", "--without-mingle"]
@@ -211,11 +212,11 @@ class Launcher:
             node = f"extract-{i}"
             specs.append(ChildSpec(node, [
                 py, "-m", "celery", "-A", "delf_extractor.tasks", "worker",
-                "-Q", queue_name("extract"), *EXTRACTOR_POOL_ARGS,
+                "-Q", queue_name("extract", prefix), *EXTRACTOR_POOL_ARGS,
                 *common, "-n", f"{node}@%h"], node=f"{node}@{host}"))
         specs.append(ChildSpec("index", [
             py, "-m", "celery", "-A", "delf_indexer.tasks", "worker",
-            "-Q", queue_name("index"), "--pool", "solo",
+            "-Q", queue_name("index", prefix), "--pool", "solo",
             *common, "-n", "index@%h"], node=f"index@{host}"))
         for spec in specs:  # the queue each worker consumes: its tasks, should it die
             spec.queues = tuple(spec.argv[spec.argv.index("-Q") + 1].split(",")) if "-Q" in spec.argv else ()
@@ -223,7 +224,7 @@ class Launcher:
             node = "verify" if self.opts.verifiers == 1 else f"verify-{i}"
             specs.append(ChildSpec(node, [
                 py, "-m", "celery", "-A", "delf_verifier.tasks", "worker",
-                "-Q", queue_name("verify"), "--pool", "threads", "--concurrency", "2",
+                "-Q", queue_name("verify", prefix), "--pool", "threads", "--concurrency", "2",
                 *common, "-n", f"{node}@%h"], node=f"{node}@{host}"))
         specs.append(ChildSpec("gateway", [py, "-m", "delf_gateway"]))
         if self.http_addr is not None:

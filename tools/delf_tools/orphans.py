@@ -86,12 +86,13 @@ def hand_out_again(app, queues: set[str], ask_workers: bool = True, exclude: set
     """`restore_orphans`, then, when `queues` hold the index queue, the index tasks of the
     unfinished jobs' extracted photos (delf_common.parked), said in a line. Returns how many
     tasks were restored (not counting those re-sent)."""
+    from delf_common.celery_app import queue_prefix
     from delf_common.contract import INGEST_INDEX, queue_for_task
     from delf_common.parked import resend_parked_of_jobs
     from delf_tools.logsink import say
 
     restored = restore_orphans(app, queues, ask_workers=ask_workers, exclude=exclude)
-    if queue_for_task(INGEST_INDEX) in queues:
+    if queue_for_task(INGEST_INDEX, queue_prefix(app)) in queues:
         resent = resend_parked_of_jobs(app)
         if n := sum(resent.values()):
             say(f"re-sent the index tasks of {n} extracted photo{'s' if n != 1 else ''} of "

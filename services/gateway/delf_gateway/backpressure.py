@@ -40,6 +40,7 @@ class WorkerCalls:
         self.default_timeout = self.settings.task_timeout_s
         self.max_queue = self.settings.max_queue
         self.max_searches = self.settings.max_searches
+        self.queue_prefix = self.settings.queue_prefix
         self._search_slots = threading.BoundedSemaphore(self.max_searches) if self.max_searches > 0 else None
 
     # -- calls within the caller's deadline ---------------------------------------
@@ -54,7 +55,11 @@ class WorkerCalls:
         # A task whose caller has given up is dropped by the worker unrun (Celery's
         # `expires`): under overload, workers spend no time on answers nobody awaits.
         expires = self._budget(context) + DEADLINE_MARGIN_S if context is not None else None
-        return self.app.send_task(name, args=list(args), queue=contract.queue_for_task(name), expires=expires)
+        return self.app.send_task(name, args=list(args), queue=self._queue_for(name), expires=expires)
+
+    def _queue_for(self, task_name: str) -> str:
+        """The queue a task is sent to, under this gateway's DELF_QUEUE_PREFIX."""
+        return contract.queue_for_task(task_name, self.queue_prefix)
 
     def _wait(self, result, context, what: str) -> dict:
         try:
@@ -78,7 +83,7 @@ class WorkerCalls:
     def _queue_depths(self) -> dict[str, int]:
         client = self.jobs.redis
         try:
-            return {s: int(client.llen(contract.queue_name(s))) for s in contract.SERVICES}
+            return {s: int(client.llen(contract.queue_name(s, self.queue_prefix))) for s in contract.SERVICES}
         except redis.RedisError:
             return {}
 
@@ -88,7 +93,7 @@ class WorkerCalls:
             return None
         client = self.jobs.redis
         for service in services:
-            depth = int(client.llen(contract.queue_name(service)))
+            depth = int(client.llen(contract.queue_name(service, self.queue_prefix)))
             metrics.QUEUE_DEPTH.labels(service).set(depth)
             if depth >= self.max_queue:
                 return service, depth

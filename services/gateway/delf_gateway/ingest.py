@@ -148,7 +148,7 @@ class IngestJobs(WorkerCalls):
         try:
             result = self.app.send_task(contract.INDEX_KNOWN, args=[[{"image_id": image_id, "sha256": sha256,
                                                                     "metadata": metadata}]],
-                                        queue=contract.queue_for_task(contract.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
+                                        queue=self._queue_for(contract.INDEX_KNOWN), expires=KNOWN_TIMEOUT_S)
             reply = result.get(timeout=KNOWN_TIMEOUT_S, disable_sync_subtasks=False)
         except Exception:  # no answer (indexer busy or away): extracted as usual
             if len(unanswered) >= KNOWN_SKIPPED_JOBS_MAX:
@@ -167,8 +167,8 @@ class IngestJobs(WorkerCalls):
         answer worth waiting for (otherwise the photo goes to the workers as usual)."""
         client = self.jobs.redis
         try:
-            return bool(celery_app.read_heartbeats(client).get("indexer")) and \
-                not client.llen(contract.queue_for_task(contract.INDEX_KNOWN))
+            return bool(celery_app.read_heartbeats(client, self.queue_prefix).get("indexer")) and \
+                not client.llen(self._queue_for(contract.INDEX_KNOWN))
         except Exception:  # noqa: BLE001 - Redis hiccups: the send that follows reports them
             return False
 
@@ -179,11 +179,9 @@ class IngestJobs(WorkerCalls):
         self._wait_for_room(context, "extract")
         payload = {"image_id": image_id, "metadata": metadata, "image": image, "location": location}
         extract = self.app.signature(
-            contract.INGEST_EXTRACT, args=(payload, job_id), queue=contract.queue_for_task(contract.INGEST_EXTRACT)
+            contract.INGEST_EXTRACT, args=(payload, job_id), queue=self._queue_for(contract.INGEST_EXTRACT)
         )
-        index = self.app.signature(
-            contract.INGEST_INDEX, args=(job_id,), queue=contract.queue_for_task(contract.INGEST_INDEX)
-        )
+        index = self.app.signature(contract.INGEST_INDEX, args=(job_id,), queue=self._queue_for(contract.INGEST_INDEX))
         with tracing.new_trace("ingest item", job_id=job_id, image_id=image_id):  # one trace per item
             (extract | index).apply_async()
 
@@ -242,7 +240,7 @@ class IngestJobs(WorkerCalls):
         interval = min(60.0, max(1.0, shortest / 4))
         while not stop.wait(interval):
             try:
-                parked.resend_parked_of_jobs(self.app, self.jobs, stalled_only=True)
+                parked.resend_parked_of_jobs(self.app, self.jobs, stalled_only=True, prefix=self.queue_prefix)
                 if resume_after_s > 0:
                     self.resume_stalled_jobs(resume_after_s)
             except Exception:  # Redis away, queue full: the next round tries again
@@ -267,10 +265,10 @@ class IngestJobs(WorkerCalls):
         extracted already (parked), the whole chain for location items whose extract task is
         not on its way any more (delf_common.inflight: queued, or held by a worker); returns
         (re-sent, unfinished bytes items lost, left for the client to send again)."""
-        indexing = set(parked.resend_parked(self.app, self.jobs, job_id, exclude=exclude))
+        indexing = set(parked.resend_parked(self.app, self.jobs, job_id, exclude=exclude, prefix=self.queue_prefix))
         resent, awaiting = len(indexing), 0
         unfinished = {i: r for i, r in self.jobs.unfinished(job_id).items() if i not in exclude and i not in indexing}
-        waiting = inflight.waiting_items(self.jobs.redis, contract.queue_for_task(contract.INGEST_EXTRACT), job_id) \
+        waiting = inflight.waiting_items(self.jobs.redis, self._queue_for(contract.INGEST_EXTRACT), job_id) \
             if unfinished else set()
         for image_id, record in sorted(unfinished.items()):
             if image_id in (waiting or ()):

@@ -107,15 +107,15 @@ _UNKNOWN = health_pb2.HealthCheckResponse.UNKNOWN
 DEPENDENCIES = config.HEALTH_DEPENDENCIES  # each is a health service name of its own
 
 
-def dependency_status(client: redis.Redis) -> tuple[dict[str, int], dict[str, str]]:
+def dependency_status(client: redis.Redis, prefix: str) -> tuple[dict[str, int], dict[str, str]]:
     """(health status, reason when not SERVING) of each dependency.
 
     redis: answers a ping. extractor, indexer, verifier: at least one worker of that service
-    has a live heartbeat (`delf_common.celery_app.Heartbeat`). milvus: a live indexer reports
-    it reachable (UNKNOWN while no indexer reports)."""
+    has a live heartbeat (`delf_common.celery_app.Heartbeat`) under DELF_QUEUE_PREFIX `prefix`.
+    milvus: a live indexer reports it reachable (UNKNOWN while no indexer reports)."""
     try:
         client.ping()
-        beats = celery_app.read_heartbeats(client)
+        beats = celery_app.read_heartbeats(client, prefix)
     except redis.RedisError as exc:
         reason = f"Redis unreachable: {exc}"
         return ({name: _NOT_SERVING if name == "redis" else _UNKNOWN for name in DEPENDENCIES},
@@ -142,17 +142,17 @@ def dependency_status(client: redis.Redis) -> tuple[dict[str, int], dict[str, st
 
 
 def _watch_dependencies(health_servicer: health.HealthServicer, client: redis.Redis, stop: threading.Event,
-                        interval: float, require: tuple[str, ...]) -> None:
+                        interval: float, require: tuple[str, ...], prefix: str) -> None:
     """Every DELF_HEALTH_INTERVAL_S: each dependency's status under its own name, and the
     overall one ("" and delf.v1.ImageSearch): SERVING while every dependency named in
     DELF_HEALTH_REQUIRE is SERVING, else NOT_SERVING. Also samples the queue depths."""
     last: dict[str, int] = {}
     while not stop.is_set():
         try:
-            status, reasons = dependency_status(client)
+            status, reasons = dependency_status(client, prefix)
             if status["redis"] == _SERVING:
                 for service in contract.SERVICES:
-                    metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(contract.queue_name(service))))
+                    metrics.QUEUE_DEPTH.labels(service).set(int(client.llen(contract.queue_name(service, prefix))))
         except Exception as exc:  # noqa: BLE001 - the watcher must keep watching
             status = {name: _UNKNOWN for name in DEPENDENCIES}
             status["redis"] = _NOT_SERVING
@@ -229,7 +229,8 @@ def build_server(address: str | None = None, max_workers: int = 32, settings: Ga
         raise RuntimeError(f"cannot listen on {address}")
     stop = threading.Event()
     watcher = threading.Thread(
-        target=_watch_dependencies, args=(health_servicer, gateway.jobs.redis, stop, interval, require),
+        target=_watch_dependencies,
+        args=(health_servicer, gateway.jobs.redis, stop, interval, require, settings.queue_prefix),
         name="health", daemon=True,
     )
     # Stalled jobs: index tasks of extracted photos re-sent; resumed after DELF_JOB_RESUME_AFTER_S (0: never).

@@ -38,6 +38,7 @@ class GatewaySettings:
     metrics_port: int
     image_limits: ImageLimits  # a photo's header checks (check_photo)
     fetch_policy: FetchPolicy  # a URL item's checks (check_location)
+    queue_prefix: str  # DELF_QUEUE_PREFIX: the workers' queue and heartbeat key names
     skip_duplicates: bool = False  # DELF_DUPLICATES=skip
 
     @property
@@ -69,6 +70,7 @@ class GatewaySettings:
             metrics_port=config.get("DELF_METRICS_PORT"),
             image_limits=ImageLimits.from_env(),
             fetch_policy=FetchPolicy.from_env(),
+            queue_prefix=config.get("DELF_QUEUE_PREFIX"),
             skip_duplicates=config.get("DELF_DUPLICATES") == "skip",
         )
 
