@@ -319,7 +319,7 @@ def parse_args() -> argparse.Namespace:
                    help="search paths to measure on each index, comma-separated, each `direct` (the "
                         "indexer's read of Lite's faiss segments, the default) or `api` (Lite's search "
                         "API), optionally `:NPROBE`; `direct:NPROBE/ROWS`: the direct path scanning at "
-                        "least NPROBE x ROWS rows per segment (`/0`: NPROBE lists in every segment, "
+                        "least NPROBE x ROWS rows per query in the whole collection (`/0`: NPROBE lists of every segment, "
                         "the rule before 2026-12-05)")
     return p.parse_args()
 

@@ -60,7 +60,8 @@ class IndexSettings:
     # the plain distance); the ratio test is defined on plain Euclidean distances.
     squared_l2: bool = True
     # IVF lists probed per Lite segment by the indexer's direct search (segments larger
-    # than lite_fast.EXACT_SEGMENT_ROWS; smaller ones are scanned exactly); see BENCHMARKS.md.
+    # than lite_fast.EXACT_SEGMENT_ROWS; smaller ones are scanned exactly); a small
+    # collection probes more (lite_fast.segment_probes); see BENCHMARKS.md.
     direct_nprobe: int = config.SETTINGS["DELF_LITE_NPROBE"].default
 
     def build_params_for(self, dim: int) -> dict:
