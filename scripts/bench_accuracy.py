@@ -70,7 +70,9 @@ def extract_set(root: Path, cache: Path, model: str | None, variant: str = "", s
     from delf_tools.eval_set import load_photos
 
     photos = load_photos(root / "MANIFEST.tsv")
-    name = f"{root.name}-{model or config.get('DELF_MODEL')}{('-' + variant) if variant else ''}.npz"
+    dark = float(config.get("DELF_DARK_LIGHTNESS"))  # the extractor lifts photos below it
+    name = (f"{root.name}-{model or config.get('DELF_MODEL')}{('-' + variant) if variant else ''}"
+            f"{f'-dark{dark:g}' if dark else ''}.npz")
     path = cache / name
     if not path.exists():
         from delf_extractor.extract import DelfExtractor

@@ -331,6 +331,12 @@ SETTINGS: dict[str, Setting] = {
                 "to the OS (glibc mallopt: mmap threshold 32 MiB, trim threshold and top pad 1 GiB, "
                 "one arena); resident memory stays near its peak. Off: glibc's defaults.",
                 "extractor"),
+        Setting("DELF_DARK_LIGHTNESS", 50.0, float,
+                "A photo whose median lightness (Lab L, 0-255) is below this is brightened and "
+                "locally equalised before extraction, indexed photos and queries alike "
+                "(`delf_extractor.photometric`); photos at or above it are extracted as they are. "
+                "0: never. Photos indexed under another value keep their features until added again.",
+                "extractor"),
         Setting("DELF_QUERY_MAX_SCALE", 0.0, float,
                 "When set (e.g. 1.0), search queries are extracted without the pyramid levels above "
                 "this scale (indexed photos keep every level): faster queries, coarser region "

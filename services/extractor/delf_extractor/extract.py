@@ -2,6 +2,8 @@
 
 Pipeline for one photo (the method and its deviations from the paper: docs/METHOD.md):
 
+0. A dark photo (median lightness below DELF_DARK_LIGHTNESS) is brightened and locally
+   equalised first (``photometric.lift_dark``); any other photo is used as it is.
 1. If the config has ``max_image_side``, the photo is downscaled so its longer side
    fits (never upscaled); this is the *working* image.
 2. For every pyramid scale s the working image is resized (bilinear, antialiased)
@@ -40,7 +42,7 @@ import torch
 import torch.nn.functional as F
 
 from delf_common.features import DelfFeatures
-from delf_extractor import models, pca as pca_mod
+from delf_extractor import models, pca as pca_mod, photometric
 from delf_extractor.memory import tune_malloc
 from delf_extractor.settings import ExtractorSettings
 
@@ -77,6 +79,7 @@ class DelfExtractor:
         self.net = net.to(self.device)
         if self.device.type == "cpu":
             tune_malloc(settings.malloc_tune)
+        self.dark_lightness = settings.dark_lightness  # photos below it are lifted (photometric.py)
         self.cuda = self.device.type == "cuda"
         self.fast = self.cuda and fast  # bf16 autocast + channels_last
         if self.fast:
@@ -140,6 +143,7 @@ class DelfExtractor:
         for rgb in images:
             if rgb.ndim != 3 or rgb.shape[2] != 3 or rgb.dtype != np.uint8:
                 raise ValueError(f"expected an RGB uint8 array (H, W, 3), got {rgb.dtype} {rgb.shape}")
+        images = [photometric.lift_dark(rgb, self.dark_lightness) for rgb in images]
         by_size: dict[tuple[int, int], list[int]] = defaultdict(list)
         for i, rgb in enumerate(images):
             by_size[rgb.shape[:2]].append(i)

@@ -24,6 +24,7 @@ class ExtractorSettings:
     worker_batch: int  # 0: automatic
     worker_batch_wait_ms: float
     query_max_scale: float  # 0: every pyramid level
+    dark_lightness: float  # DELF_DARK_LIGHTNESS: photos below it are lifted (photometric.py); 0: never
     malloc_tune: bool
     ingest_roots: tuple[str, ...]
     image_limits: ImageLimits  # every photo decoded (DELF_MAX_IMAGE_BYTES, _PIXELS, DELF_MIN_IMAGE_SIDE)
@@ -40,6 +41,7 @@ class ExtractorSettings:
             worker_batch=int(config.get("DELF_WORKER_BATCH")),
             worker_batch_wait_ms=float(config.get("DELF_WORKER_BATCH_WAIT_MS")),
             query_max_scale=float(config.get("DELF_QUERY_MAX_SCALE")),
+            dark_lightness=float(config.get("DELF_DARK_LIGHTNESS")),
             malloc_tune=bool(config.get("DELF_MALLOC_TUNE")),
             ingest_roots=tuple(config.get("DELF_INGEST_ROOTS")),
             image_limits=ImageLimits.from_env(),
