@@ -6,6 +6,9 @@
   (`TemporaryDirectory(delete=...)` is 3.12's): its temporary folder is made and removed
   (kept with --keep) without it.
 
+Also `scripts/held_out_groups.py`'s manifest (read from the real landmarks-dev, skipped
+without it).
+
 The heavy parts (a running system, Prometheus, landmarks-dev) are replaced by stubs: what
 is checked is the folders' life.
 """
@@ -75,3 +78,31 @@ def test_bench_scale_creates_a_missing_work_folder_before_any_work(tmp_path, mon
     assert bench.main(["--work", str(work), "--photos", str(photos), "--cache", str(tmp_path / "cache"),
                        "--no-baseline", "--sizes", "5"]) == 0
     assert work.is_dir() and made_in == [work]
+
+
+def test_the_held_out_groups_manifest_keeps_every_photo_and_only_unseen_groups_as_queries(tmp_path):
+    """`scripts/held_out_groups.py` (BENCHMARKS.md's held-out groups): the same photo paths
+    (so the same ids as landmarks-dev's own manifest), the head's training groups turned into
+    single distractors, the folders linked, nothing copied."""
+    import csv
+
+    from delf_tools.evaluation import queries_and_positives
+    from delf_tools.train_data import is_training_group
+
+    script = load_script("held_out_groups")
+    if not (script.DEV / "MANIFEST.tsv").is_file():
+        import pytest
+
+        pytest.skip(f"landmarks-dev not found at {script.DEV}")
+    made = script.write(tmp_path / "held")
+    def read(path):
+        with open(path, newline="") as f:
+            return list(csv.DictReader(f, delimiter="\t"))
+
+    dev, held = read(script.DEV / "MANIFEST.tsv"), read(tmp_path / "held" / "MANIFEST.tsv")
+    assert [r["path"] for r in held] == [r["path"] for r in dev]
+    assert made == sum(is_training_group(r["group"]) for r in dev) > 0
+    queries = queries_and_positives({r["path"]: r["group"] for r in held})
+    assert queries and all(not is_training_group(g) for g in {r["group"] for r in held if r["path"] in queries})
+    assert all((tmp_path / "held" / r["path"]).is_file() for r in held)
+    assert all(p.is_symlink() for p in (tmp_path / "held").iterdir() if p.name != "MANIFEST.tsv")

@@ -335,7 +335,8 @@ SETTINGS: dict[str, Setting] = {
                 "A photo whose median lightness (Lab L, 0-255) is below this is brightened and "
                 "locally equalised before extraction, indexed photos and queries alike "
                 "(`delf_extractor.photometric`); photos at or above it are extracted as they are. "
-                "0: never. Photos indexed under another value keep their features until added again.",
+                "0: never. Photos indexed under another value keep their features until added again "
+                "(`delf add ID PHOTO`; an ingest job leaves unchanged photos as they are).",
                 "extractor"),
         Setting("DELF_QUERY_MAX_SCALE", 0.0, float,
                 "When set (e.g. 1.0), search queries are extracted without the pyramid levels above "
