@@ -407,20 +407,22 @@ def test_index_choice_per_deployment(tmp_path, monkeypatch):
         monkeypatch.delenv(bad_env)
 
 
-def test_segment_probes_a_small_collection_scans_as_many_rows_as_a_full_segment():
+def test_segment_probes_a_small_collection_scans_nprobe_x_1024_rows():
     from delf_indexer.backends.lite_fast import ROWS_PER_PROBE, segment_probes
 
-    assert segment_probes(6, 1024, 300_000) == 6  # one full bulk segment: the setting as it is
-    assert segment_probes(6, 1024, 1_000_000) == 6  # larger collections too, whatever their segments
-    assert segment_probes(6, 1024, 57_500) == 28  # landmarks-dev (115 photos): 28 lists of every segment
+    assert segment_probes(6, 1024, 15_000_000) == 6  # 30,000 photos: the setting as it is
+    assert segment_probes(6, 1024, 1_100_000) == 6  # from ~1M rows, whatever the segments
+    assert segment_probes(6, 1024, 1_000_000) == 7
+    assert segment_probes(6, 1024, 300_000) == 21  # one full bulk segment of ~300k rows
+    assert segment_probes(6, 1024, 57_500) == 110  # landmarks-dev (115 photos): 110 lists of every segment
     assert segment_probes(6, 1024, 25_000) * 25_000 / 1024 >= 6 * ROWS_PER_PROBE  # rows scanned in all
     assert segment_probes(600, 1024, 25_000) == 1024 and segment_probes(600, 64, 21_000) == 64  # at most nlist
 
 
 def test_a_mid_size_segment_finds_the_true_neighbours(tmp_path, monkeypatch):
     """A collection of one ~29k-row segment in 1024 IVF lists (~28 rows a list): the direct
-    search probes enough lists to scan about as many rows as a full segment's nprobe and
-    finds about 95% of the exact neighbours, not the ~80% that 6 of its lists hold."""
+    search probes enough lists to scan about nprobe x 1024 rows and finds nearly all of the
+    exact neighbours, not the ~80% that 6 of its lists hold."""
     from delf_indexer.backends import lite_fast
 
     monkeypatch.setenv("DELF_LITE_NLIST", "1024")
@@ -446,8 +448,9 @@ def test_a_mid_size_segment_finds_the_true_neighbours(tmp_path, monkeypatch):
             return [set(zip(h[1], h[2], h[3])) for h in hits]
 
 
-        ivf_from = lite_fast.EXACT_SEGMENT_ROWS
-        exact = found(10**9, 256)
+        ivf_from, shipped = lite_fast.EXACT_SEGMENT_ROWS, lite_fast.ROWS_PER_PROBE
+        exact = found(10**9, shipped)
         recall = lambda got: np.mean([len(g & e) / len(e) for g, e in zip(got, exact)])  # noqa: E731 - a one-line helper
-        kept, before = recall(found(ivf_from, 256)), recall(found(ivf_from, 0))
-        assert kept >= 0.93 and before < 0.85, (kept, before)  # before: 6 of 1024 small lists
+        kept, before = recall(found(ivf_from, shipped)), recall(found(ivf_from, 0))
+        assert kept >= 0.98 and before < 0.85, (kept, before)  # before: 6 of 1024 small lists
+        assert recall(found(ivf_from, 256)) < kept  # the earlier floor (nprobe x 256 rows): ~95%

@@ -207,9 +207,9 @@ SETTINGS: dict[str, Setting] = {
                 "sent under an id is never dropped unasked.", "gateway, indexer"),
         Setting("DELF_LITE_NPROBE", 6, _positive_int,
                 "IVF lists the indexer's direct Milvus Lite search probes in each large segment "
-                "(at most all of them); a collection under ~260k descriptors probes more, to scan "
-                "about as many rows as this many lists of one full segment: fewer is faster, more "
-                "finds more true neighbours.",
+                "(at most all of them); a collection under ~1M descriptors probes more, to scan "
+                "about this many x 1024 rows per query descriptor: fewer is faster, more finds "
+                "more true neighbours.",
                 "indexer"),
         Setting("DELF_MILVUS_INDEX", "auto", _milvus_index,
                 "Vector index of the descriptor collection, set when it is created; an existing "
@@ -275,7 +275,7 @@ SETTINGS: dict[str, Setting] = {
         Setting("DELF_QUERY_FEATURES", 500, int,
                 "Most query descriptors (the best-scored) that search the index and vote; "
                 "0: all of them.", "indexer"),
-        Setting("DELF_NEIGHBOURS", 10, int,
+        Setting("DELF_NEIGHBOURS", 7, int,
                 "Nearest neighbours per query descriptor that may vote "
                 "(one more is fetched for the ratio test).", "indexer"),
         Setting("DELF_RATIO", 0.9, float,

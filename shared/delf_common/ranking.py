@@ -16,7 +16,8 @@ DELF_VERIFIED_SCORE.
 How the weights were chosen (``scripts/bench_accuracy.py --fit``, on landmarks-dev only):
 INLIER_WEIGHT is the middle of the plateau of landmarks-dev's mAP over a grid (votes alone to
 0.5); SLOPE and BIAS are a logistic fit of "same group" on that score over landmarks-dev's
-shortlists. Votes carry most of the weight: on real photos they separate true pairs from
+shortlists, at DELF_NEIGHBOURS=7 (fitted again when the default went from 10 to 7:
+BENCHMARKS.md, "Seven voting neighbours"). Votes carry most of the weight: on real photos they separate true pairs from
 unrelated ones better than the inlier count (chance inliers of unrelated photos reach 30-40,
 true wide-baseline and day/night pairs often have none), while inliers break ties between
 photos with as many votes. The calibration holds for full photos searched with the default
@@ -28,8 +29,8 @@ from __future__ import annotations
 import math
 
 INLIER_WEIGHT = 0.1
-SLOPE = 2.9674
-BIAS = -9.7184
+SLOPE = 2.7231
+BIAS = -7.9867
 
 
 def match_score(votes: int, inliers: int) -> float:
