@@ -22,7 +22,10 @@ from delf_tools.eval_set import MethodRun
 from photos import jpeg, sample_photo, warped_query
 from report_html import parse_report
 
-PAIRS = ("astronaut", "coffee", "rocket")
+# Mirrored photos that no other test indexes as they are: the system tests share one index, and
+# a mirror-symmetric scene (scikit-image's rocket) is rightly found as the unmirrored copy
+# another test indexed (with 7 voting neighbours it outranked the warped partner).
+PAIRS = ("astronaut", "retina", "immunohistochemistry")
 
 
 @pytest.fixture(scope="module")
