@@ -454,3 +454,16 @@ def test_a_mid_size_segment_finds_the_true_neighbours(tmp_path, monkeypatch):
         kept, before = recall(found(ivf_from, shipped)), recall(found(ivf_from, 0))
         assert kept >= 0.98 and before < 0.85, (kept, before)  # before: 6 of 1024 small lists
         assert recall(found(ivf_from, 256)) < kept  # the earlier floor (nprobe x 256 rows): ~95%
+
+
+def test_a_background_flush_that_finishes_after_the_store_closed_does_nothing(tmp_path):
+    """The warm-up search after a background flush (``settling.probe_search``) found a closed
+    store's client gone and logged an AttributeError traceback when the store closed while
+    the flush ran (seen at the end of `bench_scale.py`'s fills)."""
+    from delf_indexer.settling import probe_search
+
+    s = DescriptorStore(str(tmp_path / "milvus.db"), collection="t")
+    s.add("a", feats(120, 1), {})
+    assert probe_search(s) is True
+    s.close()
+    assert probe_search(s) is False

@@ -84,12 +84,15 @@ PROBE_ROWS = 32  # query rows of the probe search: enough for faiss' BLAS path, 
 def probe_search(store) -> bool:
     """One search with random descriptors, its answer dropped: the store reads every segment's
     columns and faiss runs once, so that the next real search finds them warm (the indexer's
-    warm-up at start, and after a background flush). False when the index holds nothing."""
+    warm-up at start, and after a background flush). False when the index holds nothing or
+    the store was closed meanwhile (a background flush that ran while the store closed)."""
     import numpy as np
 
     from delf_common.features import DelfFeatures
 
     with store._lock:
+        if store.client is None:
+            return False
         pca = store.collection_pca() if store.exists else None
         if pca is None:
             return False
