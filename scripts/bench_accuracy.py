@@ -6,8 +6,9 @@ per condition before a change goes through `delf eval` on the running system.
 Every photo is extracted once by the shipped extractor (cached per model in --cache), keeps
 its DELF_STORED_FEATURES best-scored descriptors as the indexer does, and is searched by
 its indexed features (as `delf eval` searches by id): exact numpy kNN over every other
-photo of both sets (the sets are each other's real distractors; a place shown in both
-counts as one group, see ``real_distractors.SAME_PLACE_GROUPS``), the indexer's voting
+photo of both sets (the sets are each other's real distractors; the other set's photos of a
+place shown in both, ``real_distractors.SAME_PLACE_GROUPS``, are junk for its queries: neither
+positives nor errors, as the photos were alone), the indexer's voting
 (``delf_indexer.voting.vote``), the gateway's shortlist, the verifier's plane model
 (``fit_plane``) and a fundamental matrix (``fit_epipolar``), and ranking rules: the former
 one, the shipped score (``delf_common.ranking``) and others. Exact kNN takes Milvus' approximation out of the comparison:
@@ -135,13 +136,20 @@ def geometry(feats: dict, cands: dict, ransac_px: float, epipolar_px: tuple[floa
     return out
 
 
-def metrics(rankings: dict, groups: dict, conditions: dict) -> dict:
-    """mAP, P@1, R@10 overall and per condition (of the query)."""
+def metrics(rankings: dict, groups: dict, conditions: dict, pooled_sets: bool = False) -> dict:
+    """mAP, P@1, R@10 overall and per condition (of the query). ``pooled_sets`` (ids
+    prefixed by their set): a photo of the query's place from the other set is junk, left
+    out of the ranking and of the positives (Oxford's rule), so each query has the positives
+    it has in its own set and the figure differs from the set's alone by the distractors."""
     from delf_tools.evaluation import average_precision
 
     per = {}
     for q, ranked in rankings.items():
         pos = {i for i, g in groups.items() if g == groups[q] and i != q}
+        if pooled_sets:
+            junk = {i for i in pos if i.split("/", 1)[0] != q.split("/", 1)[0]}
+            pos -= junk
+            ranked = [i for i in ranked if i not in junk]
         ap = average_precision(ranked, pos)
         p1 = float(bool(ranked) and ranked[0] in pos)
         r10 = len(pos & set(ranked[:10])) / len(pos)
@@ -232,7 +240,7 @@ def table(geo: dict, data: dict, rules: dict, conditions: bool) -> list[dict]:
                 f"{t[10:]}+distr": {q: rs for q, rs in per.items() if q.startswith(t + "/")} for t in SETS}
             for label, part in parts.items():
                 m = metrics({q: rank_by(rs, key) for q, rs in part.items()}, {i: f[0] for i, f in feats.items()},
-                            {i: f[1] for i, f in feats.items()})
+                            {i: f[1] for i, f in feats.items()}, pooled_sets=s == "pooled")
                 for cond, f in sorted(m.items()):
                     if cond == "all" or conditions:
                         rows.append({"rule": name, "set": label, "condition": cond, **f})

@@ -18,9 +18,11 @@ through gRPC:
   by bytes until 2026-12-05), mAP over the top 100;
 * ``map_without_distractors``: the same queries on an index of the landmarks-dev photos
   alone (measured once per backend, on a run of its own); with ``--real-distractors`` the
-  index holds real distractor photos before the synthetic ones (every landmarks-hard photo,
-  whose Gendarmenmarkt photos count as that landmarks-dev group's, and scikit-image's
-  samples), so ``--sizes 219`` measures among real distractors alone;
+  index holds real distractor photos before the synthetic ones (every landmarks-hard photo
+  and scikit-image's samples; landmarks-hard's Gendarmenmarkt photos, the place of a
+  landmarks-dev group, are junk for that group's queries: left out of their rankings, not
+  positives, as in Oxford's protocol), so ``--sizes 219`` measures among real distractors
+  alone, each query with the positives it has without them;
 * ``ram_bytes_per_photo``: resident memory of every process that holds the index (the
   indexer worker; with ``--backend server`` also the Milvus server), after the searches,
   divided by the photos;
@@ -88,8 +90,9 @@ class Inputs:
         self.map_queries = [i for i in sorted(groups)
                             if any(groups[j] == groups[i] for j in groups if j != i)]
         self.timed = self.map_queries[:: max(1, len(self.map_queries) // args.queries)][: args.queries]
-        # Real distractor photos: never queries; one of them that shows a query's place is a
-        # positive (SAME_PLACE: the two sets' groups of one place count as one group).
+        # Real distractor photos: never queries; one of them that shows a query's place
+        # (SAME_PLACE) is junk for that query, neither a positive nor an error, so each query
+        # has the positives it has without distractors (``accuracy``).
         self.real_distractors = real_distractors(args.cache) if getattr(args, "real_distractors", False) else {}
         for i, (g, _, _) in self.real_distractors.items():
             groups[i] = SAME_PLACE.get(g, g)
@@ -286,8 +289,9 @@ def accuracy(client, inputs: Inputs) -> dict:
     aps, p1 = [], []
     for qid in inputs.map_queries:
         response = client.search(image_id=qid, top_k=100)
-        ranked = [m.image_id for m in response.matches if m.image_id != qid]
-        positives = {j for j, g in inputs.groups.items() if j != qid and g == inputs.groups[qid]}
+        positives = {j for j in inputs.real if j != qid and inputs.groups[j] == inputs.groups[qid]}
+        junk = {j for j in inputs.real_distractors if inputs.groups[j] == inputs.groups[qid]}
+        ranked = [m.image_id for m in response.matches if m.image_id != qid and m.image_id not in junk]
         aps.append(average_precision(ranked, positives))
         p1.append(float(bool(ranked) and ranked[0] in positives))
     return {"map": float(np.mean(aps)), "precision_at_1": float(np.mean(p1)), "map_queries": len(aps)}
