@@ -33,7 +33,8 @@ from real_distractors import SAME_PLACE_GROUPS  # noqa: E402 - one list of the p
 
 DATA = REPO.parent / "shared" / "data"
 SETS = ("landmarks-dev", "landmarks-hard")
-# Groups of the two sets that show the same place (one group when the sets are pooled).
+# Groups of the two sets that show the same place (one group when the sets are pooled; `metrics`
+# leaves the other set's photos of it out of a query's figures).
 SAME_PLACE = {f"landmarks-hard/{h}": f"landmarks-dev/{d}" for h, d in SAME_PLACE_GROUPS.items()}
 
 
