@@ -5,7 +5,7 @@ join the collection, under other vote weights and ranking rules than the shipped
 The lab of ``bench_accuracy.py`` (its cached features, exact numpy kNN, the indexer's ratio
 test, the verifier's plane model and fundamental matrix), each set searched alone and both
 sets pooled (each the other's real distractors; the other set's photos of a place shown in
-both are junk for its queries, as ``bench_accuracy.metrics`` has them). Every
+both are junk for its queries, as ``bench_accuracy.metrics`` counts them). Every
 rule ranks the same shortlists; what it changes is the weight of a vote or the key:
 
 * vote weights: every vote 1 (shipped); ``margin`` (1 - distance / the ratio bar); ``inv``
@@ -121,16 +121,10 @@ def _score(iw: float, ew: float):
 
 
 def mean_ap(geo: dict, groups: dict, key, prefix: str) -> float:
-    from delf_tools.evaluation import average_precision
-
-    aps = []
-    for q, rows in geo.items():
-        if q.startswith(prefix):
-            ranked = [r["image_id"] for r in sorted(rows, key=lambda r: (-key(r), -r["votes"], r["image_id"]))]
-            pos = {i for i, g in groups.items() if g == groups[q] and i != q}
-            junk = {i for i in pos if not i.startswith(prefix)}  # the other set's photos of the place
-            aps.append(average_precision([i for i in ranked if i not in junk], pos - junk))
-    return float(np.mean(aps))
+    """mAP of the queries of one set (``prefix``) ranked by ``key``, as the lab counts it
+    (``bench_accuracy.metrics``: the other set's photos of the query's place are junk)."""
+    rankings = {q: bench_accuracy.rank_by(rows, key) for q, rows in geo.items() if q.startswith(prefix + "/")}
+    return bench_accuracy.metrics(rankings, groups, {}, pooled_sets=True)["all"]["map"]
 
 
 def main(argv: list[str] | None = None) -> int:
